@@ -1,8 +1,97 @@
 """Attention kernels behind one interface.
 
-`attention(q, k, v, segment_ids, causal=..., impl=...)` is what the model calls; see
-`lwm/ops/reference.py` for the masking rule every kernel shares.
-"""
-from lwm.ops.reference import reference_attention
+`attention(q, k, v, segment_ids, causal=..., impl=..., mesh=..., layout=...)` is what the model
+calls. The masking rule every kernel shares (see `lwm/ops/reference.py`): query i attends key j
+iff they carry the same segment id and, when causal, j's global position <= i's. Padding is
+segment 0, so it never mixes with real tokens.
 
-__all__ = ["reference_attention"]
+impl:
+  "auto"       Pallas flash kernel on GPU/TPU, blockwise jnp on CPU (from jax.default_backend()).
+  "dense"      the reference: materialises [seq, seq]; with a mesh, GSPMD gathers what it needs.
+  "blockwise"  pure jnp, chunked with online softmax (`lwm/ops/blockwise.py`).
+  "pallas"     the Pallas flash kernel (`lwm/ops/pallas_flash.py`); interpret mode on CPU.
+With a mesh (and impl != "dense") the call runs inside `shard_map` and loops over the `sp` ring
+(`lwm/ops/ring.py`); with sp == 1 that is just the block kernel on local shapes.
+
+Chunk sizes: the effective chunk is min(chunk, local length) where local length = seq / sp;
+it must divide the local length. For impl="pallas" the chunk sizes cap the kernel's block
+sizes (further capped per platform, see `pallas_flash.BlockSizes.for_lengths`).
+
+Decoding against a KV cache is separate: `lwm.ops.decode.cached_attention`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lwm.ops.blockwise import blockwise_attention
+from lwm.ops.common import check_qkv, fit_chunk
+from lwm.ops.decode import cached_attention
+from lwm.ops.layout import LAYOUTS, check_layout, from_layout, global_index, to_layout
+from lwm.ops.reference import reference_attention
+from lwm.ops.ring import ring_attention
+
+IMPLS = ("auto", "dense", "blockwise", "pallas")
+
+__all__ = ["attention", "cached_attention", "reference_attention", "blockwise_attention", "ring_attention",
+           "IMPLS", "LAYOUTS", "global_index", "to_layout", "from_layout", "resolve_impl"]
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete kernel for `impl` on `platform` (default: jax.default_backend())."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend() if platform is None else platform
+    return "pallas" if platform in ("gpu", "tpu") else "blockwise"
+
+
+def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chunk_size=1024,
+              key_chunk_size=1024, mesh=None, layout="contiguous", softmax_scale=None):
+    """Masked (causal, segment) self-attention with grouped-query heads.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim], heads % kv_heads == 0;
+    segment_ids: [batch, seq] int32 (padding 0, examples 1, 2, ...) or None.
+    mesh: jax.sharding.Mesh with axes ('dp', 'fsdp', 'tp', 'sp') or None; activations are expected
+    sharded PS(('dp','fsdp'), 'sp', 'tp', None). layout: how the sequence is stored relative to
+    sp = mesh.shape['sp'] (see `lwm.ops.layout`); causal masking follows that global order.
+    Returns [batch, seq, heads, head_dim] in q's dtype.
+
+    >>> out = attention(q, k, v, segment_ids, impl="blockwise", query_chunk_size=512,
+    ...                 key_chunk_size=512, mesh=mesh, layout="zigzag")
+    """
+    check_qkv(q, k, v, segment_ids)
+    impl = resolve_impl(impl)
+    seq = q.shape[1]
+    sp = 1 if mesh is None else mesh.shape["sp"]
+    check_layout(layout, seq, sp)
+    local = seq // sp
+    fit_chunk(query_chunk_size, local, "query_chunk_size")
+    fit_chunk(key_chunk_size, local, "key_chunk_size")
+    if mesh is not None and q.shape[2] % mesh.shape["tp"]:
+        raise ValueError(f"query heads {q.shape[2]} not divisible by tp={mesh.shape['tp']}")
+    if mesh is not None and k.shape[2] % mesh.shape["tp"]:
+        raise ValueError(f"key/value heads {k.shape[2]} not divisible by tp={mesh.shape['tp']}")
+
+    if impl == "dense":
+        positions = None if sp == 1 or layout == "contiguous" else jnp.asarray(global_index(layout, seq, sp))
+        return reference_attention(q, k, v, segment_ids, causal=causal, q_index=positions, kv_index=positions,
+                                   softmax_scale=softmax_scale)
+
+    block_sizes, interpret = None, False
+    if impl == "pallas":
+        from lwm.ops import pallas_flash  # the Pallas module is imported only when asked for
+
+        platform = jax.default_backend()
+        block_sizes = pallas_flash.BlockSizes.for_lengths(local, local, query_chunk_size, key_chunk_size, platform)
+        interpret = platform not in ("gpu", "tpu")
+        if mesh is None:
+            return pallas_flash.flash_attention(q, k, v, segment_ids, causal=causal, softmax_scale=softmax_scale,
+                                                block_sizes=block_sizes, interpret=interpret)
+    elif mesh is None:
+        return blockwise_attention(q, k, v, segment_ids, causal=causal, query_chunk_size=query_chunk_size,
+                                   key_chunk_size=key_chunk_size, softmax_scale=softmax_scale)
+    return ring_attention(q, k, v, segment_ids, mesh=mesh, causal=causal, layout=layout, block_impl=impl,
+                          query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+                          softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)

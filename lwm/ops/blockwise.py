@@ -1,0 +1,216 @@
+"""Blockwise attention in pure jnp (Liu & Abbeel 2023, "Blockwise Parallel Transformer",
+arXiv:2305.19370): memory linear in sequence length.
+
+Queries are processed in chunks of `query_chunk_size`; for each, keys/values stream past in
+chunks of `key_chunk_size` while an online softmax keeps a running max `m`, denominator `l`
+and numerator `acc` per query row. The backward pass (a `custom_vjp`) recomputes the scores
+chunk by chunk from the saved log-sum-exp, so no [seq, seq] array exists in either pass.
+Chunk pairs that are fully masked (above the causal diagonal, or disjoint segments) are
+skipped with `lax.cond`. Grouped-query attention reshapes the query heads to
+[kv_heads, group] instead of repeating k/v.
+
+    out = blockwise_attention(q, k, v, segment_ids, causal=True,
+                              query_chunk_size=256, key_chunk_size=256)   # [B, S, H, D]
+
+`blockwise_block_fwd` / `blockwise_block_bwd` are the per-block kernels the ring calls
+(`lwm/ops/ring.py`): they take the blocks' global token positions, so a block of keys from
+another device, or a load-balanced layout, is masked correctly.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lwm.ops.common import MASK_VALUE, block_mask, check_qkv, chunk_visibility, fit_chunk
+
+
+def blockwise_attention(q, k, v, segment_ids=None, *, causal=True, query_chunk_size=1024,
+                        key_chunk_size=1024, softmax_scale=None, positions=None):
+    """Masked softmax attention computed chunk by chunk; differentiable.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim];
+    segment_ids: [batch, seq] int or None; positions: [seq] int global order of the stored
+    tokens (default arange; used by the causal mask). Chunk sizes larger than seq are
+    reduced to seq; otherwise they must divide seq. Returns [batch, seq, heads, head_dim].
+    """
+    check_qkv(q, k, v, segment_ids)
+    seq = q.shape[1]
+    q_chunk = fit_chunk(query_chunk_size, seq, "query_chunk_size")
+    kv_chunk = fit_chunk(key_chunk_size, seq, "key_chunk_size")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    positions = jnp.arange(seq, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)
+    if positions.shape != (seq,):
+        raise ValueError(f"positions shape {positions.shape} != (seq,) = {(seq,)}")
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    config = (bool(causal), scale, q_chunk, kv_chunk)
+    return _blockwise(config, q, k, v, segment_ids, positions)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise(config, q, k, v, segment_ids, positions):
+    out, _ = _forward(config, q, k, v, segment_ids, positions)
+    return out
+
+
+def _forward(config, q, k, v, segment_ids, positions):
+    causal, scale, q_chunk, kv_chunk = config
+    out, lse = blockwise_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, causal=causal,
+                                   scale=scale, query_chunk_size=q_chunk, key_chunk_size=kv_chunk)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, segment_ids, positions, out, lse)
+
+
+def _backward(config, residuals, d_out):
+    causal, scale, q_chunk, kv_chunk = config
+    q, k, v, segment_ids, positions, out, lse = residuals
+    delta = output_delta(out, d_out)
+    dq, dk, dv = blockwise_block_bwd(q, k, v, d_out, lse, delta, segment_ids, segment_ids, positions, positions,
+                                     causal=causal, scale=scale, query_chunk_size=q_chunk,
+                                     key_chunk_size=kv_chunk)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_forward, _backward)
+
+
+def output_delta(out, d_out):
+    """rowsum(dO * O) per query and head: [batch, heads, seq] float32 (the softmax-backward term)."""
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [b, s, h]
+    return jnp.transpose(delta, (0, 2, 1))
+
+
+# ----------------------------------------------------------------------------- block kernels
+
+
+def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, query_chunk_size,
+                        key_chunk_size):
+    """Attention of a query block to a key/value block: (out float32 [b, sq, h, d], lse [b, h, sq]).
+
+    out is normalised over this block's keys; lse = -inf and out = 0 on rows with no allowed key,
+    so blocks merge with `common.merge_partials`. q_pos [sq] / kv_pos [sk] are global positions.
+    """
+    b, sq, h, d = q.shape
+    sk, kv_heads = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    q_chunk, kv_chunk = query_chunk_size, key_chunk_size
+    n_q, n_kv = sq // q_chunk, sk // kv_chunk
+    visible = chunk_visibility(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
+
+    q_chunks = jnp.moveaxis(q.reshape(b, n_q, q_chunk, kv_heads, g, d), 1, 0)  # [n_q, b, cq, hkv, g, d]
+    q_pos_chunks = q_pos.reshape(n_q, q_chunk)
+    q_seg_chunks = None if q_seg is None else jnp.moveaxis(q_seg.reshape(b, n_q, q_chunk), 1, 0)
+
+    def one_query_chunk(xs):
+        i, q_i, q_pos_i, q_seg_i = xs
+
+        def kv_step(j, carry):
+            def attend(carry):
+                acc, m, l = carry
+                k_j = lax.dynamic_slice_in_dim(k, j * kv_chunk, kv_chunk, axis=1)  # [b, ck, hkv, d]
+                v_j = lax.dynamic_slice_in_dim(v, j * kv_chunk, kv_chunk, axis=1)
+                kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
+                kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, 1)
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)  # [b|1, cq, ck] or None
+                if mask is not None:
+                    mask = mask[:, None, None]  # [b|1, 1, 1, cq, ck]
+                    s = jnp.where(mask, s, MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=-1))  # [b, hkv, g, cq]
+                p = jnp.exp(s - m_new[..., None])
+                if mask is not None:
+                    p = jnp.where(mask, p, 0.0)  # exact zeros even when the whole row is masked
+                alpha = jnp.exp(m - m_new)
+                l = alpha * l + p.sum(axis=-1)
+                pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+                return alpha[..., None] * acc + pv, m_new, l
+
+            return lax.cond(visible[i, j], attend, lambda c: c, carry)
+
+        init = (jnp.zeros((b, kv_heads, g, q_chunk, d), jnp.float32),  # acc
+                jnp.full((b, kv_heads, g, q_chunk), MASK_VALUE, jnp.float32),  # running max
+                jnp.zeros((b, kv_heads, g, q_chunk), jnp.float32))  # denominator
+        acc, m, l = lax.fori_loop(0, n_kv, kv_step, init)
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [b, hkv, g, cq, d]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)  # [b, hkv, g, cq]
+        return out, lse
+
+    out, lse = lax.map(one_query_chunk, (jnp.arange(n_q), q_chunks, q_pos_chunks, q_seg_chunks))
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, sq, h, d)  # [n_q,b,hkv,g,cq,d] -> [b,sq,h,d]
+    lse = jnp.transpose(lse, (1, 2, 3, 0, 4)).reshape(b, h, sq)  # [n_q,b,hkv,g,cq] -> [b,h,sq]
+    return out, lse
+
+
+def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
+                        query_chunk_size, key_chunk_size):
+    """Gradients of one block pair given the FULL row statistics: (dq, dk, dv) float32.
+
+    lse, delta: [b, h, sq] from the complete attention (all key blocks), so the block's
+    probabilities exp(s - lse) are the final ones and per-block gradients simply add up.
+    Loops over key chunks outside (dk, dv of that chunk stay local) and query chunks inside;
+    dq accumulates in place in a [b, sq, h, d] buffer.
+    """
+    b, sq, h, d = q.shape
+    sk, kv_heads = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    q_chunk, kv_chunk = query_chunk_size, key_chunk_size
+    n_q, n_kv = sq // q_chunk, sk // kv_chunk
+    visible = chunk_visibility(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
+
+    q5 = q.reshape(b, sq, kv_heads, g, d)
+    do5 = d_out.reshape(b, sq, kv_heads, g, d)
+    lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, kv_heads, g, sq)  # empty rows: p is masked to 0
+    delta4 = delta.reshape(b, kv_heads, g, sq)
+
+    k_chunks = jnp.moveaxis(k.reshape(b, n_kv, kv_chunk, kv_heads, d), 1, 0)  # [n_kv, b, ck, hkv, d]
+    v_chunks = jnp.moveaxis(v.reshape(b, n_kv, kv_chunk, kv_heads, d), 1, 0)
+    kv_pos_chunks = kv_pos.reshape(n_kv, kv_chunk)
+    kv_seg_chunks = None if kv_seg is None else jnp.moveaxis(kv_seg.reshape(b, n_kv, kv_chunk), 1, 0)
+
+    def one_kv_chunk(dq, xs):
+        j, k_j, v_j, kv_pos_j, kv_seg_j = xs
+
+        def q_step(i, carry):
+            def backprop(carry):
+                dq, dk_j, dv_j = carry
+                start = i * q_chunk
+                q_i = lax.dynamic_slice_in_dim(q5, start, q_chunk, axis=1)  # [b, cq, hkv, g, d]
+                do_i = lax.dynamic_slice_in_dim(do5, start, q_chunk, axis=1)
+                lse_i = lax.dynamic_slice_in_dim(lse4, start, q_chunk, axis=3)  # [b, hkv, g, cq]
+                delta_i = lax.dynamic_slice_in_dim(delta4, start, q_chunk, axis=3)
+                q_pos_i = lax.dynamic_slice_in_dim(q_pos, start, q_chunk)
+                q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, start, q_chunk, 1)
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                p = jnp.exp(s - lse_i[..., None])  # [b, hkv, g, cq, ck]
+                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)
+                if mask is not None:
+                    p = jnp.where(mask[:, None, None], p, 0.0)
+                dv_j = dv_j + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_i.dtype), do_i,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_i, v_j, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_i[..., None]) * scale  # d(loss)/d(raw q.k)
+                dk_j = dk_j + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q_i.dtype), q_i,
+                                         preferred_element_type=jnp.float32)
+                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k_j.dtype), k_j,
+                                  preferred_element_type=jnp.float32)
+                dq_old = lax.dynamic_slice_in_dim(dq, start, q_chunk, axis=1)
+                dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=1)
+                return dq, dk_j, dv_j
+
+            return lax.cond(visible[i, j], backprop, lambda c: c, carry)
+
+        zeros = jnp.zeros((b, kv_chunk, kv_heads, d), jnp.float32)
+        dq, dk_j, dv_j = lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
+        return dq, (dk_j, dv_j)
+
+    dq0 = jnp.zeros((b, sq, kv_heads, g, d), jnp.float32)
+    dq, (dk, dv) = lax.scan(one_kv_chunk, dq0, (jnp.arange(n_kv), k_chunks, v_chunks, kv_pos_chunks, kv_seg_chunks))
+    dk = jnp.moveaxis(dk, 0, 1).reshape(b, sk, kv_heads, d)  # [n_kv, b, ck, hkv, d] -> [b, sk, hkv, d]
+    dv = jnp.moveaxis(dv, 0, 1).reshape(b, sk, kv_heads, d)
+    return dq.reshape(b, sq, h, d), dk, dv

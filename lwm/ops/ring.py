@@ -1,0 +1,195 @@
+"""Ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers for
+Near-Infinite Context", arXiv:2310.01889).
+
+The sequence is sharded over the mesh axis `sp`. Inside `shard_map` each device holds a
+shard of q, k, v (and segment ids). For sp steps it attends its queries to the key/value
+block it currently holds, with a block kernel (blockwise jnp or Pallas flash) that masks by
+the blocks' global token positions, merges the partial result into its running output by
+log-sum-exp, and passes the block on to the next device with `lax.ppermute`. The backward
+pass (`custom_vjp`) runs the same ring again: k, v travel together with their accumulating
+gradients dk, dv, and after sp steps every dk, dv is back on the device that owns k, v.
+
+A ring step whose whole block is masked (a later block under causal masking, or disjoint
+segments) is skipped with `lax.cond`. With the "contiguous" layout that leaves device 0 idle
+for sp-1 steps while the last device works on all of them; the "zigzag" and "striped"
+layouts (`lwm/ops/layout.py`) give every device the same amount of work on every step.
+
+    out = ring_attention(q, k, v, segment_ids, mesh=mesh, layout="zigzag")  # [B, S, H, D]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as PS
+
+from lwm.ops.blockwise import blockwise_block_bwd, blockwise_block_fwd, output_delta
+from lwm.ops.common import check_qkv, fit_chunk, merge_partials
+from lwm.ops.layout import check_layout, global_index
+
+BATCH_AXES = ("dp", "fsdp")
+SEQ_AXIS = "sp"
+HEAD_AXIS = "tp"
+QKV_SPEC = PS(BATCH_AXES, SEQ_AXIS, HEAD_AXIS, None)  # [batch, seq, heads, head_dim]
+SEGMENT_SPEC = PS(BATCH_AXES, SEQ_AXIS)  # [batch, seq]
+
+
+@dataclasses.dataclass(frozen=True)
+class RingConfig:
+    """Static description of one ring attention call (hashable)."""
+    seq_len: int  # global sequence length
+    sp: int  # devices on the ring (mesh axis `sp`)
+    layout: str  # lwm.ops.layout name
+    causal: bool
+    scale: float  # softmax scale applied to q.k
+    block_impl: str  # "blockwise" or "pallas": the kernel called on each ring step
+    query_chunk_size: int  # blockwise chunk sizes (already fitted to the local length)
+    key_chunk_size: int
+    block_sizes: object = None  # pallas_flash.BlockSizes when block_impl == "pallas"
+    interpret: bool = False  # Pallas interpret mode (CPU)
+
+
+def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="contiguous",
+                   block_impl="blockwise", query_chunk_size=1024, key_chunk_size=1024,
+                   softmax_scale=None, block_sizes=None, interpret=False):
+    """Attention with the sequence sharded over mesh axis 'sp' (a ring of ppermutes).
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
+    [batch, seq] or None; all stored in `layout` order. Batch is split over ('dp', 'fsdp'),
+    seq over 'sp', heads over 'tp'. Chunk sizes apply to the local length seq / sp
+    (min(chunk, local length), which must divide it). Returns [batch, seq, heads, head_dim].
+    """
+    check_qkv(q, k, v, segment_ids)
+    b, seq, h, d = q.shape
+    sp = mesh.shape[SEQ_AXIS]
+    check_layout(layout, seq, sp)
+    local = seq // sp
+    batch_shards = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
+    if b % batch_shards:
+        raise ValueError(f"batch {b} is not divisible by dp*fsdp={batch_shards}")
+    tp = mesh.shape[HEAD_AXIS]
+    if h % tp or k.shape[2] % tp:
+        raise ValueError(f"query heads {h} and key/value heads {k.shape[2]} must be divisible by tp={tp}")
+    if block_impl not in ("blockwise", "pallas"):
+        raise ValueError(f"unknown block_impl {block_impl!r}; expected 'blockwise' or 'pallas'")
+    config = RingConfig(
+        seq_len=seq, sp=sp, layout=layout, causal=bool(causal),
+        scale=d ** -0.5 if softmax_scale is None else float(softmax_scale), block_impl=block_impl,
+        query_chunk_size=fit_chunk(query_chunk_size, local, "query_chunk_size"),
+        key_chunk_size=fit_chunk(key_chunk_size, local, "key_chunk_size"),
+        block_sizes=block_sizes, interpret=bool(interpret))
+    ring = _make_ring(config)
+    if segment_ids is None:
+        fn, args, specs = (lambda q, k, v: ring(q, k, v, None)), (q, k, v), (QKV_SPEC,) * 3
+    else:
+        fn, args, specs = ring, (q, k, v, segment_ids.astype(jnp.int32)), (QKV_SPEC,) * 3 + (SEGMENT_SPEC,)
+    # check_vma=False: Pallas interpret mode inside shard_map fails the varying-axes check.
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=QKV_SPEC, check_vma=False)
+    return sharded(*args)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _block_kernels(config):
+    """(fwd, bwd) of the per-step block kernel, with the static settings bound."""
+    if config.block_impl == "pallas":
+        from lwm.ops import pallas_flash  # only the pallas impl needs the Pallas module
+
+        common = dict(causal=config.causal, scale=config.scale, block_sizes=config.block_sizes,
+                      interpret=config.interpret)
+        return (functools.partial(pallas_flash.flash_block_fwd, **common),
+                functools.partial(pallas_flash.flash_block_bwd, **common))
+    common = dict(causal=config.causal, scale=config.scale, query_chunk_size=config.query_chunk_size,
+                  key_chunk_size=config.key_chunk_size)
+    return functools.partial(blockwise_block_fwd, **common), functools.partial(blockwise_block_bwd, **common)
+
+
+@functools.lru_cache(maxsize=128)
+def _make_ring(config):
+    """The per-device ring function (q, k, v, segment_ids|None) -> out with its custom VJP."""
+    sp = config.sp
+    positions = global_index(config.layout, config.seq_len, sp).reshape(sp, -1)  # [sp, local]
+    first_position = positions.min(axis=1)  # [sp]
+    last_position = positions.max(axis=1)
+    block_fwd, block_bwd = _block_kernels(config)
+    perm = [(i, (i + 1) % sp) for i in range(sp)]  # device i sends to i+1
+
+    def rotate(*xs):
+        if sp == 1:
+            return xs
+        return tuple(None if x is None else lax.ppermute(x, SEQ_AXIS, perm) for x in xs)
+
+    def block_visible(me, src, q_seg, kv_seg):
+        """False when every (query, key) pair between my block and block `src` is masked."""
+        visible = jnp.asarray(True)
+        if config.causal:
+            visible = jnp.asarray(first_position)[src] <= jnp.asarray(last_position)[me]
+        if q_seg is not None:
+            overlap = (q_seg.min(axis=1) <= kv_seg.max(axis=1)) & (kv_seg.min(axis=1) <= q_seg.max(axis=1))
+            visible = visible & overlap.any()
+        return visible
+
+    def forward(q, k, v, seg):
+        me = lax.axis_index(SEQ_AXIS)
+        q_pos = jnp.asarray(positions)[me]  # [local]
+        b, s, h, d = q.shape
+
+        def step(t, carry):
+            out, lse, k_t, v_t, seg_t = carry
+            src = (me - t) % sp  # the device whose k/v block I hold at step t
+            kv_pos = jnp.asarray(positions)[src]
+            # send the held block on first, so the transfer can overlap this step's compute
+            k_next, v_next, seg_next = rotate(k_t, v_t, seg_t)
+
+            def attend(partial):
+                block_out, block_lse = block_fwd(q, k_t, v_t, seg, seg_t, q_pos, kv_pos)
+                return merge_partials(*partial, block_out, block_lse)
+
+            out, lse = lax.cond(block_visible(me, src, seg, seg_t), attend, lambda p: p, (out, lse))
+            return out, lse, k_next, v_next, seg_next
+
+        init = (jnp.zeros((b, s, h, d), jnp.float32), jnp.full((b, h, s), -jnp.inf, jnp.float32), k, v, seg)
+        out, lse, *_ = lax.fori_loop(0, sp, step, init)
+        return out.astype(q.dtype), lse
+
+    @jax.custom_vjp
+    def ring(q, k, v, seg):
+        return forward(q, k, v, seg)[0]
+
+    def ring_fwd(q, k, v, seg):
+        out, lse = forward(q, k, v, seg)
+        return out, (q, k, v, seg, out, lse)
+
+    def ring_bwd(residuals, d_out):
+        q, k, v, seg, out, lse = residuals
+        me = lax.axis_index(SEQ_AXIS)
+        q_pos = jnp.asarray(positions)[me]
+        delta = output_delta(out, d_out)  # [b, h, local]
+
+        def step(t, carry):
+            dq, k_t, v_t, seg_t, dk_t, dv_t = carry
+            src = (me - t) % sp
+            kv_pos = jnp.asarray(positions)[src]
+            k_next, v_next, seg_next = rotate(k_t, v_t, seg_t)
+
+            def backprop(grads):
+                dq_b, dk_b, dv_b = block_bwd(q, k_t, v_t, d_out, lse, delta, seg, seg_t, q_pos, kv_pos)
+                return grads[0] + dq_b, grads[1] + dk_b, grads[2] + dv_b
+
+            dq, dk_t, dv_t = lax.cond(block_visible(me, src, seg, seg_t), backprop, lambda g: g, (dq, dk_t, dv_t))
+            # dk, dv travel with their k, v block; after sp steps they are home again
+            dk_next, dv_next = rotate(dk_t, dv_t)
+            return dq, k_next, v_next, seg_next, dk_next, dv_next
+
+        zeros_q = jnp.zeros(q.shape, jnp.float32)
+        zeros_kv = jnp.zeros(k.shape, jnp.float32)
+        dq, _, _, _, dk, dv = lax.fori_loop(0, sp, step, (zeros_q, k, v, seg, zeros_kv, zeros_kv))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring
+
