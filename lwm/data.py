@@ -517,7 +517,8 @@ class Packer:
         B (2 pairs) -> row 0 [AAAAABB.]            best fit: free 1, 8
         C (3 pairs) -> row 1 [CCC.....]            free 1, 5
         D (1 pair)  -> row 0 [AAAAABBD]            free 0, 5
-        E (4 pairs) -> row 1 [CCCEEEE.]            free 0, 1   -> next piece opens batch 2
+        E (4 pairs) -> row 1 [CCCEEEE.]            free 0, 1
+        F (2 pairs) fits in no row: the batch is complete and F opens the next one
 
         segment_ids  [[1 1 1 1 1 2 2 3]      positions [[0 1 2 3 4 0 1 0]
                       [1 1 1 2 2 2 2 0]]                [0 1 2 0 1 2 3 0]]
