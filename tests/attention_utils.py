@@ -36,16 +36,19 @@ class Case:
                 f"{self.kv_chunk}-{'causal' if self.causal else 'full'}-seg{self.segments}-pad{self.left_pad}")
 
 
-def sample_cases(seed, count, seqs=(64, 128, 256, 512), min_chunk=16, seq_multiple=1):
-    """A seeded sample of the shape grid (batch 1-2, heads <= 8, GQA 1/2/4, head dim 16-64, ...)."""
+def sample_cases(seed, count, seqs=(64, 128, 256, 512), min_chunk=16, sp=1):
+    """A seeded sample of the shape grid (batch 1-2, heads <= 8, GQA 1/2/4, head dim 16-64, ...).
+
+    With sp > 1 the sequence is a multiple of 2*sp and chunks divide the local length seq/sp.
+    """
     rng = np.random.default_rng(seed)
     cases = []
     for i in range(count):
-        seq = int(rng.choice([s for s in seqs if s % seq_multiple == 0]))
+        seq = int(rng.choice([s for s in seqs if s % (2 * sp) == 0]))
         group = int(rng.choice([1, 2, 4]))
         kv_heads = int(rng.integers(1, 8 // group + 1))
-        local = seq // seq_multiple
-        chunks = [c for c in (16, 32, 64, 128, 256, 512) if c >= min_chunk and local % c == 0 and c <= local]
+        local = seq // sp
+        chunks = [c for c in (8, 16, 32, 64, 128, 256, 512) if c >= min_chunk and local % c == 0 and c <= local]
         segments = int(rng.integers(1, 5))
         cases.append(Case(batch=int(rng.integers(1, 3)), seq=seq, kv_heads=kv_heads, group=group,
                           head_dim=int(rng.choice([16, 32, 64])), q_chunk=int(rng.choice(chunks)),

@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
@@ -193,3 +194,20 @@ def _make_ring(config):
     ring.defvjp(ring_fwd, ring_bwd)
     return ring
 
+
+
+def causal_work(layout: str, seq_len: int, sp: int, chunk: int):
+    """int [sp steps, sp devices]: chunk pairs each device computes at each causal ring step.
+
+    A step takes as long as its busiest device, so sum(max over devices) is the ring's time.
+    Example, 16 tokens, sp=2, chunk 4: contiguous [[3, 3], [0, 4]] (device 0 idles on step 1),
+    zigzag [[3, 3], [2, 2]], striped [[3, 3], [3, 3]] (striped diagonal pairs are half masked).
+    """
+    positions = global_index(layout, seq_len, sp).reshape(sp, -1, chunk)  # [device, chunk, token]
+    first, last = positions.min(axis=2), positions.max(axis=2)  # [device, chunk]
+    work = np.zeros((sp, sp), np.int64)
+    for step in range(sp):
+        for me in range(sp):
+            src = (me - step) % sp
+            work[step, me] = int((first[src][None, :] <= last[me][:, None]).sum())
+    return work
