@@ -783,47 +783,53 @@ class _Dataset:
         start_tokens = self._total_tokens
         step_times: collections.deque[float] = collections.deque(maxlen=max(1, c.throughput_average_window_size))
         usable_in_pass, first_problem = 0, None
-        for index, loc, result in self._items():
-            if isinstance(result, _Wrap):
-                if result.from_start and usable_in_pass == 0:
-                    what = "is empty" if result.n_read == 0 else (
-                        f"has no usable example for data rank {self.data_rank} of {self.data_world} in a full "
-                        f"pass over {result.n_read} lines; counts: "
-                        f"{ {k: v for k, v in self._counters.items() if v} }; first problem: {first_problem}")
-                    raise DataError(f"{self._source_label} {what}", "empty")
-                usable_in_pass = 0
-                self._epoch += 1
-                self._next_index, self._file_loc = 0, 0
-                continue
-            self._last_index, self._next_index = index, index + 1
-            if loc is not None:
-                self._file_loc = loc
-            if result is _BLANK:
-                self._counters["dataset_blank_lines"] += 1
-                continue
-            if isinstance(result, _Problem):
-                self._counters[f"dataset_{result.kind}_lines"] += 1
-                message = f"{self._problem_where(index)}: {result.message}; skipped"
-                first_problem = first_problem or message
-                logger.warning(message)
-                continue
-            usable_in_pass += 1
-            if result.dropped_vision_codes:
-                self._counters["dataset_partial_frame_lines"] += 1
-                logger.warning("%s: %d vision codes are not a multiple of n_tokens_per_frame; dropped the "
-                               "trailing partial frame", self._problem_where(index), result.dropped_vision_codes)
-            self._counters.update(rows.add(result))
-            while rows.ready():
-                batch, stats = rows.pop(pad_id)
-                if c.always_start_with_bos:
-                    batch["input_tokens"][:, 0] = self._tokenizer.bos_token_id
-                self._total_tokens += global_chunk
-                now = time.time()
-                step_times.append(now - last_time)
-                last_time = now
-                self._buffer = rows.state()
-                self._snapshot = self._make_state()
-                yield batch, self._metrics(stats, start_time, start_tokens, step_times)
+        items = self._items()
+        try:
+            while True:
+                # A restored partial batch may already be complete: yield it before reading on.
+                while rows.ready():
+                    batch, stats = rows.pop(pad_id)
+                    if c.always_start_with_bos:
+                        batch["input_tokens"][:, 0] = self._tokenizer.bos_token_id
+                    self._total_tokens += global_chunk
+                    now = time.time()
+                    step_times.append(now - last_time)
+                    last_time = now
+                    self._buffer = rows.state()
+                    self._snapshot = self._make_state()
+                    yield batch, self._metrics(stats, start_time, start_tokens, step_times)
+                index, loc, result = next(items)
+                if isinstance(result, _Wrap):
+                    if result.from_start and usable_in_pass == 0:
+                        what = "is empty" if result.n_read == 0 else (
+                            f"has no usable example for data rank {self.data_rank} of {self.data_world} in a "
+                            f"full pass over {result.n_read} lines; counts: "
+                            f"{ {k: v for k, v in self._counters.items() if v} }; first problem: {first_problem}")
+                        raise DataError(f"{self._source_label} {what}", "empty")
+                    usable_in_pass = 0
+                    self._epoch += 1
+                    self._next_index, self._file_loc = 0, 0
+                    continue
+                self._last_index, self._next_index = index, index + 1
+                if loc is not None:
+                    self._file_loc = loc
+                if result is _BLANK:
+                    self._counters["dataset_blank_lines"] += 1
+                    continue
+                if isinstance(result, _Problem):
+                    self._counters[f"dataset_{result.kind}_lines"] += 1
+                    message = f"{self._problem_where(index)}: {result.message}; skipped"
+                    first_problem = first_problem or message
+                    logger.warning(message)
+                    continue
+                usable_in_pass += 1
+                if result.dropped_vision_codes:
+                    self._counters["dataset_partial_frame_lines"] += 1
+                    logger.warning("%s: %d vision codes are not a multiple of n_tokens_per_frame; dropped the "
+                                   "trailing partial frame", self._problem_where(index), result.dropped_vision_codes)
+                self._counters.update(rows.add(result))
+        finally:
+            items.close()  # stops the tokenizer workers, if any
 
     # -- original properties --------------------------------------------------------------------
     @property
