@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_utils import (assert_matches_reference, make_inputs, output_and_grads, reference_output_and_grads,
+from tests.attention_utils import (assert_matches_reference, make_inputs, output_and_grads, reference_output_and_grads,
                              relative_error, sample_cases)
 from lwm.ops import attention, resolve_impl
 from lwm.ops.blockwise import blockwise_attention

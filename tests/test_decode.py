@@ -6,7 +6,7 @@ import pytest
 from jax import lax
 from jax.sharding import Mesh
 
-from attention_utils import relative_error
+from tests.attention_utils import relative_error
 from lwm.ops import attention, cached_attention
 
 

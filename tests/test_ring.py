@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from attention_utils import (Case, assert_matches_reference, make_inputs, output_and_grads,
+from tests.attention_utils import (Case, assert_matches_reference, make_inputs, output_and_grads,
                              reference_output_and_grads, relative_error, sample_cases)
 from lwm.ops import attention
 from lwm.ops.layout import LAYOUTS, from_layout, global_index, to_layout
