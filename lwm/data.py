@@ -1016,9 +1016,16 @@ class HuggingfaceDataset(_Dataset):
         files = [f.strip() for f in c.data_files.split(",") if f.strip()] or None
         if not c.split:
             raise ValueError("huggingface_dataset.split must name a split (e.g. 'train')")
-        self._dataset = datasets.load_dataset(
-            c.path, c.name or None, data_files=files, split=c.split, streaming=c.streaming,
-            cache_dir=c.cache_dir or None)
+        try:
+            self._dataset = datasets.load_dataset(
+                c.path, c.name or None, data_files=files, split=c.split, streaming=c.streaming,
+                cache_dir=c.cache_dir or None)
+        except Exception as e:
+            cause = f"{type(e).__name__}: {e}" + (f" (caused by {type(e.__cause__).__name__}: {e.__cause__})"
+                                                 if e.__cause__ else "")
+            raise DataError(f"datasets.load_dataset could not load path={c.path!r} name={c.name!r} "
+                            f"data_files={files} split={c.split!r}: {cause}. A JSONL file with malformed lines "
+                            f"loads with type=json, which skips and reports them.", "malformed_json") from e
         self._source_label = f"huggingface dataset {c.path!r} ({c.name or '-'}, split {c.split!r})"
 
     @property
