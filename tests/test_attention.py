@@ -8,7 +8,7 @@ from tests.attention_utils import (assert_matches_reference, make_inputs, output
                              relative_error, sample_cases)
 from lwm.ops import attention, resolve_impl
 from lwm.ops.blockwise import blockwise_attention
-from lwm.ops.common import chunk_visibility, merge_partials
+from lwm.ops.common import FULL, MASKED, SKIP, chunk_pair_kinds, merge_partials
 
 BLOCKWISE_CASES = sample_cases(seed=1, count=8)
 
@@ -59,11 +59,14 @@ def test_blockwise_skips_chunks_of_other_segments():
     assert np.isfinite(np.asarray(out[:, :32])).all()
 
 
-def test_chunk_visibility_worked_example():
+def test_chunk_pair_kinds_worked_example():
     pos = jnp.arange(4)
-    np.testing.assert_array_equal(chunk_visibility(None, None, pos, pos, True, 2, 2), [[True, False], [True, True]])
+    np.testing.assert_array_equal(chunk_pair_kinds(None, None, pos, pos, True, 2, 2), [[MASKED, SKIP], [FULL, MASKED]])
     seg = jnp.array([[1, 1, 2, 2]])
-    np.testing.assert_array_equal(chunk_visibility(seg, seg, pos, pos, False, 2, 2), [[True, False], [False, True]])
+    np.testing.assert_array_equal(chunk_pair_kinds(seg, seg, pos, pos, False, 2, 2), [[FULL, SKIP], [SKIP, FULL]])
+    seg = jnp.array([[1, 1, 1, 2], [1, 1, 2, 2]])  # a pair is FULL only if it is FULL in every row
+    np.testing.assert_array_equal(chunk_pair_kinds(seg, seg, pos, pos, False, 2, 2), [[FULL, MASKED], [MASKED, MASKED]])
+    np.testing.assert_array_equal(chunk_pair_kinds(None, None, pos, pos, False, 2, 2), [[FULL, FULL], [FULL, FULL]])
 
 
 def test_merge_partials_equals_attention_over_the_union():

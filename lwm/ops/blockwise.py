@@ -6,7 +6,8 @@ chunks of `key_chunk_size` while an online softmax keeps a running max `m`, deno
 and numerator `acc` per query row. The backward pass (a `custom_vjp`) recomputes the scores
 chunk by chunk from the saved log-sum-exp, so no [seq, seq] array exists in either pass.
 Chunk pairs that are fully masked (above the causal diagonal, or disjoint segments) are
-skipped with `lax.cond`. Grouped-query attention reshapes the query heads to
+skipped, and pairs with nothing masked (below the diagonal, one shared segment) skip building
+the mask (`lax.switch` on `common.chunk_pair_kinds`). Grouped-query attention reshapes the query heads to
 [kv_heads, group] instead of repeating k/v.
 
     out = blockwise_attention(q, k, v, segment_ids, causal=True,
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lwm.ops.common import MASK_VALUE, block_mask, check_qkv, chunk_visibility, fit_chunk
+from lwm.ops.common import MASK_VALUE, block_mask, check_qkv, chunk_pair_kinds, fit_chunk
 
 
 def blockwise_attention(q, k, v, segment_ids=None, *, causal=True, query_chunk_size=1024,
@@ -101,7 +102,7 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
     g = h // kv_heads
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
-    visible = chunk_visibility(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
+    kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
 
     q_chunks = jnp.moveaxis(q.reshape(b, n_q, q_chunk, kv_heads, g, d), 1, 0)  # [n_q, b, cq, hkv, g, d]
     q_pos_chunks = q_pos.reshape(n_q, q_chunk)
@@ -111,14 +112,14 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
         i, q_i, q_pos_i, q_seg_i = xs
 
         def kv_step(j, carry):
-            def attend(carry):
+            def attend(carry, masked):
                 acc, m, l = carry
                 k_j = lax.dynamic_slice_in_dim(k, j * kv_chunk, kv_chunk, axis=1)  # [b, ck, hkv, d]
                 v_j = lax.dynamic_slice_in_dim(v, j * kv_chunk, kv_chunk, axis=1)
                 kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
                 kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, 1)
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)  # [b|1, cq, ck] or None
+                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal) if masked else None
                 if mask is not None:
                     mask = mask[:, None, None]  # [b|1, 1, 1, cq, ck]
                     s = jnp.where(mask, s, MASK_VALUE)
@@ -131,7 +132,8 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
                 pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
                 return alpha[..., None] * acc + pv, m_new, l
 
-            return lax.cond(visible[i, j], attend, lambda c: c, carry)
+            branches = (lambda c: c, functools.partial(attend, masked=True), functools.partial(attend, masked=False))
+            return lax.switch(kinds[i, j], branches, carry)  # SKIP, MASKED, FULL
 
         init = (jnp.zeros((b, kv_heads, g, q_chunk, d), jnp.float32),  # acc
                 jnp.full((b, kv_heads, g, q_chunk), MASK_VALUE, jnp.float32),  # running max
@@ -161,7 +163,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
     g = h // kv_heads
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
-    visible = chunk_visibility(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
+    kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
 
     q5 = q.reshape(b, sq, kv_heads, g, d)
     do5 = d_out.reshape(b, sq, kv_heads, g, d)
@@ -177,7 +179,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
         j, k_j, v_j, kv_pos_j, kv_seg_j = xs
 
         def q_step(i, carry):
-            def backprop(carry):
+            def backprop(carry, masked):
                 dq, dk_j, dv_j = carry
                 start = i * q_chunk
                 q_i = lax.dynamic_slice_in_dim(q5, start, q_chunk, axis=1)  # [b, cq, hkv, g, d]
@@ -188,7 +190,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
                 q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, start, q_chunk, 1)
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
                 p = jnp.exp(s - lse_i[..., None])  # [b, hkv, g, cq, ck]
-                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)
+                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal) if masked else None
                 if mask is not None:
                     p = jnp.where(mask[:, None, None], p, 0.0)
                 dv_j = dv_j + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_i.dtype), do_i,
@@ -203,7 +205,9 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
                 dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=1)
                 return dq, dk_j, dv_j
 
-            return lax.cond(visible[i, j], backprop, lambda c: c, carry)
+            branches = (lambda c: c, functools.partial(backprop, masked=True),
+                        functools.partial(backprop, masked=False))
+            return lax.switch(kinds[i, j], branches, carry)  # SKIP, MASKED, FULL
 
         zeros = jnp.zeros((b, kv_chunk, kv_heads, d), jnp.float32)
         dq, dk_j, dv_j = lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))

@@ -34,28 +34,33 @@ def block_mask(q_seg, kv_seg, q_pos, kv_pos, causal):
     return mask
 
 
-def chunk_visibility(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk):
-    """bool [n_q_chunks, n_kv_chunks]: False where a chunk pair is certainly fully masked.
+SKIP, MASKED, FULL = 0, 1, 2  # chunk-pair kinds: fully masked / needs the mask / all pairs allowed
 
-    Conservative (from each chunk's position and segment ranges), so True may still hide an
-    all-masked pair when segment ids are not sorted; kernels then just compute zeros there.
-    Example: causal, 4 tokens at positions [0, 1, 2, 3], chunks of 2 -> [[True, False], [True, True]].
+
+def chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk):
+    """int32 [n_q_chunks, n_kv_chunks]: SKIP, MASKED or FULL for every chunk pair.
+
+    From each chunk's position and segment ranges (cheap). SKIP is certain (every pair masked);
+    FULL is certain (no pair masked, so the mask need not be built); MASKED is everything else
+    (with unsorted segment ids it may still hide an all-masked pair, which then computes zeros).
+    Example: causal, positions [0, 1, 2, 3], chunks of 2 -> [[MASKED, SKIP], [FULL, MASKED]].
     """
     n_q, n_kv = q_pos.shape[0] // q_chunk, kv_pos.shape[0] // kv_chunk
     visible = jnp.ones((n_q, n_kv), dtype=bool)
+    full = jnp.ones((n_q, n_kv), dtype=bool)
     if causal:
-        q_last = q_pos.reshape(n_q, q_chunk).max(axis=1)  # [n_q]
-        kv_first = kv_pos.reshape(n_kv, kv_chunk).min(axis=1)  # [n_kv]
-        visible = visible & (kv_first[None, :] <= q_last[:, None])
+        q_pos, kv_pos = q_pos.reshape(n_q, q_chunk), kv_pos.reshape(n_kv, kv_chunk)
+        visible = visible & (kv_pos.min(axis=1)[None, :] <= q_pos.max(axis=1)[:, None])
+        full = full & (kv_pos.max(axis=1)[None, :] <= q_pos.min(axis=1)[:, None])
     if q_seg is not None:
         b = q_seg.shape[0]
         q_seg = q_seg.reshape(b, n_q, q_chunk)
         kv_seg = kv_seg.reshape(b, n_kv, kv_chunk)
-        q_lo, q_hi = q_seg.min(axis=2), q_seg.max(axis=2)  # [b, n_q]
-        kv_lo, kv_hi = kv_seg.min(axis=2), kv_seg.max(axis=2)  # [b, n_kv]
-        overlap = (q_lo[:, :, None] <= kv_hi[:, None, :]) & (kv_lo[:, None, :] <= q_hi[:, :, None])
-        visible = visible & overlap.any(axis=0)
-    return visible
+        q_lo, q_hi = q_seg.min(axis=2)[:, :, None], q_seg.max(axis=2)[:, :, None]  # [b, n_q, 1]
+        kv_lo, kv_hi = kv_seg.min(axis=2)[:, None, :], kv_seg.max(axis=2)[:, None, :]  # [b, 1, n_kv]
+        visible = visible & ((q_lo <= kv_hi) & (kv_lo <= q_hi)).any(axis=0)
+        full = full & ((q_lo == q_hi) & (kv_lo == kv_hi) & (q_lo == kv_lo)).all(axis=0)
+    return jnp.where(visible, jnp.where(full, FULL, MASKED), SKIP).astype(jnp.int32)
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

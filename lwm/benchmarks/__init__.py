@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m lwm.benchmarks.<name>` prints a table and writes JSON."""
