@@ -15,6 +15,10 @@ from PIL import Image, ImageDraw
 
 from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel, save_vqgan_params
 
+# imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
+# hook warns about any fork once jax is imported.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = VQGANConfig(resolution=32, hidden_channels=32, channel_mult=(1, 2), z_channels=8,
                    num_embeddings=64, quantized_embed_dim=8)

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lwm import vision_io
 from lwm.vision_io import (VisionReadError, frame_indices, preprocess_frame, read_frames, read_image, read_video,
                            read_vision, to_uint8, write_image, write_video)
+
+# imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
+# hook warns about any fork once jax is imported.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def brightness_video(path, n_frames=12, height=48, width=64):
