@@ -146,3 +146,20 @@ def test_ring_rejects_bad_sharding():
     with pytest.raises(ValueError, match="sequence length 60 is not divisible by sp=8"):
         z = jnp.zeros((1, 60, 2, 16))
         attention(z, z, z, mesh=make_mesh(8))
+
+
+def test_zigzag_chunks_stop_at_the_half_shard():
+    """A chunk larger than a zigzag half-shard is reduced to it, so causal skipping still works:
+    NaN keys in the last quarter of the sequence never reach the first quarter's queries."""
+    from lwm.ops.layout import chunk_limit
+
+    assert chunk_limit("zigzag", 64, 2) == 16 and chunk_limit("striped", 64, 2) == 32
+    assert chunk_limit("zigzag", 64, 1) == 64
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((1, 64, 2, 16)).astype(np.float32) for _ in range(3))
+    v[:, 48:] = np.nan
+    stored = [to_layout(x, "zigzag", 2) for x in (q, k, v)]
+    fn = jax.jit(lambda q, k, v: attention(q, k, v, mesh=make_mesh(2), layout="zigzag", query_chunk_size=1024,
+                                           key_chunk_size=1024))
+    out = from_layout(np.asarray(fn(*stored)), "zigzag", 2)
+    assert np.isfinite(out[:, :48]).all() and np.isnan(out[:, 48:]).all()

@@ -13,9 +13,11 @@ impl:
 With a mesh (and impl != "dense") the call runs inside `shard_map` and loops over the `sp` ring
 (`lwm/ops/ring.py`); with sp == 1 that is just the block kernel on local shapes.
 
-Chunk sizes: the effective chunk is min(chunk, local length) where local length = seq / sp;
-it must divide the local length. For impl="pallas" the chunk sizes cap the kernel's block
-sizes (further capped per platform, see `pallas_flash.BlockSizes.for_lengths`).
+Chunk sizes: the effective chunk is min(chunk, limit) where limit is the local length seq / sp
+(seq / (2*sp) for the zigzag layout, whose shard is two separate runs of the sequence); it must
+divide the local length. On CPU, chunks of 128-512 are fastest (a [chunk, chunk] score tile
+per head stays in cache); 1024 (the LWM default) suits TPU/GPU. For impl="pallas" the chunk
+sizes cap the kernel's block sizes (further capped per platform, `BlockSizes.for_lengths`).
 
 Decoding against a KV cache is separate: `lwm.ops.decode.cached_attention`.
 """
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from lwm.ops.blockwise import blockwise_attention
 from lwm.ops.common import check_qkv, fit_chunk
 from lwm.ops.decode import cached_attention
-from lwm.ops.layout import LAYOUTS, check_layout, from_layout, global_index, to_layout
+from lwm.ops.layout import LAYOUTS, chunk_limit, from_layout, global_index, to_layout
 from lwm.ops.reference import reference_attention
 from lwm.ops.ring import ring_attention
 
@@ -65,10 +67,10 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     impl = resolve_impl(impl)
     seq = q.shape[1]
     sp = 1 if mesh is None else mesh.shape["sp"]
-    check_layout(layout, seq, sp)
+    limit = chunk_limit(layout, seq, sp)  # validates layout, seq % sp (and % 2*sp for zigzag)
     local = seq // sp
-    fit_chunk(query_chunk_size, local, "query_chunk_size")
-    fit_chunk(key_chunk_size, local, "key_chunk_size")
+    query_chunk_size = fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size")
+    key_chunk_size = fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size")
     if mesh is not None and q.shape[2] % mesh.shape["tp"]:
         raise ValueError(f"query heads {q.shape[2]} not divisible by tp={mesh.shape['tp']}")
     if mesh is not None and k.shape[2] % mesh.shape["tp"]:

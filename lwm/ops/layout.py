@@ -67,6 +67,17 @@ def global_index(layout: str, seq_len: int, sp: int) -> np.ndarray:
     return _global_index(layout, int(seq_len), int(sp))
 
 
+def chunk_limit(layout: str, seq_len: int, sp: int) -> int:
+    """Largest useful attention chunk for a device's shard: seq_len/sp, or seq_len/(2*sp) for zigzag.
+
+    A zigzag shard is two runs of the sequence far apart; a chunk spanning both would pair
+    early queries with late keys and could never be skipped, so chunks stop at the half.
+    """
+    check_layout(layout, seq_len, sp)
+    local = seq_len // sp
+    return local // 2 if layout == "zigzag" and sp > 1 else local
+
+
 def _take(x, index, axis):
     if isinstance(x, np.ndarray):
         return np.take(x, index, axis=axis)

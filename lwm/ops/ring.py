@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as PS
 
 from lwm.ops.blockwise import blockwise_block_bwd, blockwise_block_fwd, output_delta
 from lwm.ops.common import check_qkv, fit_chunk, merge_partials
-from lwm.ops.layout import check_layout, global_index
+from lwm.ops.layout import chunk_limit, global_index
 
 BATCH_AXES = ("dp", "fsdp")
 SEQ_AXIS = "sp"
@@ -60,13 +60,14 @@ def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="cont
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
     [batch, seq] or None; all stored in `layout` order. Batch is split over ('dp', 'fsdp'),
-    seq over 'sp', heads over 'tp'. Chunk sizes apply to the local length seq / sp
-    (min(chunk, local length), which must divide it). Returns [batch, seq, heads, head_dim].
+    seq over 'sp', heads over 'tp'. Chunk sizes apply to the local length seq / sp: the chunk
+    used is min(chunk, layout.chunk_limit) (seq/sp, or seq/(2*sp) for zigzag), which must
+    divide the local length. Returns [batch, seq, heads, head_dim].
     """
     check_qkv(q, k, v, segment_ids)
     b, seq, h, d = q.shape
     sp = mesh.shape[SEQ_AXIS]
-    check_layout(layout, seq, sp)
+    limit = chunk_limit(layout, seq, sp)  # validates the layout too
     local = seq // sp
     batch_shards = mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]]
     if b % batch_shards:
@@ -79,8 +80,8 @@ def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="cont
     config = RingConfig(
         seq_len=seq, sp=sp, layout=layout, causal=bool(causal),
         scale=d ** -0.5 if softmax_scale is None else float(softmax_scale), block_impl=block_impl,
-        query_chunk_size=fit_chunk(query_chunk_size, local, "query_chunk_size"),
-        key_chunk_size=fit_chunk(key_chunk_size, local, "key_chunk_size"),
+        query_chunk_size=fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size"),
+        key_chunk_size=fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size"),
         block_sizes=block_sizes, interpret=bool(interpret))
     ring = _make_ring(config)
     if segment_ids is None:
