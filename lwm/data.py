@@ -47,6 +47,7 @@ BATCH_KEYS = ("input_tokens", "target_tokens", "loss_masks", "segment_ids", "pos
               "input_vision_masks", "target_vision_masks")
 # Kinds of bad examples; each is counted in metrics as dataset_<kind>_lines.
 PROBLEM_KINDS = ("malformed_json", "missing_field", "bad_field", "bad_vision")
+MAX_LOGGED_PROBLEMS = 100  # per dataset object; later problems are logged every 10,000th
 
 
 class DataError(ValueError):
@@ -686,6 +687,7 @@ class _Dataset:
         self._counters: dict[str, int] = collections.Counter()
         self._buffer: dict | None = None
         self._snapshot: dict | None = None
+        self._n_reported = 0
 
     # -- state ------------------------------------------------------------------------------
     def _layout_key(self) -> dict:
@@ -774,6 +776,15 @@ class _Dataset:
         metrics.update(batch_stats)
         return metrics
 
+    def _report(self, message: str) -> None:
+        """Log a problem; past MAX_LOGGED_PROBLEMS only every 10,000th (all are counted in metrics)."""
+        self._n_reported += 1
+        if self._n_reported <= MAX_LOGGED_PROBLEMS or self._n_reported % 10_000 == 0:
+            logger.warning(message)
+        if self._n_reported == MAX_LOGGED_PROBLEMS:
+            logger.warning("%s: %d problems so far; from now on only every 10,000th is logged, all are "
+                           "counted in the dataset_*_lines metrics", self._source_label, MAX_LOGGED_PROBLEMS)
+
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         c = self.config
         rows = _LAYOUTS[self._layout_name](c.seq_length, self.local_batch_size, self._buffer)
@@ -820,13 +831,13 @@ class _Dataset:
                     self._counters[f"dataset_{result.kind}_lines"] += 1
                     message = f"{self._problem_where(index)}: {result.message}; skipped"
                     first_problem = first_problem or message
-                    logger.warning(message)
+                    self._report(message)
                     continue
                 usable_in_pass += 1
                 if result.dropped_vision_codes:
                     self._counters["dataset_partial_frame_lines"] += 1
-                    logger.warning("%s: %d vision codes are not a multiple of n_tokens_per_frame; dropped the "
-                                   "trailing partial frame", self._problem_where(index), result.dropped_vision_codes)
+                    self._report(f"{self._problem_where(index)}: {result.dropped_vision_codes} vision codes are not "
+                                 "a multiple of n_tokens_per_frame; dropped the trailing partial frame")
                 self._counters.update(rows.add(result))
         finally:
             items.close()  # stops the tokenizer workers, if any
