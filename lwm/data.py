@@ -602,7 +602,11 @@ class _Problem:
     message: str
 
 
-_BLANK = "blank"
+@dataclasses.dataclass
+class _Blank:
+    """A blank line (results cross process boundaries, so markers are types, not identities)."""
+
+
 _WORKER_PROCESSOR = None
 
 
@@ -612,7 +616,7 @@ def _init_worker(processor) -> None:
 
 
 def _process_line(processor, item):
-    """(index, end_loc, raw bytes) -> ProcessedExample | _Problem | _BLANK; markers pass through."""
+    """(index, end_loc, raw bytes) -> ProcessedExample | _Problem | _Blank; markers pass through."""
     if isinstance(item, _Wrap):
         return item
     index, _, raw = item
@@ -621,7 +625,7 @@ def _process_line(processor, item):
     except UnicodeDecodeError as e:
         return _Problem("malformed_json", f"not valid UTF-8 ({e.reason} at byte {e.start})")
     if not text.strip():
-        return _BLANK
+        return _Blank()
     try:
         example = json.loads(text)
     except json.JSONDecodeError as e:
@@ -659,7 +663,7 @@ class _Dataset:
 
     Subclasses set ``self.config``, ``self._processor``, ``self._layout_name`` and implement
     ``_items()``: an endless iterator of (index, loc, result) in source order, where result is
-    a ProcessedExample, a _Problem, _BLANK or a _Wrap marker (index, loc = None).
+    a ProcessedExample, a _Problem, a _Blank or a _Wrap marker (index, loc = None).
     """
 
     _source_label = "source"
@@ -824,7 +828,7 @@ class _Dataset:
                 self._last_index, self._next_index = index, index + 1
                 if loc is not None:
                     self._file_loc = loc
-                if result is _BLANK:
+                if isinstance(result, _Blank):
                     self._counters["dataset_blank_lines"] += 1
                     continue
                 if isinstance(result, _Problem):

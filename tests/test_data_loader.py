@@ -167,6 +167,7 @@ def _resume_file(tmp_path):
     answers[4] = " ".join(WORDS * 2)  # longer than a row: truncated (pad) or split (packed)
     rows = [json.dumps({"q": q, "a": a}) for q, a in zip(qs, answers)]
     rows.insert(3, "{not json")
+    rows.insert(6, "")  # a blank line (its marker must survive the trip through worker processes)
     return _write_lines(tmp_path / "resume.jsonl", rows)
 
 
@@ -207,16 +208,19 @@ def test_resume_with_tokenizer_processes(tokenizer, tmp_path):
     tail = [next(it) for _ in range(n - k)]
     it.close()
     _assert_same(head + tail, full)
+    assert tail[-1][1]["dataset_blank_lines"] == full[-1][1]["dataset_blank_lines"] >= 1
+    assert tail[-1][1]["dataset_malformed_json_lines"] == full[-1][1]["dataset_malformed_json_lines"] >= 1
 
 
-def test_vision_resume_in_stream_mode(tokenizer, tmp_path):
+@pytest.mark.parametrize("mode", ["no_pad", "packed"])
+def test_vision_resume(tokenizer, tmp_path, mode):
     rng = np.random.default_rng(0)
     rows = [json.dumps({"fields": "[t],vision", "t": t, "vision": rng.integers(0, 8192, 4 * int(rng.integers(1, 4))).tolist()})
             for t in _texts(7, 9)]
     path = _write_lines(tmp_path / "v.jsonl", rows)
     cfg = DatasetFactory.get_default_config({"type": "json_vision"})
     cfg.vision_text_processor.update(fields_from_example="fields", n_tokens_per_frame=4)
-    cfg.json_vision_dataset.update(path=path, seq_length=12, batch_size=2, mode="no_pad")
+    cfg.json_vision_dataset.update(path=path, seq_length=12, batch_size=2, mode=mode)
     full = _take(DatasetFactory.load_dataset(cfg, tokenizer), 9)
     ds = DatasetFactory.load_dataset(cfg, tokenizer)
     head = _take(ds, 5)
@@ -342,3 +346,16 @@ def test_fsspec_url(tokenizer, tmp_path):
     local = _take(DatasetFactory.load_dataset(_config(path), tokenizer), 3)
     remote = _take(DatasetFactory.load_dataset(_config(url), tokenizer), 3)
     _assert_same(local, remote)
+
+
+def test_problem_messages_are_rate_limited(tokenizer, tmp_path, caplog, monkeypatch):
+    import lwm.data
+
+    monkeypatch.setattr(lwm.data, "MAX_LOGGED_PROBLEMS", 2)
+    lines = ["{bad"] * 5 + [json.dumps({"q": "a", "a": " ".join(WORDS)})] * 4
+    path = _write_lines(tmp_path / "many.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="lwm.data"):
+        _, metrics = _take(DatasetFactory.load_dataset(_config(path), tokenizer), 1)[0]
+    assert f"{path} line 2: invalid JSON" in caplog.text and f"{path} line 3:" not in caplog.text
+    assert f"{path}: 2 problems so far; from now on only every 10,000th is logged" in caplog.text
+    assert metrics["dataset_malformed_json_lines"] == 5
