@@ -2,7 +2,7 @@
 
 Axes: `dp` data parallel (params replicated), `fsdp` data parallel with params sharded,
 `tp` tensor parallel (heads / MLP width), `sp` sequence parallel (RingAttention). Batches
-are sharded `PS(('dp','fsdp'), 'sp')`, activations `PS(('dp','fsdp'), 'sp', 'tp')`.
+are sharded `PS(('dp','fsdp'), 'sp')`, activations `PS(('dp','fsdp'), 'sp', None)`.
 
 `mesh_dim` strings, as the original scripts pass them:
     "1,-1,2,2"               dp=1, fsdp inferred, tp=2, sp=2
@@ -24,7 +24,11 @@ from jax.sharding import PartitionSpec as PS
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
 BATCH_AXES = ("dp", "fsdp")
 BATCH_SPEC = PS(BATCH_AXES, "sp")  # [batch, seq] arrays
-ACTIVATION_SPEC = PS(BATCH_AXES, "sp", "tp")  # [batch, seq, hidden]
+# [batch, seq, hidden] between layers. The original also split hidden over tp; XLA's SPMD
+# partitioner (jax 0.10.2, CPU) computes *wrong values* for x + mlp(x) constrained that way
+# on mesh 2,2,2,1 with one row per batch shard (docs/sharding.md has the reproduction), so the
+# hidden axis stays replicated over tp, as in Megatron-style tensor parallelism.
+ACTIVATION_SPEC = PS(BATCH_AXES, "sp", None)
 FSDP_SP = ("fsdp", "sp")
 
 # ---- mesh --------------------------------------------------------------------------------

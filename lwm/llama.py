@@ -1,0 +1,461 @@
+"""The LLaMA text model (flax linen) with LWM's parameter tree (spec section 3).
+
+    transformer/wte/embedding                         [vocab, hidden]
+    transformer/h/scan_decoder/attention/wq/kernel    [layers, hidden, heads*head_dim]   (scanned)
+    transformer/h/0/attention/wq/kernel               [hidden, heads*head_dim]           (unscanned)
+    ... attention/{wq,wk,wv,wo}, feed_forward/{w1,w2,w3}, attention_norm, ffn_norm
+    transformer/ln_f/kernel                           [hidden]
+    lm_head/kernel                                    [hidden, vocab]                    (unless tied)
+
+Usage (training / scoring):
+    model = LLaMAForCausalLM(config, mesh=mesh)
+    out = model.apply({'params': params}, input_ids, segment_ids=segment_ids, position_ids=positions)
+    out.logits  # [batch, seq, vocab]
+
+Decoding with a KV cache (left-padded prompt, then one token at a time):
+    cache = init_cache(config, batch, max_length)
+    out = model.apply(vars, prompt_ids, attention_mask=prompt_mask, cache=cache, prefill=True)
+    out = model.apply(vars, next_ids, attention_mask=ones, cache=out.cache)
+
+RoPE rotates interleaved pairs (dims 2i, 2i+1), as LWM does; Hugging Face's Llama rotates
+split halves, so conversion permutes q/k rows (scripts/convert_*).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as PS
+
+from lwm import ops
+from lwm.config import LLaMAConfig
+from lwm.mesh import ACTIVATION_SPEC, BATCH_AXES, mesh_shape, with_sharding_constraint
+
+QKV_SPEC = PS(BATCH_AXES, "sp", "tp", None)  # [batch, seq, heads, head_dim]
+CACHE_SPEC = PS(None, BATCH_AXES, "sp", "tp", None)  # [layers, batch, length, kv_heads, head_dim]
+CACHE_MASK_SPEC = PS(BATCH_AXES, "sp")
+
+
+def remat_policy(name: str):
+    """A jax.checkpoint policy by name ('' means no rematerialisation: returns None)."""
+    return getattr(jax.checkpoint_policies, name) if name else None
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `length` slots, filled left to right."""
+
+    k: jax.Array  # [layers, batch, length, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, length, kv_heads, head_dim]
+    mask: jax.Array  # [batch, length] bool: the slot holds a real (non-padding) token
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: LLaMAConfig, batch_size: int, length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `length` slots (prompt + new tokens)."""
+    if length > config.max_sequence_length:
+        raise ValueError(f"cache length {length} exceeds max_sequence_length={config.max_sequence_length}")
+    shape = (config.num_hidden_layers, batch_size, length, config.num_key_value_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   mask=jnp.zeros((batch_size, length), bool), index=jnp.zeros((), jnp.int32))
+
+
+def cache_specs() -> KVCache:
+    """PartitionSpecs of a KVCache: slots sharded over sp, kv heads over tp."""
+    return KVCache(k=CACHE_SPEC, v=CACHE_SPEC, mask=CACHE_MASK_SPEC, index=PS())
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    logits: jax.Array | None  # [batch, seq, vocab] (None when compute_logits=False)
+    hidden_states: jax.Array  # [batch, seq, hidden] after the final norm
+    cache: KVCache | None = None
+    vision_logits: jax.Array | None = None  # video-language model only
+
+
+# ---- building blocks -------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * kernel, normalised in float32 whatever the compute dtype."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.ones, (self.dim,), self.param_dtype)
+        x32 = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * jnp.asarray(kernel, self.dtype)
+
+
+_ROPE_SPLIT = 1024  # positions = hi * _ROPE_SPLIT + lo
+
+
+def rotary_sin_cos(position_ids, head_dim: int, theta: float, max_length: int):
+    """sin, cos [batch, seq, head_dim/2] float32 of position * theta^(-2i/head_dim).
+
+    fp32 loses the angle at long range (at position 1e6 a float32 product is off by ~0.06 rad),
+    so the angles are evaluated in float64 on the host for the two halves of the position
+    (hi * 1024 and lo) and combined with the angle-addition formulas on device.
+    """
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [head_dim/2]
+    n_hi = max(1, -(-max_length // _ROPE_SPLIT))
+    ang_hi = (np.arange(n_hi, dtype=np.float64) * _ROPE_SPLIT)[:, None] * freqs
+    ang_lo = np.arange(_ROPE_SPLIT, dtype=np.float64)[:, None] * freqs
+    hi, lo = position_ids // _ROPE_SPLIT, position_ids % _ROPE_SPLIT
+    cos_hi, sin_hi = (jnp.asarray(f(ang_hi), jnp.float32)[hi] for f in (np.cos, np.sin))
+    cos_lo, sin_lo = (jnp.asarray(f(ang_lo), jnp.float32)[lo] for f in (np.cos, np.sin))
+    sin = sin_hi * cos_lo + cos_hi * sin_lo
+    cos = cos_hi * cos_lo - sin_hi * sin_lo
+    return sin, cos
+
+
+def apply_rotary(x, sin, cos):
+    """Rotate interleaved pairs of x [batch, seq, heads, head_dim] by the angles (sin, cos)."""
+    b, s, h, d = x.shape
+    pairs = x.astype(jnp.float32).reshape(b, s, h, d // 2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    out = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return out.reshape(b, s, h, d).astype(x.dtype)
+
+
+class Kernel(nn.Module):
+    """Holds one [in, out] `kernel` parameter (a bias-free Dense used functionally)."""
+
+    shape: tuple[int, ...]
+    init_std: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, self.param_dtype)
+
+
+def chunked_over_sequence(fn, x, chunk_size: int, mesh=None, policy=None, *args):
+    """fn(x, *args) applied to chunks of the sequence axis of x [batch, seq, ...], rematerialised.
+
+    `fn` must act on each position independently (an MLP, a norm). The scan runs over chunks
+    *within* each sequence shard (the mesh's `sp`), so a sharded sequence is never gathered:
+    [b, s, ...] -> [n, b, sp * chunk, ...]. A length that does not divide is padded (and the
+    padding dropped), which only costs a reshard when sp > 1.
+    """
+    b, s = x.shape[:2]
+    seq_shards = mesh_shape(mesh)["sp"]
+    chunk = max(1, min(chunk_size, s // seq_shards))
+    step = jax.checkpoint(fn, policy=policy or jax.checkpoint_policies.nothing_saveable)
+    padded = -(-s // (seq_shards * chunk)) * seq_shards * chunk
+    n = padded // (seq_shards * chunk)
+    if n == 1 and padded == s:
+        return step(x, *args)
+    rest = x.shape[2:]
+    if padded != s:
+        x = jnp.pad(x, [(0, 0), (0, padded - s)] + [(0, 0)] * len(rest))
+    # The stacked chunks are pinned to [None, batch, sp, replicated...]: without it XLA's CPU
+    # SPMD partitioner miscomputes this scan when the result is constrained with the hidden
+    # axis over tp (measured: wrong outputs on mesh 2,2,2,1).
+    chunk_spec = PS(None, BATCH_AXES, "sp", *([None] * len(rest)))
+    xs = x.reshape(b, seq_shards, n, chunk, *rest)
+    xs = jnp.moveaxis(xs, 2, 0).reshape(n, b, seq_shards * chunk, *rest)
+    xs = with_sharding_constraint(xs, chunk_spec, mesh)
+
+    def body(carry, c):
+        return carry, step(c, *args)
+
+    _, ys = jax.lax.scan(body, None, xs)  # [n, b, sp*chunk, ...]
+    ys = with_sharding_constraint(ys, PS(None, BATCH_AXES, "sp", *([None] * (ys.ndim - 3))), mesh)
+    out_rest = ys.shape[3:]
+    ys = ys.reshape(n, b, seq_shards, chunk, *out_rest)
+    return jnp.moveaxis(ys, 0, 2).reshape(b, padded, *out_rest)[:, :s]
+
+
+def swiglu(x, w1, w2, w3, dtype, precision=None):
+    dot = partial(jnp.dot, precision=precision)
+    x = x.astype(dtype)
+    gate = jax.nn.silu(dot(x, w1.astype(dtype)))
+    return dot(gate * dot(x, w3.astype(dtype)), w2.astype(dtype))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x); over sequence chunks with remat when scan_mlp."""
+
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        w1 = Kernel((h, i), cfg.initializer_range, self.param_dtype, name="w1")()
+        w2 = Kernel((i, h), cfg.initializer_range, self.param_dtype, name="w2")()
+        w3 = Kernel((h, i), cfg.initializer_range, self.param_dtype, name="w3")()
+        fn = partial(swiglu, dtype=self.dtype, precision=self.precision)
+        if cfg.scan_mlp:
+            out = chunked_over_sequence(fn, x, cfg.scan_mlp_chunk_size, self.mesh, remat_policy(cfg.remat_mlp),
+                                        w1, w2, w3)
+        else:
+            out = fn(x, w1, w2, w3)
+        return nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention with interleaved RoPE and an optional KV cache."""
+
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+    deterministic: bool = True
+    prefill: bool = False  # with a cache: the cache is empty and x is the whole (padded) prompt
+
+    @nn.compact
+    def __call__(self, x, sin, cos, segment_ids, layer_cache, cache_mask, cache_index):
+        cfg = self.config
+        b, s, _ = x.shape
+        hd, heads, kv_heads = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        dense = partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        precision=self.precision, kernel_init=nn.initializers.normal(cfg.initializer_range))
+        q = dense(heads * hd, name="wq")(x).reshape(b, s, heads, hd)
+        k = dense(kv_heads * hd, name="wk")(x).reshape(b, s, kv_heads, hd)
+        v = dense(kv_heads * hd, name="wv")(x).reshape(b, s, kv_heads, hd)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        q, k, v = (with_sharding_constraint(t, QKV_SPEC, self.mesh) for t in (q, k, v))
+
+        new_cache = None
+        if layer_cache is None or self.prefill:
+            layout = cfg.sequence_layout if layer_cache is None else "contiguous"
+            attend = partial(ops.attention, causal=True, impl=cfg.resolved_attention_impl(),
+                             query_chunk_size=cfg.scan_query_chunk_size,
+                             key_chunk_size=cfg.scan_key_chunk_size, mesh=self.mesh, layout=layout)
+            if cfg.remat_attention:
+                attend = jax.checkpoint(attend, policy=remat_policy(cfg.remat_attention))
+            out = attend(q, k, v, segment_ids)
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            new_cache = (k_cache, v_cache)
+            if not self.prefill:
+                out = ops.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                           cache_index, cache_mask, mesh=self.mesh)
+        out = dense(cfg.hidden_size, name="wo")(out.reshape(b, s, heads * hd))
+        out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
+        return out, new_cache
+
+
+class DecoderLayer(nn.Module):
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+    deterministic: bool = True
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index):
+        cfg = self.config
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        modules = dict(config=cfg, precision=self.precision, mesh=self.mesh,
+                       deterministic=self.deterministic, **common)
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="attention_norm", **common)(x)
+        h, new_cache = Attention(prefill=self.prefill, name="attention", **modules)(
+            h, sin, cos, segment_ids, layer_cache, cache_mask, cache_index)
+        x = x + h
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="ffn_norm", **common)(x)
+        x = x + FeedForward(name="feed_forward", **modules)(h)
+        return with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh), new_cache
+
+
+class LayerStack(nn.Module):
+    """The decoder layers: one nn.scan ('scan_decoder') or a Python loop ('0', '1', ...)."""
+
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+    deterministic: bool = True
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, x, sin, cos, segment_ids, cache: KVCache | None):
+        cfg = self.config
+        layer_cls = DecoderLayer
+        if cfg.remat_block:
+            layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_block),
+                                 prevent_cse=not cfg.scan_layers)
+        kwargs = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                      mesh=self.mesh, deterministic=self.deterministic, prefill=self.prefill)
+        cache_mask = None if cache is None else cache.mask
+        cache_index = None if cache is None else cache.index
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": cfg.param_scan_axis},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+            )
+            x, new_caches = scanned(name="scan_decoder", **kwargs)(
+                x, layer_caches, sin, cos, segment_ids, cache_mask, cache_index)
+        else:
+            outs = []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x, c = layer_cls(name=str(i), **kwargs)(x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index)
+                outs.append(c)
+            new_caches = None if cache is None else tuple(jnp.stack(t) for t in zip(*outs))
+        return x, new_caches
+
+
+class LLaMAModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (`transformer` in the parameter tree)."""
+
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, segment_ids, position_ids, vision_masks=None, cache=None,
+                 prefill=False, deterministic=True):
+        cfg = self.config
+        embed = partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                        embedding_init=nn.initializers.normal(cfg.initializer_range))
+        if hasattr(cfg, "vision_vocab_size"):
+            # Each position looks up one table; the other lookup gets a safe id 0.
+            vision_masks = jnp.zeros(input_ids.shape, bool) if vision_masks is None else vision_masks
+            text = embed(cfg.vocab_size, name="wte")(jnp.where(vision_masks, 0, input_ids))
+            vision = embed(cfg.vision_vocab_size, name="vte")(jnp.where(vision_masks, input_ids, 0))
+            x = jnp.where(vision_masks[..., None], vision, text)
+        else:
+            x = embed(cfg.vocab_size, name="wte")(input_ids)
+        x = nn.Dropout(rate=cfg.embd_pdrop)(x, deterministic=deterministic)
+        x = with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh)
+        max_position = cfg.max_sequence_length if cache is None else max(cfg.max_sequence_length, cache.length)
+        sin, cos = rotary_sin_cos(position_ids, cfg.head_dim, cfg.theta, max_position)
+        x, new_caches = LayerStack(cfg, self.dtype, self.param_dtype, self.precision, self.mesh,
+                                   deterministic, prefill, name="h")(x, sin, cos, segment_ids, cache)
+        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)
+        return x, new_caches
+
+
+def default_positions(attention_mask, segment_ids, seq_len: int, cache: KVCache | None):
+    """Positions when the caller gives none: count of real tokens before each one."""
+    if cache is not None:
+        prior = jnp.sum(cache.mask, axis=-1, keepdims=True, dtype=jnp.int32)  # real tokens already cached
+        return jnp.maximum(prior + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (1, seq_len))
+
+
+def prepare_inputs(config: LLaMAConfig, mesh, input_ids, attention_mask, segment_ids, position_ids,
+                   cache: KVCache | None):
+    """Validate lengths and derive segment ids, positions and the updated cache mask."""
+    b, s = input_ids.shape
+    if s > config.max_sequence_length:
+        raise ValueError(f"input length {s} exceeds max_sequence_length={config.max_sequence_length}")
+    config.check_mesh(mesh_shape(mesh))
+    if cache is not None and attention_mask is None:
+        attention_mask = jnp.ones((b, s), jnp.int32)
+    if attention_mask is not None:
+        attention_mask = attention_mask.astype(jnp.int32)
+        segment_ids = attention_mask if segment_ids is None else segment_ids * attention_mask
+    if position_ids is None:
+        if cache is None and config.sequence_layout != "contiguous" and attention_mask is None:
+            from lwm.ops.layout import global_index
+
+            position_ids = jnp.asarray(global_index(config.sequence_layout, s, mesh_shape(mesh)["sp"]))[None]
+        else:
+            position_ids = default_positions(attention_mask, segment_ids, s, cache)
+    position_ids = jnp.broadcast_to(position_ids, (b, s)).astype(jnp.int32)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    if cache is not None:
+        mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(bool), (0, cache.index))
+        cache = cache.replace(mask=mask)
+    return segment_ids, position_ids, cache
+
+
+def finish_cache(cache: KVCache | None, new_caches, seq_len: int, mesh) -> KVCache | None:
+    if cache is None:
+        return None
+    k, v = new_caches
+    k = with_sharding_constraint(k, CACHE_SPEC, mesh)
+    v = with_sharding_constraint(v, CACHE_SPEC, mesh)
+    return cache.replace(k=k, v=v, index=cache.index + seq_len)
+
+
+class LLaMAForCausalLM(nn.Module):
+    """The text model with its LM head: `transformer` + `lm_head`."""
+
+    config: LLaMAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, segment_ids=None, position_ids=None,
+                 cache: KVCache | None = None, prefill: bool = False, deterministic: bool = True,
+                 compute_logits: bool = True) -> CausalLMOutput:
+        """input_ids [batch, seq]; attention_mask [batch, seq] (1 real, 0 padding);
+        segment_ids [batch, seq] (packed examples; 0 = padding); position_ids [batch, seq]."""
+        cfg = self.config
+        segment_ids, position_ids, cache = prepare_inputs(
+            cfg, self.mesh, input_ids, attention_mask, segment_ids, position_ids, cache)
+        transformer = LLaMAModel(cfg, self.dtype, self.param_dtype, self.precision, self.mesh, name="transformer")
+        hidden, new_caches = transformer(input_ids, segment_ids, position_ids, cache=cache, prefill=prefill,
+                                         deterministic=deterministic)
+        if cfg.tie_word_embeddings:
+            kernel = transformer.variables["params"]["wte"]["embedding"].T
+        else:
+            kernel = Kernel((cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, self.param_dtype,
+                            name="lm_head")()
+        logits = head_logits(hidden, kernel, self.dtype, self.precision) if compute_logits else None
+        return CausalLMOutput(logits=logits, hidden_states=hidden,
+                              cache=finish_cache(cache, new_caches, input_ids.shape[1], self.mesh))
+
+
+def head_logits(hidden, kernel, dtype, precision=None):
+    return jnp.dot(hidden.astype(dtype), kernel.astype(dtype), precision=precision)
+
+
+def lm_head_kernel(params, config: LLaMAConfig):
+    """The [hidden, vocab] LM head of a params tree (the embedding transposed when tied)."""
+    if config.tie_word_embeddings:
+        return params["transformer"]["wte"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def init_params(config: LLaMAConfig, rng, model_cls=None):
+    """Random float32 parameters; wrap in `jax.eval_shape` for shapes only."""
+    model = (model_cls or LLaMAForCausalLM)(config)
+    ids = jnp.zeros((1, min(config.max_sequence_length, 8)), jnp.int32)
+    return model.init({"params": rng, "dropout": rng}, ids)["params"]

@@ -1,0 +1,36 @@
+"""Convert a Hugging Face Llama folder to LWM streaming params and a config JSON.
+
+    python scripts/convert_hf_to_lwm.py --hf_model=/path/hf_model \
+        --output_checkpoint=/path/streaming_params --output_config=/path/config.json \
+        --scan_layers=True --float_dtype=bf16
+
+Then: `--load_checkpoint='params::/path/streaming_params' --load_llama_config='json::/path/config.json'`.
+"""
+from absl import app
+
+from lwm.checkpoint import float_dtype_by_name
+from lwm.flags import define_flags_with_default
+from lwm.hf_conversion import convert_hf_to_lwm
+
+FLAGS, _ = define_flags_with_default(
+    hf_model="",
+    output_checkpoint="",
+    output_config="",
+    scan_layers=True,
+    param_scan_axis=0,
+    float_dtype="fp32",
+)
+
+
+def main(argv):
+    if not (FLAGS.hf_model and FLAGS.output_checkpoint and FLAGS.output_config):
+        raise app.UsageError("--hf_model, --output_checkpoint and --output_config are required")
+    config = convert_hf_to_lwm(FLAGS.hf_model, FLAGS.output_checkpoint, FLAGS.output_config,
+                               scan_layers=FLAGS.scan_layers, param_scan_axis=FLAGS.param_scan_axis,
+                               float_dtype=float_dtype_by_name(FLAGS.float_dtype))
+    print(f"wrote {FLAGS.output_checkpoint} and {FLAGS.output_config} "
+          f"({config.num_hidden_layers} layers, hidden {config.hidden_size})")
+
+
+if __name__ == "__main__":
+    app.run(main)

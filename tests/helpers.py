@@ -1,0 +1,41 @@
+"""Small builders shared by tests: tiny configs, random params, HF reference models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lwm.config import LLaMAConfig
+
+
+def tiny_config(**overrides) -> LLaMAConfig:
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_sequence_length=128,
+                scan_query_chunk_size=8, scan_key_chunk_size=8, scan_mlp_chunk_size=8,
+                scan_loss_chunk_size=8)
+    base.update(overrides)
+    return LLaMAConfig(**base)
+
+
+def unstack_layers(params, num_layers: int, axis: int = 0):
+    """Scanned params -> the same weights in the unscanned tree (transformer/h/0, /1, ...)."""
+    out = {}
+    for key, value in flatten_dict(params).items():
+        if "scan_decoder" in key:
+            for i in range(num_layers):
+                out[tuple(str(i) if k == "scan_decoder" else k for k in key)] = np.take(np.asarray(value), i, axis=axis)
+        else:
+            out[key] = value
+    return unflatten_dict(out)
+
+
+def max_rel_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def tree_max_rel_error(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(max_rel_error, a, b)))
+
+
+def random_ids(key, shape, vocab):
+    return jax.random.randint(jax.random.key(key), shape, 0, vocab, dtype=jnp.int32)
