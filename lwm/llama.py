@@ -455,7 +455,12 @@ def lm_head_kernel(params, config: LLaMAConfig):
 
 
 def init_params(config: LLaMAConfig, rng, model_cls=None):
-    """Random float32 parameters; wrap in `jax.eval_shape` for shapes only."""
-    model = (model_cls or LLaMAForCausalLM)(config)
+    """Random float32 parameters (the video-language model's for a VideoLLaMAConfig);
+    wrap in `jax.eval_shape` for shapes only."""
+    if model_cls is None:
+        if hasattr(config, "vision_vocab_size"):
+            from lwm.vision_llama import VideoLLaMAForCausalLM as model_cls
+        else:
+            model_cls = LLaMAForCausalLM
     ids = jnp.zeros((1, min(config.max_sequence_length, 8)), jnp.int32)
-    return model.init({"params": rng, "dropout": rng}, ids)["params"]
+    return model_cls(config).init({"params": rng, "dropout": rng}, ids)["params"]
