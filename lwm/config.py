@@ -102,6 +102,8 @@ class LLaMAConfig:
     use_flash_attention: bool = False  # original flag; with attention_impl=auto it asks for a kernel
 
     def __post_init__(self):
+        # A kv-head count left unset follows num_attention_heads, also through later replace().
+        object.__setattr__(self, "_kv_heads_follow", self.num_key_value_heads is None)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         self._validate()
@@ -194,7 +196,10 @@ class LLaMAConfig:
         if unknown:
             raise ValueError(f"unknown {type(self).__name__} field(s) {unknown}; valid fields: "
                              f"{sorted(self.field_names())}")
-        return dataclasses.replace(self, **{k: _coerce(type(self), k, v) for k, v in updates.items()})
+        updates = {k: _coerce(type(self), k, v) for k, v in updates.items()}
+        if self._kv_heads_follow and "num_key_value_heads" not in updates:
+            updates["num_key_value_heads"] = None
+        return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

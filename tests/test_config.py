@@ -134,3 +134,10 @@ def test_auto_attention_impl():
     assert c.replace(scan_attention=False).resolved_attention_impl("gpu") == "dense"
     assert c.replace(scan_attention=False, use_flash_attention=True).resolved_attention_impl("gpu") == "pallas"
     assert c.replace(attention_impl="dense").resolved_attention_impl("tpu") == "dense"
+
+
+def test_unset_kv_heads_follow_attention_heads():
+    c = load_config("7b").replace(num_attention_heads=8, hidden_size=512)
+    assert c.num_key_value_heads == 8
+    c = LLaMAConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).replace(num_attention_heads=8)
+    assert c.num_key_value_heads == 2  # an explicit GQA setting is kept

@@ -1,0 +1,80 @@
+"""Build what every inference entry point needs from its flags: mesh, tokenizer, config,
+model, and parameters sharded onto the mesh (streamed from a checkpoint, or random).
+
+    loaded = load_model(mesh_dim="1,-1,1,1", dtype="fp32", load_llama_config="7b",
+                        update_llama_config="dict(theta=1e7)", llama_flags=FLAGS.llama,
+                        load_checkpoint="params::/path/streaming_params", tokenizer="builtin")
+    loaded.model.apply({'params': loaded.params}, ids)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from lwm.checkpoint import flat_fns, float_dtype_by_name, load_checkpoint
+from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
+from lwm.llama import LLaMAForCausalLM, init_params
+from lwm.mesh import build_mesh, make_shard_and_gather_fns, match_partition_rules, partition_rules, sharding_table
+from lwm.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: LLaMAConfig
+    model: Any  # LLaMAForCausalLM or VideoLLaMAForCausalLM bound to the mesh
+    params: Any  # sharded parameters
+    param_specs: Any  # PartitionSpec tree
+    mesh: Mesh
+    tokenizer: Tokenizer
+
+
+def compute_dtype(name: str):
+    dtype = float_dtype_by_name(name)
+    if dtype is None:
+        raise ValueError(f"dtype must be fp32, bf16 or fp16, got {name!r}")
+    return dtype
+
+
+def model_class(config: LLaMAConfig):
+    if isinstance(config, VideoLLaMAConfig):
+        from lwm.vision_llama import VideoLLaMAForCausalLM
+
+        return VideoLLaMAForCausalLM
+    return LLaMAForCausalLM
+
+
+def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_config: str = "",
+               update_llama_config: str = "", llama_flags=None, load_checkpoint_spec: str = "",
+               tokenizer: str = "", vision: bool = False, seed: int = 0) -> LoadedModel:
+    """Everything an inference entry point needs; params are random (with a warning) when
+    no checkpoint is given, which is how tests and demos run tiny models."""
+    mesh = build_mesh(mesh_dim)
+    tok = load_tokenizer(tokenizer)
+    cls = VideoLLaMAConfig if vision else LLaMAConfig
+    flags = llama_flags if llama_flags is not None else cls.get_default_config()
+    config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls)
+    config.check_mesh(dict(mesh.shape))
+    model = model_class(config)(config, dtype=compute_dtype(dtype), mesh=mesh)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))
+    specs = match_partition_rules(partition_rules(config.scan_layers, config.param_scan_axis), shapes)
+    if load_checkpoint_spec:
+        shard_fns, _ = make_shard_and_gather_fns(specs, mesh, compute_dtype(dtype))
+        spec = load_checkpoint_spec
+        if spec.startswith("trainstate::"):  # inference reads only the params of a train state
+            spec = "trainstate_params::" + spec.split("::", 1)[1]
+        _, params = load_checkpoint(spec, params_target=shapes, params_shard_fns=flat_fns(shard_fns))
+    else:
+        log.warning("no --load_checkpoint given: using random weights")
+        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(compute_dtype(dtype)),
+                                              init_params(config, jax.random.key(seed))),
+                         out_shardings=shardings)()
+    log.info("parameters:\n%s", sharding_table(shapes, specs, mesh))
+    return LoadedModel(config, model, params, specs, mesh, tok)
