@@ -7,6 +7,7 @@ import pytest
 from tests.attention_utils import (assert_matches_reference, make_inputs, output_and_grads, reference_output_and_grads,
                              relative_error, sample_cases)
 from lwm.ops import attention, resolve_impl
+from lwm.ops.layout import from_layout, to_layout
 from lwm.ops.blockwise import blockwise_attention
 from lwm.ops.common import FULL, MASKED, SKIP, chunk_pair_kinds, merge_partials
 
@@ -159,3 +160,25 @@ def test_remat_and_flax_scan():
     # fp32 vs fp32 with a different op order: compare at the scale of the gradient (max norm)
     assert relative_error(jax.jit(jax.grad(loss_remat))(x), g_plain) <= 1e-5
     assert relative_error(jax.jit(jax.grad(loss_scan))(x), g_plain) <= 1e-5
+
+
+def test_bfloat16_inputs_through_every_kernel():
+    """bf16 q/k/v: same dtype out, error at bf16 resolution (accumulation is float32 inside)."""
+    from tests.test_ring import make_mesh
+
+    case = BLOCKWISE_CASES[1]
+    q, k, v, seg, d_out = make_inputs(case)
+    ref_out, ref_grads = reference_output_and_grads(q, k, v, seg, d_out, case.causal)
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, d_out)]
+    local = case.seq // 2
+    for kwargs in (dict(impl="blockwise"), dict(impl="pallas"), dict(impl="blockwise", mesh=make_mesh(2), layout="zigzag")):
+        layout, sp = kwargs.get("layout", "contiguous"), 2 if "mesh" in kwargs else 1
+        stored = [to_layout(x, layout, sp) for x in bf16] + [None if seg is None else to_layout(seg, layout, sp)]
+        fn = lambda q, k, v: attention(q, k, v, stored[4], causal=case.causal, query_chunk_size=min(case.q_chunk, local),
+                                       key_chunk_size=min(case.kv_chunk, local), **kwargs)
+        out, grads = output_and_grads(fn, *stored[:4])
+        assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+        out = from_layout(out.astype(np.float32), layout, sp)
+        assert relative_error(out, ref_out) <= 2e-2, kwargs
+        for g, rg in zip(grads, ref_grads):
+            assert relative_error(from_layout(g.astype(np.float32), layout, sp), rg) <= 5e-2, kwargs
