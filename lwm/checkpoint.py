@@ -31,6 +31,8 @@ from flax.serialization import from_bytes, msgpack_restore, to_bytes
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
 from ml_collections import ConfigDict
 
+from lwm.mesh import gather_array
+
 LOAD_TYPES = ("params", "trainstate", "trainstate_params", "flax_params")
 FLOAT_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "fp64": jnp.float64,
                 "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -117,7 +119,8 @@ def state_dict(tree) -> dict:
 def save_streaming(path: str, tree, float_dtype=None, gather_fns: Mapping | None = None) -> None:
     """Write `tree` in the streaming format, one leaf at a time, atomically.
 
-    gather_fns: optional {key_path tuple: fn} turning a (sharded) leaf into a host array.
+    gather_fns: optional {key_path tuple: fn} turning a (sharded) leaf into a host array
+    (default: `gather_array`, which all-gathers arrays spread over several processes).
     Only process 0 writes; every process takes part in gathering.
     """
     flat = flatten_dict(state_dict(tree), keep_empty_nodes=False)
@@ -126,7 +129,7 @@ def save_streaming(path: str, tree, float_dtype=None, gather_fns: Mapping | None
     fout = writer.__enter__() if writer else None
     try:
         for key, value in flat.items():
-            value = gather_fns[key](value) if gather_fns is not None else jax.device_get(value)
+            value = gather_fns[key](value) if gather_fns is not None else gather_array(value)
             value = cast_floats(np.asarray(value), float_dtype)
             if fout is not None:
                 fout.write(packer.pack((list(key), to_bytes(value))))

@@ -258,29 +258,59 @@ def make_shard_and_gather_fns(specs, mesh: Mesh, float_dtype=None):
 # ---- data placement -------------------------------------------------------------------------
 
 
+def process_batch_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """Sorted global row indices of a `BATCH_SPEC` array that this process's devices hold."""
+    sharding = NamedSharding(mesh, BATCH_SPEC)
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map((global_batch, mesh.shape["sp"])).items():
+        if device.process_index == jax.process_index():
+            rows.update(range(*index[0].indices(global_batch)))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
 def data_rank_and_world(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     """(rank, world) of this process among the processes that need distinct batch rows.
 
-    Processes whose devices hold the same rows of a `BATCH_SPEC` array (model-parallel
-    replicas across hosts) share a rank and must read the same data.
+    Processes whose devices hold the same rows (model-parallel replicas across hosts) share
+    a rank and must read the same data. Rank k's local rows are the global rows
+    `process_batch_rows` lists, in order.
     """
     sharding = NamedSharding(mesh, BATCH_SPEC)
-    shape = (global_batch, int(np.prod([mesh.shape[a] for a in ("sp",)])))
-    slices_by_process: dict[int, set] = {}
-    for device, index in sharding.devices_indices_map(shape).items():
-        rows = index[0]
-        slices_by_process.setdefault(device.process_index, set()).add((rows.start, rows.stop))
-    distinct = sorted({tuple(sorted(v)) for v in slices_by_process.values()})
-    mine = tuple(sorted(slices_by_process[jax.process_index()]))
-    return distinct.index(mine), len(distinct)
+    by_process: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map((global_batch, mesh.shape["sp"])).items():
+        by_process.setdefault(device.process_index, set()).update(range(*index[0].indices(global_batch)))
+    distinct = sorted({tuple(sorted(v)) for v in by_process.values()})
+    return distinct.index(tuple(sorted(by_process[jax.process_index()]))), len(distinct)
 
 
-def batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, spec: PS = BATCH_SPEC) -> dict:
-    """Turn this process's local rows of a batch into global arrays sharded by `spec`."""
+def batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_batch: int | None = None,
+                    spec: PS = BATCH_SPEC) -> dict:
+    """Global arrays sharded by `spec` from this process's rows of a batch.
+
+    The local arrays hold either the whole global batch (every process read everything) or
+    exactly the rows `process_batch_rows` names, in that order.
+    """
     sharding = NamedSharding(mesh, spec)
-    if jax.process_count() == 1:
-        return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        n = global_batch or value.shape[0]
+        if value.shape[0] == n:
+            rows = None
+        else:
+            rows = process_batch_rows(mesh, n)
+            if len(rows) != value.shape[0]:
+                raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows; this process holds {len(rows)} of "
+                                 f"the global batch of {n}")
+
+        def fetch(index, value=value, rows=rows):
+            if rows is None:
+                return value[index]
+            wanted = np.arange(n)[index[0]]
+            return value[np.searchsorted(rows, wanted)][(slice(None),) + tuple(index[1:])]
+
+        out[key] = jax.make_array_from_callback((n,) + value.shape[1:], sharding, fetch)
+    return out
 
 
 # ---- reporting ------------------------------------------------------------------------------

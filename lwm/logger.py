@@ -1,0 +1,97 @@
+"""Run logging: wandb (offline unless `--logger.online=True`) plus a `metrics.jsonl` file.
+
+The run's folder is `output_dir/<experiment_id>` (a uuid is appended to the id with
+`append_uuid`); checkpoints go there too. Every logged dict is appended to
+`metrics.jsonl` as one JSON line, so runs can be plotted and compared without wandb.
+`WANDB_MODE=disabled` in the environment turns wandb off entirely (tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from typing import Any, Mapping
+
+import numpy as np
+from ml_collections import ConfigDict
+
+
+class MetricsLogger:
+    @staticmethod
+    def get_default_config(updates=None) -> ConfigDict:
+        config = ConfigDict()
+        config.project_id = "lwm"  # wandb project
+        config.project_entity = ""  # wandb entity (team); '' = the default
+        config.experiment_id = ""  # run name and folder name; '' = a new uuid
+        config.experiment_group = ""
+        config.append_uuid = True  # make experiment_id unique (disable for autoresume)
+        config.experiment_note = ""
+        config.output_dir = ""  # '' = a temporary folder
+        config.wandb_dir = ""  # '' = the run folder
+        config.profile_dir = ""  # a jax.profiler trace of a few steps goes here when set
+        config.online = False  # False: wandb runs offline, nothing leaves the machine
+        if updates is not None:
+            config.update(ConfigDict(updates).copy_and_resolve_references())
+        return config
+
+    def __init__(self, config, variant: Mapping[str, Any] | None = None, enable: bool = True):
+        self.config = config = self.get_default_config(config)
+        self.enable = enable
+        experiment_id = config.experiment_id or uuid.uuid4().hex
+        if config.append_uuid and config.experiment_id:
+            experiment_id = f"{experiment_id}-{uuid.uuid4().hex}"
+        self.experiment_id = experiment_id
+        base = config.output_dir or tempfile.mkdtemp(prefix="lwm-")
+        self.output_dir = os.path.join(base, experiment_id)
+        self.run = None
+        self._metrics_file = None
+        if not enable:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._metrics_file = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
+        if os.environ.get("WANDB_MODE", "").lower() != "disabled":
+            import wandb
+
+            wandb_dir = config.wandb_dir or self.output_dir
+            os.makedirs(wandb_dir, exist_ok=True)
+            self.run = wandb.init(
+                project=config.project_id, entity=config.project_entity or None,
+                group=config.experiment_group or None, name=experiment_id, id=experiment_id,
+                notes=config.experiment_note or None, dir=wandb_dir, config=dict(variant or {}),
+                mode="online" if config.online else "offline", resume="allow",
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if not self.enable:
+            return
+        record = {k: _plain(v) for k, v in metrics.items()}
+        if step is not None:
+            record["step"] = int(step)
+        self._metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._metrics_file.flush()
+        if self.run is not None:
+            self.run.log(record, step=step)
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _plain(value):
+    """JSON-friendly scalars from numpy/jax values."""
+    if hasattr(value, "dtype"):
+        value = np.asarray(value)
+        return value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file (for plots, comparisons and tests)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

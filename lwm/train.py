@@ -1,0 +1,270 @@
+"""Train LWM text or video-language models: `python -m lwm.train` with the original's flags.
+
+    python -m lwm.train --modality=text --mesh_dim='1,1,1,8' --load_llama_config=debug \\
+        --update_llama_config="dict(max_sequence_length=2048)" --tokenizer=builtin \\
+        --train_dataset.type=json --train_dataset.text_processor.fields=text \\
+        --train_dataset.json_dataset.path=data.jsonl --train_dataset.json_dataset.seq_length=2048 \\
+        --train_dataset.json_dataset.batch_size=8 --total_steps=100 --logger.output_dir=runs
+
+The run folder is `logger.output_dir/<experiment_id>`: checkpoints (spec section 4),
+`metrics.jsonl` and the wandb files. `--autoresume=True` continues a run from that folder
+(use `--logger.append_uuid=False` so the folder name is stable); with
+`--checkpointer.save_optimizer_state=True` and `--checkpointer.float_dtype=fp32` the resumed
+run reproduces the uninterrupted one step for step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from flax.serialization import from_state_dict
+from tqdm import tqdm
+
+from lwm.checkpoint import (StreamingCheckpointer, flat_fns, load_checkpoint, load_pickle, save_pickle,
+                            train_state_dict)
+from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
+from lwm.data import DatasetFactory
+from lwm.distributed import JaxDistributedConfig
+from lwm.flags import define_flags_with_default
+from lwm.loading import compute_dtype
+from lwm.logger import MetricsLogger
+from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, make_shard_and_gather_fns, sharding_table
+from lwm.optimizers import OptimizerFactory
+from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from lwm.trainer import Trainer, TrainState
+
+log = logging.getLogger("lwm.train")
+
+FLAGS, FLAGS_DEF = define_flags_with_default(
+    modality="text",  # 'text' or 'vision,text'
+    use_data_sharded_loader=True,
+    seed=42,
+    mesh_dim="1,-1,1,1",
+    dtype="fp32",  # compute dtype: fp32, bf16, fp16 (parameters and optimizer stay fp32)
+    total_steps=10000,
+    load_llama_config="",
+    update_llama_config="",
+    load_checkpoint="",
+    load_dataset_state="",
+    log_freq=50,
+    save_model_freq=0,
+    save_milestone_freq=0,
+    eval_steps=0,
+    tokenizer=DEFAULT_TOKENIZER,
+    train_dataset=DatasetFactory.get_default_config(),
+    eval_dataset=DatasetFactory.get_default_config(),
+    optimizer=OptimizerFactory.get_default_config(),
+    checkpointer=StreamingCheckpointer.get_default_config(),
+    llama=VideoLLaMAConfig.get_default_config(),
+    logger=MetricsLogger.get_default_config(),
+    log_all_worker=False,
+    jax_distributed=JaxDistributedConfig.get_default_config(),
+    autoresume=False,
+    trainable_params="",  # comma-separated regexes: train only matching params (e.g. 'vte,vision_head')
+    peak_tflops_per_device=0.0,  # for the MFU estimate; 0 = report model TFLOP/s only
+)
+
+
+def dataset_shape(config) -> tuple[int, int]:
+    """(global batch size, sequence length) of a DatasetFactory config."""
+    sub = {"json": "json_dataset", "json_vision": "json_vision_dataset",
+           "huggingface": "huggingface_dataset"}.get(config.type)
+    if sub is None:
+        raise ValueError(f"unknown dataset type {config.type!r}; expected json, json_vision or huggingface")
+    return int(config[sub].batch_size), int(config[sub].seq_length)
+
+
+def shared_experiment_id(logger_config) -> str:
+    """The run id every process agrees on (process 0's uuid when append_uuid is set)."""
+    import uuid
+
+    base = logger_config.experiment_id
+    if base and not logger_config.append_uuid:
+        return base
+    token = np.frombuffer(uuid.uuid4().bytes, np.uint32).copy()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    suffix = token.astype(np.uint32).tobytes().hex()
+    return f"{base}-{suffix}" if base else suffix
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def check_finite(metrics: dict, step: int, last_saved: int | None) -> None:
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping the run ({kept}). Lower the learning "
+                            "rate, check the data, or use fp32 compute.")
+
+
+def main(argv):
+    del argv
+    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    if FLAGS.modality not in ("text", "vision,text"):
+        raise app.UsageError(f"--modality must be 'text' or 'vision,text', got {FLAGS.modality!r}")
+    vision = FLAGS.modality == "vision,text"
+    is_main = jax.process_index() == 0
+    variant = FLAGS.flag_dict()
+
+    logger_config = MetricsLogger.get_default_config(FLAGS.logger)
+    logger_config.experiment_id = shared_experiment_id(logger_config)
+    logger_config.append_uuid = False
+    logger = MetricsLogger(logger_config, variant, enable=is_main or FLAGS.log_all_worker)
+
+    mesh = build_mesh(FLAGS.mesh_dim)
+    tokenizer = load_tokenizer(FLAGS.tokenizer)
+    config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config, tokenizer,
+                          FLAGS.mesh_dim, VideoLLaMAConfig if vision else LLaMAConfig)
+    dtype = compute_dtype(FLAGS.dtype)
+    trainer = Trainer(config, mesh, FLAGS.optimizer, dtype=dtype, seed=FLAGS.seed, vision=vision,
+                      trainable_params=FLAGS.trainable_params)
+    if is_main:
+        log.info("model config: %s", config.to_json_string())
+        log.info("parameters (%.2fM):\n%s", config.num_params() / 1e6,
+                 sharding_table(trainer.state_shapes.params, trainer.state_specs.params, mesh))
+
+    global_batch, seq_length = dataset_shape(FLAGS.train_dataset)
+    if seq_length > config.max_sequence_length:
+        raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
+    rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
+    dataset = DatasetFactory.load_dataset(FLAGS.train_dataset, tokenizer, rank, world)
+    eval_iterator = None
+    if FLAGS.eval_steps > 0:
+        eval_iterator = iter(DatasetFactory.load_dataset(FLAGS.eval_dataset, tokenizer, rank, world))
+    eval_batch_size = dataset_shape(FLAGS.eval_dataset)[0] if eval_iterator else 0
+
+    checkpointer = StreamingCheckpointer(FLAGS.checkpointer, logger.output_dir)
+    dataset_file = "dataset.pkl" if jax.process_count() == 1 else f"dataset.process{jax.process_index()}.pkl"
+    state, last_saved = restore_state(trainer, checkpointer, dataset, dataset_file)
+    start_step = int(jax.device_get(state.step))
+
+    def to_global(batch, n):
+        if config.sequence_layout != "contiguous":
+            from lwm.ops.layout import to_layout
+
+            batch = {k: to_layout(v, config.sequence_layout, mesh.shape["sp"], axis=1) for k, v in batch.items()}
+        return batch_to_global({k: batch[k] for k in trainer.batch_keys}, mesh, n)
+
+    def save(state, milestone=False):
+        nonlocal last_saved
+        step = int(jax.device_get(state.step))
+        dataset_state = dataset.get_state_dict()
+        checkpointer.save_all(step, state.params, state.opt_state, dataset_state=dataset_state if is_main else None,
+                              metadata=dict(flags=variant, llama_config=config.to_dict(), modality=FLAGS.modality),
+                              milestone=milestone)
+        if jax.process_count() > 1:  # every process keeps its own reading position
+            save_pickle(dataset_state, os.path.join(logger.output_dir, dataset_file.replace(".pkl", f"_{step}.pkl")
+                                                    if milestone else dataset_file))
+        last_saved = step
+
+    flops_per_step = trainer.flops_per_token(seq_length) * global_batch * seq_length
+    data_iterator = iter(dataset)
+    pending = None  # the previous step's metrics, checked for a finite loss one step late
+    interval_start, interval_steps = time.time(), 0
+    progress = tqdm(range(start_step, FLAGS.total_steps), initial=start_step, total=FLAGS.total_steps,
+                    disable=not is_main, dynamic_ncols=True, desc="train")
+    for step in progress:
+        batch, dataset_metrics = next(data_iterator)
+        if FLAGS.logger.profile_dir and step == start_step + 3:
+            jax.profiler.start_trace(FLAGS.logger.profile_dir)
+        state, metrics = trainer.train_step(state, to_global(batch, global_batch))
+        if FLAGS.logger.profile_dir and step == start_step + 6:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        if pending is not None:
+            check_finite(*pending, last_saved)
+        pending = (metrics, step + 1)
+        interval_steps += 1
+        done = step + 1
+        if done % FLAGS.log_freq == 0 or done == FLAGS.total_steps:
+            metrics = jax.device_get(metrics)
+            check_finite(metrics, done, last_saved)
+            elapsed = time.time() - interval_start
+            record = {k: float(v) for k, v in metrics.items()}
+            record.update(step_time=elapsed / interval_steps,
+                          tokens_per_second=interval_steps * global_batch * seq_length / elapsed,
+                          model_tflops_per_second=interval_steps * flops_per_step / elapsed / 1e12)
+            if FLAGS.peak_tflops_per_device > 0:
+                record["mfu"] = record["model_tflops_per_second"] / (FLAGS.peak_tflops_per_device * jax.device_count())
+            if eval_iterator is not None:
+                evals = [trainer.eval_step(state.params, to_global(next(eval_iterator)[0], eval_batch_size))
+                         for _ in range(FLAGS.eval_steps)]
+                record.update({k: float(np.mean([jax.device_get(e[k]) for e in evals])) for k in evals[0]})
+            record.update({k: v for k, v in dataset_metrics.items() if np.isscalar(v)})
+            logger.log(record, step=done)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            interval_start, interval_steps = time.time(), 0
+        milestone = FLAGS.save_milestone_freq > 0 and done % FLAGS.save_milestone_freq == 0
+        regular = FLAGS.save_model_freq > 0 and done % FLAGS.save_model_freq == 0
+        if milestone or regular:
+            check_finite(metrics, done, last_saved)
+            save(state, milestone=milestone)
+            if milestone and regular:
+                save(state)
+    if pending is not None:
+        check_finite(*pending, last_saved)
+    if FLAGS.save_model_freq > 0 and last_saved != int(jax.device_get(state.step)):
+        save(state)
+    logger.close()
+    if is_main:
+        print(f"run folder: {logger.output_dir}")
+
+
+def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset, dataset_file: str):
+    """The starting train state and dataset position: autoresume, --load_checkpoint, or fresh."""
+    latest = checkpointer.latest() if FLAGS.autoresume else None
+    if latest is not None and "checkpoint" in latest:
+        spec = latest["checkpoint"]
+        state = load_state(trainer, spec)
+        if int(jax.device_get(state.step)) != latest["step"]:
+            if spec.startswith("trainstate::"):
+                raise RuntimeError(f"{checkpointer.checkpoint_dir}: streaming_train_state is at step "
+                                   f"{int(state.step)} but metadata.pkl says {latest['step']} (a save was "
+                                   "interrupted between the two files); resume from a milestone instead")
+            state = state.replace(step=jnp.asarray(latest["step"], jnp.int32))
+        own = os.path.join(checkpointer.checkpoint_dir, dataset_file)
+        dataset_state = load_pickle(own) if os.path.exists(own) else latest["dataset_state"]
+        if dataset_state is not None:
+            dataset.load_state_dict(dataset_state)
+        logging.getLogger("lwm.train").info("resumed from %s at step %d", spec, latest["step"])
+        return state, latest["step"]
+    if FLAGS.load_checkpoint:
+        state = load_state(trainer, FLAGS.load_checkpoint)
+    else:
+        state = trainer.init_state()
+    if FLAGS.load_dataset_state:
+        dataset.load_state_dict(load_pickle(FLAGS.load_dataset_state))
+    return state, None
+
+
+def load_state(trainer: Trainer, spec: str) -> TrainState:
+    """A TrainState from any `--load_checkpoint` form, each tensor placed on its shard."""
+    if spec.startswith("trainstate::"):
+        shapes = trainer.state_shapes
+        target = train_state_dict(shapes.step, shapes.params, shapes.opt_state)
+        specs = train_state_dict(trainer.state_specs.step, trainer.state_specs.params, trainer.state_specs.opt_state)
+        shard_fns, _ = make_shard_and_gather_fns(specs, trainer.mesh, jnp.float32)
+        raw, _ = load_checkpoint(spec, trainstate_target=target, trainstate_shard_fns=flat_fns(shard_fns))
+        opt_state = from_state_dict(shapes.opt_state, raw["opt_state"])
+        return TrainState(step=jnp.asarray(raw["step"], jnp.int32), params=raw["params"]["params"],
+                          opt_state=opt_state)
+    shard_fns, _ = make_shard_and_gather_fns(trainer.state_specs.params, trainer.mesh, jnp.float32)
+    _, params = load_checkpoint(spec, params_target=trainer.state_shapes.params,
+                                params_shard_fns=flat_fns(shard_fns))
+    return trainer.state_from_params(params)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app.run(main)

@@ -1,0 +1,192 @@
+"""Train and eval steps: sharded state, blockwise loss, exact gradient accumulation.
+
+    trainer = Trainer(config, mesh, optimizer_config, dtype=jnp.float32, vision=False)
+    state = trainer.init_state()                       # sharded by the partition rules
+    state, metrics = trainer.train_step(state, batch)  # batch: global arrays PS(('dp','fsdp'), 'sp')
+
+The loss never materialises [sequence, vocab] logits: the model returns final hidden states
+and `lwm.loss.lm_head_loss` evaluates the head chunk by chunk. A batch's loss is
+sum(w * ce) / sum(w) over the whole (global) batch, with w the data's loss weights (0/1
+masks, or per-example weights in packed mode); vision+text is 0.5 * (vision + text), each
+normalised by its own weight. Gradient accumulation splits the batch into micro-batches
+inside one jitted step and normalises by the whole batch's weights, so k micro-batches
+give exactly the full batch's gradient. Dropout keys are fold_in(seed, step): a resumed run
+draws the same masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from lwm.config import LLaMAConfig
+from lwm.llama import init_params, lm_head_kernel
+from lwm.loading import model_class
+from lwm.loss import lm_head_loss
+from lwm.mesh import BATCH_SPEC, match_partition_rules, mesh_shape, partition_rules
+from lwm.optimizers import OptimizerFactory, mask_from_regex
+
+TEXT_KEYS = ("input_tokens", "target_tokens", "loss_masks", "segment_ids", "positions")
+VISION_KEYS = TEXT_KEYS + ("input_vision_masks", "target_vision_masks")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: completed optimizer steps
+    params: Any
+    opt_state: Any
+
+
+class Trainer:
+    def __init__(self, config: LLaMAConfig, mesh, optimizer_config=None, dtype=jnp.float32, seed: int = 42,
+                 vision: bool = False, trainable_params: str = ""):
+        self.config = config
+        self.mesh = mesh
+        self.dtype = dtype
+        self.vision = vision
+        self.seed = seed
+        config.check_mesh(mesh_shape(mesh))
+        self.model = model_class(config)(config, dtype=dtype, mesh=mesh)
+        self.optimizer_config = OptimizerFactory.get_default_config(optimizer_config)
+        self.accumulate_steps = int(self.optimizer_config.accumulate_gradient_steps)
+        trainable = None
+        if trainable_params:
+            trainable = partial(mask_from_regex, patterns=trainable_params.split(","))
+        self.tx, self.optimizer_info = OptimizerFactory.get_optimizer(self.optimizer_config, trainable_mask=trainable)
+        self.dropout = any(getattr(config, k) > 0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+
+        shapes = jax.eval_shape(self._init_state, jax.random.key(seed))
+        rules = partition_rules(config.scan_layers, config.param_scan_axis)
+        self.state_specs = TrainState(
+            step=PS(), params=match_partition_rules(rules, shapes.params),
+            opt_state=match_partition_rules(rules, shapes.opt_state, optimizer_state=True))
+        self.state_shapes = shapes
+        self.state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), self.state_specs,
+                                            is_leaf=lambda x: isinstance(x, PS))
+        self.batch_keys = VISION_KEYS if vision else TEXT_KEYS
+        batch_sharding = {k: NamedSharding(mesh, BATCH_SPEC) for k in self.batch_keys}
+        replicated = NamedSharding(mesh, PS())
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch_sharding),
+                                  out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, batch_sharding),
+                                 out_shardings=replicated)
+
+    # ---- state --------------------------------------------------------------------------
+    def _init_state(self, rng) -> TrainState:
+        params = init_params(self.config, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def init_state(self) -> TrainState:
+        """Random parameters and fresh optimizer state, created directly on their shards."""
+        return jax.jit(self._init_state, out_shardings=self.state_shardings)(jax.random.key(self.seed))
+
+    def state_from_params(self, params, step: int = 0) -> TrainState:
+        """A train state around loaded (sharded) params, with fresh optimizer state."""
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+
+    # ---- loss ---------------------------------------------------------------------------
+    def _head_sums(self, hidden, kernel, targets, weights):
+        shape = mesh_shape(self.mesh)
+        return lm_head_loss(hidden, kernel.astype(self.dtype), targets, weights,
+                            chunk_size=self.config.scan_loss_chunk_size, seq_shards=shape["sp"],
+                            batch_shards=shape["dp"] * shape["fsdp"])
+
+    def loss_sums(self, params, batch, rng=None) -> dict:
+        """Weighted sums of loss and accuracy for each head (see `lwm.loss.LossSums`)."""
+        kwargs = dict(segment_ids=batch["segment_ids"], position_ids=batch["positions"], compute_logits=False,
+                      deterministic=rng is None or not self.dropout)
+        if self.vision:
+            kwargs["vision_masks"] = batch["input_vision_masks"]
+        rngs = {"dropout": rng} if rng is not None and self.dropout else {}
+        hidden = self.model.apply({"params": params}, batch["input_tokens"], rngs=rngs, **kwargs).hidden_states
+        targets, masks = batch["target_tokens"], batch["loss_masks"].astype(jnp.float32)
+        if not self.vision:
+            return {"text": self._head_sums(hidden, lm_head_kernel(params, self.config), targets, masks)}
+        from lwm.vision_llama import vision_head_kernel
+
+        is_vision = batch["target_vision_masks"]
+        return {
+            "text": self._head_sums(hidden, lm_head_kernel(params, self.config), jnp.where(is_vision, 0, targets),
+                                    masks * (1.0 - is_vision)),
+            "vision": self._head_sums(hidden, vision_head_kernel(params, self.config),
+                                      jnp.where(is_vision, targets, 0), masks * is_vision),
+        }
+
+    def _weight_totals(self, batch) -> dict:
+        masks = batch["loss_masks"].astype(jnp.float32)
+        if not self.vision:
+            return {"text": jnp.sum(masks)}
+        is_vision = batch["target_vision_masks"].astype(jnp.float32)
+        return {"text": jnp.sum(masks * (1.0 - is_vision)), "vision": jnp.sum(masks * is_vision)}
+
+    def _objective(self, params, batch, rng, totals):
+        """The batch loss contributed by this (micro-)batch: sums over the global totals."""
+        sums = self.loss_sums(params, batch, rng)
+        terms = [s.loss_sum / jnp.maximum(totals[k], 1e-30) for k, s in sums.items()]
+        return sum(terms) / len(terms), sums
+
+    @staticmethod
+    def _metrics_from(sums: dict, totals: dict) -> dict:
+        out = {}
+        for head, s in sums.items():
+            w = jnp.maximum(totals[head], 1e-30)
+            out[f"{head}_loss"], out[f"{head}_acc"] = s.loss_sum / w, s.correct_sum / w
+        if len(sums) == 1:
+            return {"loss": out["text_loss"], "acc": out["text_acc"]}
+        out["loss"] = 0.5 * (out["vision_loss"] + out["text_loss"])
+        return out
+
+    # ---- steps --------------------------------------------------------------------------
+    def _train_step(self, state: TrainState, batch):
+        batch = {k: batch[k] for k in self.batch_keys}
+        rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        totals = self._weight_totals(batch)
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+        k = self.accumulate_steps
+        if k == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rng, totals)
+        else:
+            b = batch["input_tokens"].shape[0]
+            if b % k:
+                raise ValueError(f"batch size {b} is not divisible by accumulate_gradient_steps={k}")
+            micro = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), totals)
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(
+                lambda x: x[0], micro), rng, totals)))
+            (grads, sums), _ = jax.lax.scan(accumulate, (zeros[1], zeros[0][1]), (jnp.arange(k), micro))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = self._metrics_from(sums, totals)
+        metrics.update(learning_rate=self.optimizer_info["learning_rate_schedule"](state.step),
+                       gradient_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params, batch):
+        batch = {k: batch[k] for k in self.batch_keys}
+        totals = self._weight_totals(batch)
+        metrics = self._metrics_from(self.loss_sums(params, batch), totals)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    # ---- accounting ---------------------------------------------------------------------
+    def flops_per_token(self, seq_length: int) -> float:
+        """Model FLOPs per trained token: 6 x matmul params + causal attention (fwd + bwd).
+
+        Embedding lookups are not matmuls; a tied embedding is, as the head."""
+        c = self.config
+        matmul_params = c.num_params() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+        if self.vision and not c.tie_vision_embeddings:
+            matmul_params -= c.vision_vocab_size * c.hidden_size
+        attention = 6 * c.num_hidden_layers * c.hidden_size * seq_length  # 12 * L * H * S, halved by causality
+        return 6.0 * matmul_params + attention
