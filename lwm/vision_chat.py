@@ -1,0 +1,226 @@
+"""Ask a video-language model about an image or a video: `python -m lwm.vision_chat`.
+
+    python -m lwm.vision_chat --prompt="What is the video about?" --input_file=clip.mp4 \\
+        --vqgan_checkpoint=vqgan.pkl --load_llama_config=7b --max_n_frames=8 \\
+        --update_llama_config="dict(sample_mode='text',theta=50000000,max_sequence_length=131072)" \\
+        --load_checkpoint=params::LWM-Chat-1M/params --tokenizer=LWM-Chat-1M/tokenizer.model
+    Question: What is the video about?
+    Answer: ...
+
+The input is read as LWM read it (spec section 11, `lwm.vision_io.read_vision`): a png/jpg is
+one frame; a video keeps at most `max_n_frames` frames picked with
+`np.linspace(0, n - 1, k).astype(int)`; each frame is resized (short side 256), center-cropped
+and scaled to [-1, 1], then turned into 16 x 16 VQGAN codes. The token stream is the one the
+released checkpoints were trained on, BOS of every `encode` call included:
+
+    encode('<s>You are a helpful assistant. USER: {question}\\n')   -> [1, 1, ...]
+    encode('<vision>')                                              -> [1, 523, 9824, 28767]
+    frame 1 codes (256), 8192, ..., frame k codes (256), 8193       (vision mask True here only)
+    encode('</vision>')                                             -> [1, 1867, 9824, 28767]
+    encode(' ASSISTANT:')                                           -> [1, 28705, 8602, 8048, 12738, 28747]
+
+left-padded to a multiple of the attention block size (`max(scan_query_chunk_size,
+scan_key_chunk_size) * sp` for power-of-two chunks). The answer is sampled at `--temperature`
+(0.2) from the text head, one token at a time through the KV cache, until eos or
+`--max_new_tokens` (0: the block size, as LWM did).
+
+`--vqgan_checkpoint` is a pickle of the VQGAN's params; `--vqgan_config` is '' for LWM's
+VQGAN or a JSON file / string of `lwm.vqgan.VQGANConfig` fields (tiny VQGANs for tests and
+demos; frames are then read at that config's resolution).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import numpy as np
+from absl import app
+
+from lwm.config import VideoLLaMAConfig
+from lwm.distributed import JaxDistributedConfig
+from lwm.flags import define_flags_with_default
+from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
+from lwm.loading import LoadedModel, load_model
+from lwm.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from lwm.vision_io import VisionReadError, read_vision
+from lwm.vqgan import VQGAN, VQGANConfig
+
+log = logging.getLogger("lwm.vision_chat")
+
+END_OF_FRAME = 8192  # vision token after every frame but the last
+END_OF_VISION = 8193  # vision token after the last frame
+SYSTEM_PROMPT = "<s>You are a helpful assistant. USER: {question}\n"
+VISION_START, VISION_END, ANSWER_CUE = "<vision>", "</vision>", " ASSISTANT:"
+
+FLAGS, FLAGS_DEF = define_flags_with_default(
+    prompt="",  # the question
+    input_file="",  # a png/jpg image or a video decord (or imageio's ffmpeg) can read
+    vqgan_checkpoint="",  # pickle of the VQGAN params
+    vqgan_config="",  # '' = LWM's VQGAN; else a JSON file or string of VQGANConfig fields
+    temperature=0.2,
+    max_n_frames=8,  # longer videos are sampled uniformly down to this many frames
+    max_new_tokens=0,  # answer length limit; 0 = the attention block size (LWM's choice)
+    seed=1234,
+    mesh_dim="1,-1,1,1",
+    dtype="fp32",
+    load_llama_config="",
+    update_llama_config="",
+    load_checkpoint="",
+    tokenizer=DEFAULT_TOKENIZER,
+    llama=VideoLLaMAConfig.get_default_config(),
+    jax_distributed=JaxDistributedConfig.get_default_config(),
+)
+
+
+class PromptTooLongError(ValueError):
+    """The question and frames do not fit the model's max_sequence_length."""
+
+
+@dataclasses.dataclass
+class ChatInput:
+    """One left-padded prompt row; all arrays [1, length]."""
+
+    input_ids: np.ndarray  # int32
+    vision_masks: np.ndarray  # bool: True on frame codes and the 8192/8193 markers
+    attention_mask: np.ndarray  # int32: 1 on real tokens, 0 on left padding
+    n_frames: int
+
+
+def frame_tokens(codes: np.ndarray) -> list[int]:
+    """VQGAN codes [n_frames, h, w] -> each frame's codes row by row, then 8192 (8193 after the last).
+
+    >>> frame_tokens(np.array([[[5, 6]], [[7, 8]]]))
+    [5, 6, 8192, 7, 8, 8193]
+    """
+    codes = np.asarray(codes)
+    if codes.ndim < 2 or codes.shape[0] == 0:
+        raise ValueError(f"expected codes [n_frames >= 1, ...], got shape {codes.shape}")
+    tokens: list[int] = []
+    for i, frame in enumerate(codes.reshape(codes.shape[0], -1)):
+        tokens.extend(int(c) for c in frame)
+        tokens.append(END_OF_VISION if i == codes.shape[0] - 1 else END_OF_FRAME)
+    return tokens
+
+
+def chat_tokens(tokenizer: Tokenizer, question: str, codes: np.ndarray) -> tuple[list[int], list[bool]]:
+    """The unpadded section-11 stream for a question about frames with `codes` [n_frames, h, w]:
+    (token ids, vision mask). Each text piece is its own `encode` call with a BOS, as in LWM."""
+    pieces = [
+        (tokenizer.encode(SYSTEM_PROMPT.format(question=question), add_bos=True), False),
+        (tokenizer.encode(VISION_START, add_bos=True), False),
+        (frame_tokens(codes), True),
+        (tokenizer.encode(VISION_END, add_bos=True), False),
+        (tokenizer.encode(ANSWER_CUE, add_bos=True), False),
+    ]
+    tokens = [t for ids, _ in pieces for t in ids]
+    vision = [is_vision for ids, is_vision in pieces for _ in ids]
+    return tokens, vision
+
+
+def pad_chat_input(tokens: list[int], vision: list[bool], length: int, pad_token_id: int, n_frames: int) -> ChatInput:
+    """Left-pad one stream to `length` (padding is masked out and never seen by real tokens)."""
+    if len(tokens) > length:
+        raise ValueError(f"cannot left-pad {len(tokens)} tokens to the shorter length {length}")
+    pad = length - len(tokens)
+    ids = np.array([[pad_token_id] * pad + list(tokens)], np.int32)
+    vision_masks = np.array([[False] * pad + list(vision)], bool)
+    attention_mask = np.array([[0] * pad + [1] * len(tokens)], np.int32)
+    return ChatInput(ids, vision_masks, attention_mask, n_frames)
+
+
+def load_vqgan(checkpoint: str, config_spec: str = "") -> VQGAN:
+    """The VQGAN from `--vqgan_checkpoint` (pickled params) and `--vqgan_config` ('' = LWM's)."""
+    if not checkpoint:
+        raise ValueError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
+    # One local device: the VQGAN is small next to the LLM, and this works the same on every host.
+    return VQGAN(checkpoint, VQGANConfig.from_json(config_spec))
+
+
+class VisionChat:
+    """A loaded video-language model, its tokenizer and VQGAN, and the shared sampler."""
+
+    def __init__(self, loaded: LoadedModel, vqgan: VQGAN, temperature: float = 0.2, max_new_tokens: int = 0):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.vqgan = vqgan
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens or block_size(self.config, loaded.mesh)
+        self.sampler = Sampler(loaded.model, loaded.params, mesh=loaded.mesh)
+
+    def encode_vision(self, path: str, max_n_frames: int) -> np.ndarray:
+        """VQGAN codes [n_frames, h, w] of an image or video file."""
+        frames = read_vision(path, max_n_frames, size=self.vqgan.config.resolution)  # [k, H, W, 3]
+        _, codes = self.vqgan.encode(frames)
+        return np.asarray(jax.device_get(codes))
+
+    def build_input(self, question: str, codes: np.ndarray) -> ChatInput:
+        """The section-11 stream, left-padded to a multiple of the block size; checks it fits."""
+        tokens, vision = chat_tokens(self.tokenizer, question, codes)
+        length = padded_prompt_length(len(tokens), self.config, self.loaded.mesh)
+        needed = length + self.max_new_tokens
+        if needed > self.config.max_sequence_length:
+            raise PromptTooLongError(
+                f"the prompt is {len(tokens)} tokens ({codes.shape[0]} frames x {codes[0].size + 1} vision tokens "
+                f"plus the question and markers), padded to {length} (block size "
+                f"{block_size(self.config, self.loaded.mesh)}); with max_new_tokens={self.max_new_tokens} it needs "
+                f"{needed} positions, more than max_sequence_length={self.config.max_sequence_length}. Use fewer "
+                f"frames (--max_n_frames), a shorter question, or a larger max_sequence_length "
+                f"(--update_llama_config)")
+        return pad_chat_input(tokens, vision, length, self.tokenizer.pad_token_id, codes.shape[0])
+
+    def answer(self, question: str, input_file: str, max_n_frames: int = 8, rng=None) -> str:
+        """The model's answer to `question` about the image or video at `input_file`."""
+        codes = self.encode_vision(input_file, max_n_frames)
+        batch = self.build_input(question, codes)
+        sampling = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        rng = jax.random.key(0) if rng is None else rng
+        start = time.perf_counter()
+        out = self.sampler.generate(batch.input_ids, batch.attention_mask, rng, sampling,
+                                    vision_masks=batch.vision_masks, sample_mode="text")
+        seconds = time.perf_counter() - start
+        n = int(out.lengths[0])
+        log.info("%d frames, prompt %d tokens (padded %d); generated %d tokens in %.2f s (%.1f tokens/s, "
+                 "compilation included on the first call)", batch.n_frames, int(batch.attention_mask.sum()),
+                 batch.input_ids.shape[1], n, seconds, n / max(seconds, 1e-9))
+        return decode_answer(self.tokenizer, out.tokens[0, :n])
+
+
+def decode_answer(tokenizer: Tokenizer, tokens) -> str:
+    """Text of the generated tokens up to (not including) the first eos."""
+    tokens = [int(t) for t in tokens]
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.prompt:
+        raise app.UsageError("--prompt is required (the question to ask)")
+    if not FLAGS.input_file:
+        raise app.UsageError("--input_file is required (an image or a video)")
+    if not FLAGS.vqgan_checkpoint:
+        raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
+    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    try:
+        vqgan = load_vqgan(FLAGS.vqgan_checkpoint, FLAGS.vqgan_config)
+        loaded = load_model(mesh_dim=FLAGS.mesh_dim, dtype=FLAGS.dtype, load_llama_config=FLAGS.load_llama_config,
+                            update_llama_config=FLAGS.update_llama_config, llama_flags=FLAGS.llama,
+                            load_checkpoint_spec=FLAGS.load_checkpoint, tokenizer=FLAGS.tokenizer, vision=True,
+                            seed=FLAGS.seed)
+        chat = VisionChat(loaded, vqgan, FLAGS.temperature, FLAGS.max_new_tokens)
+        answer = chat.answer(FLAGS.prompt, FLAGS.input_file, FLAGS.max_n_frames, jax.random.key(FLAGS.seed))
+    except (FileNotFoundError, ValueError) as e:  # unreadable input, prompt too long, bad config
+        raise SystemExit(f"vision_chat: {e}") from None
+    if jax.process_index() == 0:
+        print(f"Question: {FLAGS.prompt}\nAnswer: {answer}", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app.run(main)

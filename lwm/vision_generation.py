@@ -1,0 +1,234 @@
+"""Text to image or video with a video-language model: `python -m lwm.vision_generation`.
+
+    python -m lwm.vision_generation --prompt='Fireworks over the city' --output_file=fireworks.png \\
+        --n_frames=1 --cfg_scale_image=5.0 --vqgan_checkpoint=vqgan.pkl --load_llama_config=7b \\
+        --update_llama_config="dict(sample_mode='vision',theta=50000000,max_sequence_length=32768)" \\
+        --load_checkpoint=params::LWM-Chat-1M/params --tokenizer=LWM-Chat-1M/tokenizer.model
+
+`--output_file` picks the kind: `.png` / `.jpg` is one image (`--n_frames=1`), `.mp4` a video
+of `--n_frames` > 1 frames at 4 fps. Token streams (spec sections 8 and 11):
+
+* Prompts are tokenized as a batch to 128 tokens: BOS, then the text's tokens (cut from the
+  left when longer), left-padded. With classifier-free guidance (cfg_scale != 1) the batch is
+  [conditional rows; unconditional rows], the unconditional prompt being `<s><vision>`, and
+  each step samples from `uncond + cfg_scale * (cond - uncond)`; the token goes to both rows.
+  With cfg_scale == 1 that mix is the conditional logits, so only the conditional rows run.
+* Image (or a video's first frame): prompt
+  `<s>You are a helpful assistant. USER: Generate an image of {prompt} ASSISTANT: <vision>`,
+  257 tokens sampled from the vision head (256 codes, then the 257th forced to 8192, end of
+  frame) with `--temperature_image`, `--top_k_image`, `--cfg_scale_image`.
+* Video: prompt `... Generate a video of {prompt} ...` followed by the first frame's 257
+  tokens (vision mask True), then (n_frames - 1) * 257 more tokens with the `_video` settings,
+  every 257th forced to 8192. Each frame's codes (markers dropped) go through the VQGAN decoder.
+
+The first frame comes from the image prompt, as in LWM. Files are written atomically (temp
+file, then rename). `--vqgan_config` ('' = LWM's VQGAN) allows tiny VQGANs for tests and
+demos; frames per token block follow its code grid (257 for LWM's 16 x 16).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app
+
+from lwm.config import VideoLLaMAConfig
+from lwm.distributed import JaxDistributedConfig
+from lwm.flags import define_flags_with_default
+from lwm.generation import Sampler, SamplingParams, cache_length, padded_prompt_length
+from lwm.loading import LoadedModel, load_model
+from lwm.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from lwm.vision_io import to_uint8, write_image, write_video
+from lwm.vqgan import VQGAN, VQGANConfig
+
+log = logging.getLogger("lwm.vision_generation")
+
+END_OF_FRAME = 8192  # forced after each frame's codes
+PROMPT_LENGTH = 128  # tokens per prompt row (BOS + text, left-padded / cut from the left)
+UNCONDITIONAL_PROMPT = "<s><vision>"
+IMAGE_PROMPT = "<s>You are a helpful assistant. USER: Generate an image of {prompt} ASSISTANT: <vision>"
+VIDEO_PROMPT = "<s>You are a helpful assistant. USER: Generate a video of {prompt} ASSISTANT: <vision>"
+VIDEO_FPS = 4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_PROMPT = "Fireworks over the city"
+
+FLAGS, FLAGS_DEF = define_flags_with_default(
+    prompt=DEFAULT_PROMPT,
+    output_file="",  # .png / .jpg: one image (n_frames=1); .mp4: a video (n_frames > 1)
+    temperature_image=1.0,
+    temperature_video=1.0,
+    top_k_image=8192,
+    top_k_video=100,
+    cfg_scale_image=1.0,
+    cfg_scale_video=1.0,
+    vqgan_checkpoint="",  # pickle of the VQGAN params
+    vqgan_config="",  # '' = LWM's VQGAN; else a JSON file or string of VQGANConfig fields
+    n_frames=1,
+    seed=1234,
+    mesh_dim="1,-1,1,1",
+    dtype="fp32",
+    load_llama_config="",
+    update_llama_config="",
+    load_checkpoint="",
+    tokenizer=DEFAULT_TOKENIZER,
+    llama=VideoLLaMAConfig.get_default_config(),
+    jax_distributed=JaxDistributedConfig.get_default_config(),
+)
+
+
+def check_output(output_file: str, n_frames: int) -> str:
+    """'image' or 'video' for an output path and frame count; anything inconsistent raises."""
+    if not output_file:
+        raise ValueError("--output_file is required (.png/.jpg for an image, .mp4 for a video)")
+    suffix = os.path.splitext(output_file)[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        if n_frames != 1:
+            raise ValueError(f"--output_file={output_file} is an image, so --n_frames must be 1, got {n_frames}")
+        return "image"
+    if suffix == ".mp4":
+        if n_frames < 2:
+            raise ValueError(f"--output_file={output_file} is a video, so --n_frames must be > 1, got {n_frames}")
+        return "video"
+    raise ValueError(f"--output_file={output_file}: unsupported suffix {suffix!r}; use .png, .jpg or .mp4")
+
+
+def prompt_batch(tokenizer: Tokenizer, texts: list[str], length: int = PROMPT_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention_mask) [len(texts), length]: BOS + each text's tokens, the text cut from the
+    left when too long (BOS stays first, as the Hugging Face tokenizer LWM used truncates the
+    text before adding special tokens), left-padded."""
+    rows = [[tokenizer.bos_token_id] + tokenizer.encode(text)[-(length - 1):] for text in texts]
+    return tokenizer.pad(rows, max_length=length, padding_side="left")
+
+
+def cfg_prompts(prompts: list[str], template: str, cfg_scale: float) -> list[str]:
+    """Conditional prompts, then (with guidance) as many unconditional ones."""
+    conditional = [template.format(prompt=p) for p in prompts]
+    return conditional + [UNCONDITIONAL_PROMPT] * len(prompts) if cfg_scale != 1.0 else conditional
+
+
+def forced_markers(n_tokens: int, tokens_per_frame: int) -> np.ndarray:
+    """[n_tokens] int32: -1 (sample) except 8192 at every tokens_per_frame-th step.
+
+    >>> forced_markers(6, 3).tolist()
+    [-1, -1, 8192, -1, -1, 8192]
+    """
+    forced = np.full((n_tokens,), -1, np.int32)
+    forced[tokens_per_frame - 1::tokens_per_frame] = END_OF_FRAME
+    return forced
+
+
+class VisionGenerator:
+    """A loaded video-language model, its tokenizer and VQGAN, and the shared sampler."""
+
+    def __init__(self, loaded: LoadedModel, vqgan: VQGAN):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.vqgan = vqgan
+        self.tokens_per_frame = vqgan.config.tokens_per_frame + 1  # codes + the end-of-frame marker
+        self.sampler = Sampler(loaded.model, loaded.params, mesh=loaded.mesh)
+        self.tokens_generated = 0
+        self.seconds = 0.0
+
+    def _check_fits(self, prompt_length: int, n_tokens: int, what: str) -> None:
+        try:
+            cache_length(padded_prompt_length(prompt_length, self.config, self.loaded.mesh), n_tokens, self.config,
+                         self.loaded.mesh)
+        except ValueError as e:
+            raise ValueError(f"{what} does not fit the model: {e}") from None
+
+    def _sample(self, ids, mask, vision_masks, rng, n_tokens: int, temperature: float, top_k: int,
+                cfg_scale: float) -> np.ndarray:
+        """[n prompts, n_tokens] vision tokens, 8192 forced at the end of every frame."""
+        sampling = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale,
+                                  eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id)
+        start = time.perf_counter()
+        out = self.sampler.generate(ids, mask, rng, sampling, vision_masks=vision_masks, sample_mode="vision",
+                                    forced_tokens=forced_markers(n_tokens, self.tokens_per_frame))
+        self.seconds += time.perf_counter() - start
+        self.tokens_generated += int(out.lengths.sum())
+        return out.tokens
+
+    def first_frames(self, prompts: list[str], rng, temperature: float = 1.0, top_k: int = 8192,
+                     cfg_scale: float = 1.0) -> np.ndarray:
+        """Image tokens [len(prompts), tokens_per_frame] (codes, then 8192) from the image prompt."""
+        ids, mask = prompt_batch(self.tokenizer, cfg_prompts(prompts, IMAGE_PROMPT, cfg_scale))
+        self._check_fits(ids.shape[1], self.tokens_per_frame, "the image prompt")
+        return self._sample(ids, mask, np.zeros(ids.shape, bool), rng, self.tokens_per_frame, temperature, top_k,
+                            cfg_scale)
+
+    def continue_video(self, prompts: list[str], first: np.ndarray, n_frames: int, rng, temperature: float = 1.0,
+                       top_k: int = 100, cfg_scale: float = 1.0) -> np.ndarray:
+        """Video tokens [len(prompts), n_frames * tokens_per_frame]: `first` [len(prompts), tokens_per_frame]
+        then (n_frames - 1) frames sampled after the video prompt and the first frame."""
+        ids, mask = prompt_batch(self.tokenizer, cfg_prompts(prompts, VIDEO_PROMPT, cfg_scale))
+        frame = np.concatenate([first, first]) if cfg_scale != 1.0 else first  # both rows of a cfg pair see it
+        ids = np.concatenate([ids, frame.astype(np.int32)], axis=1)
+        mask = np.concatenate([mask, np.ones(frame.shape, np.int32)], axis=1)
+        vision_masks = np.concatenate([np.zeros(frame.shape[:1] + (PROMPT_LENGTH,), bool),
+                                       np.ones(frame.shape, bool)], axis=1)
+        n_tokens = (n_frames - 1) * self.tokens_per_frame
+        self._check_fits(ids.shape[1], n_tokens, f"a video of {n_frames} frames")
+        rest = self._sample(ids, mask, vision_masks, rng, n_tokens, temperature, top_k, cfg_scale)
+        return np.concatenate([first, rest], axis=1)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """Vision tokens [rows, n_frames * tokens_per_frame] -> uint8 frames [rows, n_frames, H, W, 3]."""
+        rows = tokens.shape[0]
+        codes = tokens.reshape(rows, -1, self.tokens_per_frame)[:, :, :-1]  # drop the end-of-frame markers
+        limit = self.vqgan.config.num_embeddings
+        outside = (codes < 0) | (codes >= limit)
+        if outside.any():  # a sampled marker or spare id inside a frame: no pixels for it
+            log.warning("%d of %d sampled codes are outside the VQGAN codebook [0, %d); clamped into it",
+                        int(outside.sum()), codes.size, limit)
+            codes = np.clip(codes, 0, limit - 1)
+        side = self.vqgan.config.latent_size
+        pixels = self.vqgan.decode(codes.reshape(rows, -1, side, side))  # [rows, n_frames, H, W, 3] in [-1, 1]
+        return to_uint8(np.asarray(jax.device_get(pixels)))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        kind = check_output(FLAGS.output_file, FLAGS.n_frames)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    # Defaults of flags shared with other entry points are the first definer's, so an empty
+    # prompt (vision_chat's default) means ours.
+    prompt = FLAGS.prompt or DEFAULT_PROMPT
+    if not FLAGS.vqgan_checkpoint:
+        raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
+    try:
+        vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
+        loaded = load_model(mesh_dim=FLAGS.mesh_dim, dtype=FLAGS.dtype, load_llama_config=FLAGS.load_llama_config,
+                            update_llama_config=FLAGS.update_llama_config, llama_flags=FLAGS.llama,
+                            load_checkpoint_spec=FLAGS.load_checkpoint, tokenizer=FLAGS.tokenizer, vision=True,
+                            seed=FLAGS.seed)
+        generator = VisionGenerator(loaded, vqgan)
+        image_rng, video_rng = jax.random.split(jax.random.key(FLAGS.seed))
+        tokens = generator.first_frames([prompt], image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
+                                        FLAGS.cfg_scale_image)
+        if kind == "video":
+            tokens = generator.continue_video([prompt], tokens, FLAGS.n_frames, video_rng, FLAGS.temperature_video,
+                                              FLAGS.top_k_video, FLAGS.cfg_scale_video)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"vision_generation: {e}") from None
+    frames = generator.decode(tokens)[0]  # [n_frames, H, W, 3] uint8
+    log.info("generated %d vision tokens in %.2f s (%.1f tokens/s, compilation included)", generator.tokens_generated,
+             generator.seconds, generator.tokens_generated / max(generator.seconds, 1e-9))
+    if jax.process_index() == 0:
+        if kind == "image":
+            write_image(FLAGS.output_file, frames[0])
+        else:
+            write_video(FLAGS.output_file, frames, fps=VIDEO_FPS)
+        print(f"wrote {FLAGS.output_file} ({FLAGS.n_frames} frame{'s' if FLAGS.n_frames > 1 else ''})", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app.run(main)
