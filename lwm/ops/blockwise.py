@@ -90,6 +90,18 @@ def output_delta(out, d_out):
 # ----------------------------------------------------------------------------- block kernels
 
 
+def _head_major(x, kv_heads):
+    """[b, s, heads, d] -> [b, kv_heads, group, s, d]: chunk matmuls then batch over contiguous heads."""
+    b, s, h, d = x.shape
+    return jnp.transpose(x.reshape(b, s, kv_heads, h // kv_heads, d), (0, 2, 3, 1, 4))
+
+
+def _from_head_major(x):
+    """[b, kv_heads, group, s, d] -> [b, s, heads, d]."""
+    b, kv_heads, g, s, d = x.shape
+    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, s, kv_heads * g, d)
+
+
 def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, query_chunk_size,
                         key_chunk_size):
     """Attention of a query block to a key/value block: (out float32 [b, sq, h, d], lse [b, h, sq]).
@@ -103,23 +115,26 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
     kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
+    qh = _head_major(q, kv_heads)  # [b, hkv, g, sq, d]
+    kh = _head_major(k, kv_heads)[:, :, 0]  # [b, hkv, sk, d]
+    vh = _head_major(v, kv_heads)[:, :, 0]
 
-    q_chunks = jnp.moveaxis(q.reshape(b, n_q, q_chunk, kv_heads, g, d), 1, 0)  # [n_q, b, cq, hkv, g, d]
-    q_pos_chunks = q_pos.reshape(n_q, q_chunk)
-    q_seg_chunks = None if q_seg is None else jnp.moveaxis(q_seg.reshape(b, n_q, q_chunk), 1, 0)
-
-    def one_query_chunk(xs):
-        i, q_i, q_pos_i, q_seg_i = xs
+    def one_query_chunk(i):
+        q_i = lax.dynamic_slice_in_dim(qh, i * q_chunk, q_chunk, axis=3)  # [b, hkv, g, cq, d]
+        q_pos_i = lax.dynamic_slice_in_dim(q_pos, i * q_chunk, q_chunk)
+        q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, i * q_chunk, q_chunk, axis=1)
 
         def kv_step(j, carry):
             def attend(carry, masked):
                 acc, m, l = carry
-                k_j = lax.dynamic_slice_in_dim(k, j * kv_chunk, kv_chunk, axis=1)  # [b, ck, hkv, d]
-                v_j = lax.dynamic_slice_in_dim(v, j * kv_chunk, kv_chunk, axis=1)
-                kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
-                kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, 1)
-                s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal) if masked else None
+                k_j = lax.dynamic_slice_in_dim(kh, j * kv_chunk, kv_chunk, axis=2)  # [b, hkv, ck, d]
+                v_j = lax.dynamic_slice_in_dim(vh, j * kv_chunk, kv_chunk, axis=2)
+                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                mask = None
+                if masked:
+                    kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
+                    kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, 1)
+                    mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)  # [b|1, cq, ck] or None
                 if mask is not None:
                     mask = mask[:, None, None]  # [b|1, 1, 1, cq, ck]
                     s = jnp.where(mask, s, MASK_VALUE)
@@ -129,7 +144,7 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
                     p = jnp.where(mask, p, 0.0)  # exact zeros even when the whole row is masked
                 alpha = jnp.exp(m - m_new)
                 l = alpha * l + p.sum(axis=-1)
-                pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
                 return alpha[..., None] * acc + pv, m_new, l
 
             branches = (lambda c: c, functools.partial(attend, masked=True), functools.partial(attend, masked=False))
@@ -143,9 +158,9 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)  # [b, hkv, g, cq]
         return out, lse
 
-    out, lse = lax.map(one_query_chunk, (jnp.arange(n_q), q_chunks, q_pos_chunks, q_seg_chunks))
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, sq, h, d)  # [n_q,b,hkv,g,cq,d] -> [b,sq,h,d]
-    lse = jnp.transpose(lse, (1, 2, 3, 0, 4)).reshape(b, h, sq)  # [n_q,b,hkv,g,cq] -> [b,h,sq]
+    out, lse = lax.map(one_query_chunk, jnp.arange(n_q))  # [n_q, b, hkv, g, cq, (d)]
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, sq, h, d)  # -> [b, sq, h, d]
+    lse = jnp.transpose(lse, (1, 2, 3, 0, 4)).reshape(b, h, sq)  # -> [b, h, sq]
     return out, lse
 
 
@@ -156,7 +171,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
     lse, delta: [b, h, sq] from the complete attention (all key blocks), so the block's
     probabilities exp(s - lse) are the final ones and per-block gradients simply add up.
     Loops over key chunks outside (dk, dv of that chunk stay local) and query chunks inside;
-    dq accumulates in place in a [b, sq, h, d] buffer.
+    dq accumulates in place in a [b, kv_heads, group, sq, d] buffer.
     """
     b, sq, h, d = q.shape
     sk, kv_heads = k.shape[1], k.shape[2]
@@ -164,57 +179,54 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
     kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
-
-    q5 = q.reshape(b, sq, kv_heads, g, d)
-    do5 = d_out.reshape(b, sq, kv_heads, g, d)
+    qh, doh = _head_major(q, kv_heads), _head_major(d_out, kv_heads)  # [b, hkv, g, sq, d]
+    kh = _head_major(k, kv_heads)[:, :, 0]  # [b, hkv, sk, d]
+    vh = _head_major(v, kv_heads)[:, :, 0]
     lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, kv_heads, g, sq)  # empty rows: p is masked to 0
     delta4 = delta.reshape(b, kv_heads, g, sq)
 
-    k_chunks = jnp.moveaxis(k.reshape(b, n_kv, kv_chunk, kv_heads, d), 1, 0)  # [n_kv, b, ck, hkv, d]
-    v_chunks = jnp.moveaxis(v.reshape(b, n_kv, kv_chunk, kv_heads, d), 1, 0)
-    kv_pos_chunks = kv_pos.reshape(n_kv, kv_chunk)
-    kv_seg_chunks = None if kv_seg is None else jnp.moveaxis(kv_seg.reshape(b, n_kv, kv_chunk), 1, 0)
-
-    def one_kv_chunk(dq, xs):
-        j, k_j, v_j, kv_pos_j, kv_seg_j = xs
+    def one_kv_chunk(dq, j):
+        k_j = lax.dynamic_slice_in_dim(kh, j * kv_chunk, kv_chunk, axis=2)  # [b, hkv, ck, d]
+        v_j = lax.dynamic_slice_in_dim(vh, j * kv_chunk, kv_chunk, axis=2)
+        kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
+        kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, axis=1)
 
         def q_step(i, carry):
             def backprop(carry, masked):
                 dq, dk_j, dv_j = carry
                 start = i * q_chunk
-                q_i = lax.dynamic_slice_in_dim(q5, start, q_chunk, axis=1)  # [b, cq, hkv, g, d]
-                do_i = lax.dynamic_slice_in_dim(do5, start, q_chunk, axis=1)
+                q_i = lax.dynamic_slice_in_dim(qh, start, q_chunk, axis=3)  # [b, hkv, g, cq, d]
+                do_i = lax.dynamic_slice_in_dim(doh, start, q_chunk, axis=3)
                 lse_i = lax.dynamic_slice_in_dim(lse4, start, q_chunk, axis=3)  # [b, hkv, g, cq]
                 delta_i = lax.dynamic_slice_in_dim(delta4, start, q_chunk, axis=3)
-                q_pos_i = lax.dynamic_slice_in_dim(q_pos, start, q_chunk)
-                q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, start, q_chunk, 1)
-                s = jnp.einsum("bqhgd,bkhd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
                 p = jnp.exp(s - lse_i[..., None])  # [b, hkv, g, cq, ck]
-                mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal) if masked else None
-                if mask is not None:
-                    p = jnp.where(mask[:, None, None], p, 0.0)
-                dv_j = dv_j + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_i.dtype), do_i,
+                if masked:
+                    q_pos_i = lax.dynamic_slice_in_dim(q_pos, start, q_chunk)
+                    q_seg_i = None if q_seg is None else lax.dynamic_slice_in_dim(q_seg, start, q_chunk, axis=1)
+                    mask = block_mask(q_seg_i, kv_seg_j, q_pos_i, kv_pos_j, causal)
+                    if mask is not None:
+                        p = jnp.where(mask[:, None, None], p, 0.0)
+                dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i,
                                          preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_i, v_j, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_i[..., None]) * scale  # d(loss)/d(raw q.k)
-                dk_j = dk_j + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q_i.dtype), q_i,
+                dk_j = dk_j + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i,
                                          preferred_element_type=jnp.float32)
-                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k_j.dtype), k_j,
-                                  preferred_element_type=jnp.float32)
-                dq_old = lax.dynamic_slice_in_dim(dq, start, q_chunk, axis=1)
-                dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=1)
+                dq_i = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+                dq_old = lax.dynamic_slice_in_dim(dq, start, q_chunk, axis=3)
+                dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=3)
                 return dq, dk_j, dv_j
 
             branches = (lambda c: c, functools.partial(backprop, masked=True),
                         functools.partial(backprop, masked=False))
             return lax.switch(kinds[i, j], branches, carry)  # SKIP, MASKED, FULL
 
-        zeros = jnp.zeros((b, kv_chunk, kv_heads, d), jnp.float32)
+        zeros = jnp.zeros((b, kv_heads, kv_chunk, d), jnp.float32)
         dq, dk_j, dv_j = lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
         return dq, (dk_j, dv_j)
 
-    dq0 = jnp.zeros((b, sq, kv_heads, g, d), jnp.float32)
-    dq, (dk, dv) = lax.scan(one_kv_chunk, dq0, (jnp.arange(n_kv), k_chunks, v_chunks, kv_pos_chunks, kv_seg_chunks))
-    dk = jnp.moveaxis(dk, 0, 1).reshape(b, sk, kv_heads, d)  # [n_kv, b, ck, hkv, d] -> [b, sk, hkv, d]
-    dv = jnp.moveaxis(dv, 0, 1).reshape(b, sk, kv_heads, d)
-    return dq.reshape(b, sq, h, d), dk, dv
+    dq0 = jnp.zeros((b, kv_heads, g, sq, d), jnp.float32)
+    dq, (dk, dv) = lax.scan(one_kv_chunk, dq0, jnp.arange(n_kv))  # dk, dv: [n_kv, b, hkv, ck, d]
+    to_bshd = lambda x: jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, sk, kv_heads, d)
+    return _from_head_major(dq), to_bshd(dk), to_bshd(dv)
