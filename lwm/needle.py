@@ -1,0 +1,579 @@
+"""Needle-in-a-haystack evals (spec section 9), single- and multi-needle, and their plots.
+
+One implementation serves `scripts/eval_needle.py` and `scripts/eval_needle_multi.py`; they
+differ only in how needles are placed and asked:
+
+* single: for every (context length, depth, round) one needle
+  `\\nThe special magic {city} number is: {number}\\n` goes at the last sentence break ('.')
+  before `depth`% of the haystack; the question is `What is the special magic {city} number?`.
+* multi: for every (context length, round) N needles at N distinct depths drawn from the depth
+  grid; R of them are asked (`What are the special magic numbers for A, B, and C?`), scored
+  per needle.
+
+The haystack is the text of consecutive lines of a JSONL file (`{"text": ...}` a line), one
+stretch per round, tokenized by the model's own tokenizer and cut to the context length; 200
+tokens of that budget are left for the prompt and the answer. Prompts are batched by
+`max_tokens_per_batch`, padded to the mesh's data dimension, decoded greedily, and a
+response is correct when it contains the number. Results are appended to `output_file` (a
+JSON list, rewritten atomically after every batch) and cases already there are skipped on a
+restart. Each case's city and number come from a generator seeded by (seed, case), so a
+resumed run asks exactly what a fresh run would.
+
+    settings = NeedleSettings(haystack_file="pg19.jsonl", output_file="results.json",
+                              context_lengths_min=1000, context_lengths_max=32000)
+    results = run_needle_eval(settings, load_model(...))
+    plot_needle_results(results, "results.png")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NEEDLE = "\nThe special magic {city} number is: {number}\n"
+QUESTION = "What is the special magic {city} number?"
+MULTI_QUESTION = "What are the special magic numbers for {cities}?"
+MULTI_QUESTION_ONE = "What is the special magic number for {city}?"
+PROMPT = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the document "
+          "or repeat your findings. Keep your response short and direct. ASSISTANT: ")
+# The original multi-needle eval used this shorter instruction; kept so its numbers reproduce.
+MULTI_PROMPT = "You are a helpful assistant. USER: {context} {question} Don't give information outside the document. ASSISTANT: "
+FINAL_CONTEXT_BUFFER = 200  # tokens of the context length left for the prompt text and the answer
+NUMBER_DIGITS = 7
+# The original's city list, duplicates removed (a duplicate would let two needles share a name).
+CITIES = tuple(dict.fromkeys([
+    "Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney", "Mexico City", "Seattle", "Lagos",
+    "Amsterdam", "Belgrade", "Cairo", "Baghdad", "Damascus", "Kigali", "Dakar", "Sofia", "Victoria", "Tashkent",
+    "Mumbai", "Barcelona", "Amman", "Toronto", "Bratislava", "Johannesburg", "Thimphu", "Bangkok", "Santiago",
+    "San Francisco", "Paris", "Rabat", "Copenhagen", "Madrid", "Ho Chi Minh City", "Sarajevo", "Delhi",
+    "Istanbul", "Khartoum", "Helsinki", "Doha", "Kuala Lumpur", "Budapest", "Shanghai", "Moscow", "Los Angeles",
+    "Oslo", "Berlin", "Bangalore", "Tokyo", "Melbourne", "Port Louis", "Lisbon", "Nairobi", "Kampala", "Lima",
+    "Maputo", "Vancouver", "Dubai", "Jakarta", "Yerevan", "Beirut", "Athens", "Bucharest", "Brussels", "Tunis",
+    "Astana", "Seoul", "Buenos Aires", "Vienna",
+]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleSettings:
+    """One eval run (the scripts' flags of the same names)."""
+
+    haystack_file: str  # JSONL, one {"text": ...} a line
+    output_file: str = "results.json"  # JSON list of results; existing results are resumed
+    max_tokens_per_batch: int = 2000000  # prompt + generation tokens per batch (sets the batch size)
+    context_lengths_min: int = 1000
+    context_lengths_max: int = 32000
+    n_context_length_intervals: int = 3
+    n_document_depth_intervals: int = 3
+    n_rounds: int = 2  # haystack stretches (and needles) per grid point
+    seed: int = 1234
+    multi: bool = False  # multi-needle eval
+    n_needles_total: int = 4  # multi only: needles inserted
+    n_needles_retrieve: int = 4  # multi only: needles asked for
+    max_new_tokens: int = 0  # 0: the attention block size, as the original
+
+    def __post_init__(self):
+        if not self.haystack_file:
+            raise ValueError("--haystack_file is required (a JSONL of {\"text\": ...}; scripts/create_needle_data.py "
+                             "writes one)")
+        if not 0 < self.context_lengths_min <= self.context_lengths_max:
+            raise ValueError(f"need 0 < context_lengths_min <= context_lengths_max, got {self.context_lengths_min} "
+                             f"and {self.context_lengths_max}")
+        for name in ("n_context_length_intervals", "n_document_depth_intervals", "n_rounds", "max_tokens_per_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.context_lengths_min <= FINAL_CONTEXT_BUFFER:
+            raise ValueError(f"context_lengths_min={self.context_lengths_min} leaves no haystack: it must exceed "
+                             f"the {FINAL_CONTEXT_BUFFER} tokens kept for the prompt and answer")
+        if self.multi:
+            if not 0 < self.n_needles_retrieve <= self.n_needles_total:
+                raise ValueError(f"need 0 < n_needles_retrieve <= n_needles_total, got {self.n_needles_retrieve} "
+                                 f"and {self.n_needles_total}")
+            if self.n_needles_total > self.n_document_depth_intervals:
+                raise ValueError(f"n_needles_total={self.n_needles_total} needles need as many distinct depths, but "
+                                 f"n_document_depth_intervals={self.n_document_depth_intervals}")
+            if self.n_needles_total > len(CITIES):
+                raise ValueError(f"n_needles_total={self.n_needles_total} exceeds the {len(CITIES)} needle cities")
+
+    @property
+    def context_lengths(self) -> list[int]:
+        """Linearly spaced, rounded to integers (np.linspace, endpoints included)."""
+        grid = np.linspace(self.context_lengths_min, self.context_lengths_max, self.n_context_length_intervals)
+        return [int(x) for x in np.round(grid)]
+
+    @property
+    def depth_percents(self) -> list[float]:
+        """Linearly spaced over 0..100, rounded to whole percents."""
+        return [float(x) for x in np.round(np.linspace(0, 100, self.n_document_depth_intervals))]
+
+
+# ---- haystack --------------------------------------------------------------------------------
+
+
+def read_haystacks(path: str, tokenizer, n_rounds: int, n_tokens: int) -> list[list[int]]:
+    """`n_rounds` token lists of >= n_tokens each, from consecutive lines of a JSONL file.
+
+    Round i continues where round i-1 stopped; the file wraps around (with a warning) when it
+    runs out, and is an error when it holds no text at all. Lines are joined with a space.
+    """
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}, line {line_no}: expected an object with a string field 'text', got "
+                                 f"{line.strip()[:80]!r}")
+            if record["text"].strip():
+                texts.append(record["text"])
+    if not texts:
+        raise ValueError(f"{path}: no text lines (expected one {{\"text\": ...}} object a line)")
+    rounds, line, wrapped = [], 0, False
+    for _ in range(n_rounds):
+        tokens: list[int] = []
+        start = line
+        while len(tokens) < n_tokens:
+            piece = tokenizer.encode(("" if not tokens else " ") + texts[line % len(texts)])
+            tokens.extend(piece)
+            line += 1
+            if line - start > len(texts) and len(tokens) < n_tokens:
+                raise ValueError(f"{path}: all {len(texts)} lines hold {len(tokens)} tokens, fewer than the "
+                                 f"{n_tokens} of context_lengths_max")
+        wrapped |= line > len(texts)
+        rounds.append(tokens)
+    if wrapped:
+        log.warning("%s has too little text for %d rounds of %d tokens: rounds reuse text from the start",
+                    path, n_rounds, n_tokens)
+    return rounds
+
+
+def period_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the pieces that are a lone period ('.' and '▁.' in LLaMA's vocabulary)."""
+    ids = set()
+    for piece in (".", "\u2581."):
+        i = tokenizer.sp.piece_to_id(piece)
+        if i != tokenizer.unk_token_id:
+            ids.add(i)
+    if not ids:
+        raise ValueError(f"{tokenizer}: no '.' piece in the vocabulary; cannot find sentence breaks")
+    return frozenset(ids)
+
+
+def sentence_break_at_or_before(tokens: Sequence[int], position: int, period_ids: Iterable[int]) -> int:
+    """The largest p <= position with tokens[p-1] a period (0 when there is none)."""
+    period_ids = set(period_ids)
+    while position > 0 and tokens[position - 1] not in period_ids:
+        position -= 1
+    return position
+
+
+def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int], float]], context_length: int,
+                   period_ids: Iterable[int], buffer: int = FINAL_CONTEXT_BUFFER) -> list[int]:
+    """Haystack tokens with each (needle tokens, depth %) inserted; total <= context_length - buffer.
+
+    The haystack is first cut so the needles fit the budget; a needle at depth 100 goes at the
+    end, any other at the last sentence break before depth% of the (cut) haystack. All needles
+    are placed against the same haystack, so no needle is cut off by a later insertion.
+    Worked example (period id 9; budget 10 - 2 = 8; needle [7, 7]):
+        insert_needles([1, 9, 2, 3, 9, 4, 5, 6], [([7, 7], 50)], 10, {9}, buffer=2)
+        -> haystack cut to [1, 9, 2, 3, 9, 4]; 50% = position 3; last break before it at 2
+        -> [1, 9, 7, 7, 2, 3, 9, 4]
+    """
+    budget = context_length - buffer
+    needle_total = sum(len(n) for n, _ in needles)
+    if budget - needle_total <= 0:
+        raise ValueError(f"context length {context_length} minus the {buffer}-token buffer cannot hold the "
+                         f"needles ({needle_total} tokens)")
+    hay = list(haystack[:budget - needle_total])
+    placed = []
+    for order, (needle, depth) in enumerate(needles):
+        if not 0 <= depth <= 100:
+            raise ValueError(f"needle depth {depth} is outside 0..100 percent")
+        if depth >= 100:
+            at = len(hay)
+        else:
+            at = sentence_break_at_or_before(hay, int(len(hay) * depth / 100), period_ids)
+        placed.append((at, order, list(needle)))
+    out, last = [], 0
+    for at, _, needle in sorted(placed):
+        out += hay[last:at] + needle
+        last = at
+    return out + hay[last:]
+
+
+# ---- cases -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NeedleCase:
+    key: tuple  # identifies the case in the results file (resume)
+    prompt: str
+    answers: list[str]  # numbers that must appear in the response
+    record: dict  # fields written with the result
+
+
+def random_number(rng: random.Random) -> str:
+    return str(rng.randint(10 ** (NUMBER_DIGITS - 1), 10 ** NUMBER_DIGITS - 1))
+
+
+def result_key(result: dict, multi: bool) -> tuple:
+    """Resume key: (context length, depth, round) or, multi, (context length, round, N, R)."""
+    if multi:
+        return (int(result["context_length"]), int(result["seed"]), int(result["n_needles_total"]),
+                int(result["n_needles_retrieve"]))
+    return int(result["context_length"]), float(result["depth_percent"]), int(result["seed"])
+
+
+def single_case(tokenizer, haystack: Sequence[int], context_length: int, depth: float, round_index: int,
+                seed: int, period_ids) -> NeedleCase:
+    rng = random.Random(f"needle:{seed}:{context_length}:{depth}:{round_index}")
+    city, number = rng.choice(CITIES), random_number(rng)
+    needle = NEEDLE.format(city=city, number=number)
+    tokens = insert_needles(haystack[:context_length], [(tokenizer.encode(needle), depth)], context_length,
+                            period_ids)
+    question = QUESTION.format(city=city)
+    prompt = PROMPT.format(context=tokenizer.decode(tokens), question=question)
+    record = dict(context_length=int(context_length), depth_percent=float(depth), needle=needle, question=question,
+                  answer=number, seed=int(round_index))
+    return NeedleCase((int(context_length), float(depth), int(round_index)), prompt, [number], record)
+
+
+def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_index: int, settings: NeedleSettings,
+               period_ids) -> NeedleCase:
+    n, r = settings.n_needles_total, settings.n_needles_retrieve
+    rng = random.Random(f"multi:{settings.seed}:{context_length}:{round_index}:{n}:{r}")
+    cities = rng.sample(CITIES, n)
+    depths = rng.sample(settings.depth_percents, n)
+    asked = rng.sample(cities, r)
+    info = {c: (random_number(rng), d) for c, d in zip(cities, depths)}
+    needles = [(tokenizer.encode(NEEDLE.format(city=c, number=info[c][0])), info[c][1]) for c in cities]
+    tokens = insert_needles(haystack[:context_length], needles, context_length, period_ids)
+    if r == 1:
+        question = MULTI_QUESTION_ONE.format(city=asked[0])
+    else:
+        question = MULTI_QUESTION.format(cities=", ".join(asked[:-1]) + ", and " + asked[-1])
+    prompt = MULTI_PROMPT.format(context=tokenizer.decode(tokens), question=question)
+    answers = [info[c][0] for c in asked]
+    record = dict(context_length=int(context_length), needles_info={c: list(v) for c, v in info.items()},
+                  question=question, cities_to_retrieve=asked, answer=answers, seed=int(round_index),
+                  n_needles_total=n, n_needles_retrieve=r)
+    return NeedleCase((int(context_length), int(round_index), n, r), prompt, answers, record)
+
+
+def score(response: str, answers: Sequence[str]) -> list[bool]:
+    """Per answer: does the response contain it?"""
+    return [a in response for a in answers]
+
+
+# ---- results file ----------------------------------------------------------------------------
+
+
+def load_results(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        try:
+            results = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}; move it away to start over") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
+    return results
+
+
+def save_results(path: str, results: list[dict]) -> None:
+    """Write the JSON list atomically (temp file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+
+def batch_size_for(max_tokens_per_batch: int, prompt_length: int, block: int, data_dim: int, n_cases: int) -> int:
+    """Rows per batch: max_tokens_per_batch / (prompt + block) tokens, a multiple of the data
+    dimension, at least one data dimension and no more than the cases need."""
+    rows = int(max_tokens_per_batch / (prompt_length + block)) // data_dim * data_dim
+    return max(data_dim, min(rows, -(-n_cases // data_dim) * data_dim))
+
+
+MIN_ANSWER_TOKENS = 16
+
+
+def answer_budget(requested: int, prompt_length: int, config, mesh) -> int:
+    """Tokens to generate: `requested`, reduced to what the cache has room for after the
+    padded prompt (a context length at max_sequence_length leaves less than a block)."""
+    from lwm.mesh import mesh_shape
+
+    sp = mesh_shape(mesh)["sp"]
+    room = config.max_sequence_length // sp * sp - prompt_length
+    if room < MIN_ANSWER_TOKENS:
+        raise ValueError(f"prompts padded to {prompt_length} tokens leave {room} of max_sequence_length="
+                         f"{config.max_sequence_length} for the answer (at least {MIN_ANSWER_TOKENS} needed): lower "
+                         f"context_lengths_max or raise max_sequence_length (--update_llama_config)")
+    if room < requested:
+        log.info("generating %d tokens (not %d): the cache has room for no more after a %d-token prompt",
+                 room, requested, prompt_length)
+    return min(requested, room)
+
+
+def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True) -> list[dict]:
+    """Run every case not yet in settings.output_file; returns all results (old and new)."""
+    import jax
+    from tqdm import tqdm
+
+    from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
+
+    tokenizer, config, mesh = loaded.tokenizer, loaded.config, loaded.mesh
+    sampler = Sampler(loaded.model, loaded.params, mesh=mesh)
+    block = block_size(config, mesh)
+    max_new = settings.max_new_tokens or block
+    greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.eos_token_id)
+    results = load_results(settings.output_file)
+    done = {result_key(r, settings.multi) for r in results}
+    if done:
+        log.info("%s: %d results already there; skipping those cases", settings.output_file, len(done))
+    period_ids = period_token_ids(tokenizer)
+    haystacks = read_haystacks(settings.haystack_file, tokenizer, settings.n_rounds, max(settings.context_lengths))
+    per_length = {}
+    for length in settings.context_lengths:
+        if settings.multi:
+            cases = [multi_case(tokenizer, haystacks[i], length, i, settings, period_ids)
+                     for i in range(settings.n_rounds)]
+        else:
+            cases = [single_case(tokenizer, haystacks[i], length, depth, i, settings.seed, period_ids)
+                     for depth in settings.depth_percents for i in range(settings.n_rounds)]
+        per_length[length] = [c for c in cases if c.key not in done]
+    write = jax.process_index() == 0
+    bar = tqdm(total=sum(len(c) for c in per_length.values()), desc="needle cases", disable=not progress)
+    for length, cases in per_length.items():
+        if not cases:
+            continue
+        encoded = [tokenizer.encode(c.prompt, add_bos=True) for c in cases]
+        prompt_length = padded_prompt_length(max(len(e) for e in encoded), config, mesh)
+        sampling = dataclasses.replace(greedy, max_new_tokens=answer_budget(max_new, prompt_length, config, mesh))
+        rows = batch_size_for(settings.max_tokens_per_batch, prompt_length, block, sampler.data_dim, len(cases))
+        for start in range(0, len(cases), rows):
+            batch_cases = cases[start:start + rows]
+            batch = encoded[start:start + rows]
+            batch += [batch[-1]] * (rows - len(batch))  # pad to a full batch; the copies are not recorded
+            ids, mask = tokenizer.pad(batch, max_length=prompt_length, truncation_side="left")
+            out = sampler.generate(ids, mask, jax.random.key(settings.seed), sampling)
+            for case, tokens, n in zip(batch_cases, out.tokens, out.lengths):
+                response = tokenizer.decode(tokens[:n])
+                correct = score(response, case.answers)
+                results.append({**case.record, "response": response,
+                                "correct": correct if settings.multi else correct[0]})
+            if write:
+                save_results(settings.output_file, results)
+            bar.update(len(batch_cases))
+    bar.close()
+    return results
+
+
+# ---- summaries and plots ---------------------------------------------------------------------
+
+
+def is_multi(results: Sequence[dict]) -> bool:
+    return bool(results) and "needles_info" in results[0]
+
+
+def needle_accuracy(result: dict) -> float:
+    """Fraction of the asked numbers the response contains."""
+    correct = result["correct"]
+    return float(np.mean(correct)) if isinstance(correct, list) else float(bool(correct))
+
+
+def accuracy_grid(results: Sequence[dict]) -> tuple[list[int], list[float], np.ndarray]:
+    """Single-needle results -> (context lengths, depths, mean accuracy [depth, length]; nan if none)."""
+    lengths = sorted({int(r["context_length"]) for r in results})
+    depths = sorted({float(r["depth_percent"]) for r in results})
+    sums, counts = np.zeros((len(depths), len(lengths))), np.zeros((len(depths), len(lengths)))
+    for r in results:
+        i, j = depths.index(float(r["depth_percent"])), lengths.index(int(r["context_length"]))
+        sums[i, j] += needle_accuracy(r)
+        counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return lengths, depths, sums / counts
+
+
+def multi_accuracy_table(results: Sequence[dict]) -> dict[tuple[int, int], dict[int, float]]:
+    """Multi-needle results -> {(N, R): {context length: mean per-needle accuracy}}."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        n = int(r.get("n_needles_total", len(r["needles_info"])))
+        k = int(r.get("n_needles_retrieve", len(r["correct"])))
+        groups[(n, k)][int(r["context_length"])].append(needle_accuracy(r))
+    return {nr: {length: float(np.mean(v)) for length, v in sorted(by_len.items())}
+            for nr, by_len in sorted(groups.items())}
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    """A markdown table of accuracy (single: depth x context length; multi: (N, R) x context length)."""
+    if not results:
+        return "(no results)"
+    if is_multi(results):
+        table = multi_accuracy_table(results)
+        lengths = sorted({length for by_len in table.values() for length in by_len})
+        lines = ["| N, R | " + " | ".join(str(x) for x in lengths) + " | mean |",
+                 "|---" * (len(lengths) + 2) + "|"]
+        for (n, k), by_len in table.items():
+            cells = [f"{by_len[x]:.2f}" if x in by_len else "-" for x in lengths]
+            lines.append(f"| {n}, {k} | " + " | ".join(cells) + f" | {np.mean(list(by_len.values())):.2f} |")
+        return "\n".join(lines)
+    lengths, depths, grid = accuracy_grid(results)
+    lines = ["| depth % \\ context | " + " | ".join(str(x) for x in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for depth, row in zip(depths, grid):
+        lines.append(f"| {depth:g} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in row) + " |")
+    lines.append(f"overall accuracy {np.mean([needle_accuracy(r) for r in results]):.3f} over {len(results)} cases")
+    return "\n".join(lines)
+
+
+def _length_label(n: int) -> str:
+    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def plot_needle_results(results: Sequence[dict], path: str, title: str = "") -> str:
+    """Write a PNG: single-needle accuracy over (context length x depth), as in the LWM paper;
+    multi-needle accuracy over (N, R) and per context length. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError(f"no results to plot into {path}")
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+    if not is_multi(results):
+        lengths, depths, grid = accuracy_grid(results)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(lengths) + 3), max(3.5, 0.35 * len(depths) + 2)))
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [_length_label(x) for x in lengths], rotation=45 if len(lengths) > 8 else 0)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (%)")
+        if len(lengths) * len(depths) <= 64:
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(image, ax=ax, label="accuracy")
+        ax.set_title(title or f"Needle in a haystack: accuracy {np.nanmean(grid):.2f}")
+    else:
+        table = multi_accuracy_table(results)
+        ns = sorted({n for n, _ in table})
+        rs = sorted({k for _, k in table})
+        grid = np.full((len(ns), len(rs)), np.nan)
+        for (n, k), by_len in table.items():
+            grid[ns.index(n), rs.index(k)] = np.mean(list(by_len.values()))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        image = left.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        left.set_xticks(range(len(rs)), [str(k) for k in rs])
+        left.set_yticks(range(len(ns)), [str(n) for n in ns])
+        left.set_xlabel("needles retrieved (R)")
+        left.set_ylabel("needles inserted (N)")
+        for i in range(len(ns)):
+            for j in range(len(rs)):
+                if not np.isnan(grid[i, j]):
+                    left.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
+        fig.colorbar(image, ax=left, label="accuracy (per needle)")
+        left.set_title("multi-needle accuracy")
+        for (n, k), by_len in table.items():
+            right.plot(list(by_len), list(by_len.values()), marker="o", label=f"N={n}, R={k}")
+        right.set_ylim(-0.05, 1.05)
+        right.set_xlabel("context length (tokens)")
+        right.set_ylabel("accuracy (per needle)")
+        right.legend()
+        right.set_title(title or "accuracy by context length")
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_path_for(output_file: str) -> str:
+    """results.json -> results.png (next to the results)."""
+    return os.path.splitext(output_file)[0] + ".png"
+
+
+# ---- entry points ----------------------------------------------------------------------------
+
+
+def flag_defaults(multi: bool) -> dict[str, Any]:
+    """The eval scripts' flags and defaults (spec section 1; the original's names)."""
+    from lwm.checkpoint import StreamingCheckpointer
+    from lwm.config import LLaMAConfig
+    from lwm.distributed import JaxDistributedConfig
+    from lwm.tokenizer import DEFAULT_TOKENIZER
+
+    flags: dict[str, Any] = dict(
+        haystack_file="", max_tokens_per_batch=2000000, output_file="results.json", context_lengths_min=1000,
+        context_lengths_max=32000, n_context_length_intervals=3, n_document_depth_intervals=3, n_rounds=2)
+    if multi:
+        flags.update(n_needles_total=4, n_needles_retrieve=4)
+    flags.update(
+        max_new_tokens=0,  # ours: tokens generated per prompt (0 = the attention block size, as the original)
+        plot=True,  # ours: write a heatmap PNG next to output_file at the end
+        seed=1234, mesh_dim="1,-1,1,1", dtype="fp32", load_llama_config="", update_llama_config="",
+        load_checkpoint="", tokenizer=DEFAULT_TOKENIZER, checkpointer=StreamingCheckpointer.get_default_config(),
+        llama=LLaMAConfig.get_default_config(), jax_distributed=JaxDistributedConfig.get_default_config())
+    return flags
+
+
+def main_from_flags(flags, multi: bool) -> list[dict]:
+    """What `scripts/eval_needle*.py` run: load the model, run the cases, plot, print a summary."""
+    import jax
+
+    from lwm.distributed import JaxDistributedConfig
+    from lwm.loading import load_model
+
+    JaxDistributedConfig.initialize(flags.jax_distributed)
+    settings = NeedleSettings(
+        haystack_file=flags.haystack_file, output_file=flags.output_file,
+        max_tokens_per_batch=flags.max_tokens_per_batch, context_lengths_min=flags.context_lengths_min,
+        context_lengths_max=flags.context_lengths_max, n_context_length_intervals=flags.n_context_length_intervals,
+        n_document_depth_intervals=flags.n_document_depth_intervals, n_rounds=flags.n_rounds, seed=flags.seed,
+        multi=multi, n_needles_total=flags.n_needles_total if multi else 1,
+        n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens)
+    loaded = load_model(mesh_dim=flags.mesh_dim, dtype=flags.dtype, load_llama_config=flags.load_llama_config,
+                        update_llama_config=flags.update_llama_config, llama_flags=flags.llama,
+                        load_checkpoint_spec=flags.load_checkpoint, tokenizer=flags.tokenizer, seed=flags.seed)
+    print(f"needle eval: context lengths {settings.context_lengths}, depths {settings.depth_percents}, "
+          f"{settings.n_rounds} rounds" + (f", {settings.n_needles_total} needles, {settings.n_needles_retrieve} "
+                                            f"asked" if multi else ""), flush=True)
+    results = run_needle_eval(settings, loaded)
+    print(summary_table(results), flush=True)
+    if flags.plot and results and jax.process_index() == 0:
+        print(f"heatmap: {plot_needle_results(results, plot_path_for(settings.output_file))}", flush=True)
+    return results

@@ -1,0 +1,37 @@
+"""Plot needle-eval results: a heatmap PNG and a markdown table.
+
+    python scripts/plot_needle.py results.json                      # -> results.png
+    python scripts/plot_needle.py multi_4_2.json multi_4_4.json --output=multi.png
+
+Single-needle results give accuracy over (context length x depth), as in the LWM paper's
+figure; multi-needle results (several files, one per (N, R) run, may be combined) give
+accuracy over (N, R) and per context length.
+"""
+import argparse
+import sys
+
+from lwm.needle import load_results, plot_needle_results, plot_path_for, summary_table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="results JSON file(s) written by scripts/eval_needle*.py")
+    parser.add_argument("--output", default="", help="PNG path (default: the first results file with .png)")
+    parser.add_argument("--title", default="", help="plot title")
+    args = parser.parse_args(argv)
+    results = []
+    for path in args.results:
+        loaded = load_results(path)
+        if not loaded:
+            parser.error(f"{path}: no results (missing or empty file)")
+        results.extend(loaded)
+    kinds = {"needles_info" in r for r in results}
+    if len(kinds) > 1:
+        parser.error("the files mix single-needle and multi-needle results; plot them separately")
+    print(summary_table(results))
+    print(f"wrote {plot_needle_results(results, args.output or plot_path_for(args.results[0]), args.title)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

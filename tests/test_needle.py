@@ -1,0 +1,225 @@
+"""Needle evals: insertion at sentence breaks and depths, scoring, resume, multi-needle cases,
+plots, haystack data, and an end-to-end run of scripts/eval_needle.py on a tiny random model."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, accuracy_grid, batch_size_for,
+                        insert_needles, load_results, multi_accuracy_table, multi_case, period_token_ids,
+                        plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
+                        sentence_break_at_or_before, single_case, summary_table)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "dict(hidden_size=64,intermediate_size=96,num_attention_heads=4,max_sequence_length=1024)"
+
+
+def test_insertion_by_hand():
+    # the docstring's worked example: budget 8 cuts the haystack to 6 tokens; 50% of 6 = 3; break after index 1
+    assert insert_needles([1, 9, 2, 3, 9, 4, 5, 6], [([7, 7], 50)], 10, {9}, buffer=2) == [1, 9, 7, 7, 2, 3, 9, 4]
+    hay = [1, 2, 9, 3, 4, 9, 5, 6, 7, 9, 8, 8]  # breaks after positions 3, 6 and 10
+    assert insert_needles(hay, [([0], 0)], 100, {9}, buffer=0)[:2] == [0, 1]  # depth 0: at the start
+    assert insert_needles(hay, [([0], 100)], 100, {9}, buffer=0) == hay + [0]  # depth 100: at the end
+    assert insert_needles(hay, [([0], 50)], 100, {9}, buffer=0) == hay[:6] + [0] + hay[6:]  # 50% = 6 -> 6
+    assert insert_needles(hay, [([0], 75)], 100, {9}, buffer=0) == hay[:6] + [0] + hay[6:]  # 9 -> back to 6
+    assert insert_needles(hay, [([0], 90)], 100, {9}, buffer=0) == hay[:10] + [0] + hay[10:]  # int(10.8) = 10
+    assert sentence_break_at_or_before([1, 2, 3], 2, {9}) == 0  # no break: the start
+    # several needles are placed against the same haystack (in depth order, none cut off)
+    got = insert_needles(hay, [([-1], 100), ([-2], 50), ([-3], 0)], 15, {9}, buffer=0)
+    assert got == [-3] + hay[:6] + [-2] + hay[6:12] + [-1]
+    with pytest.raises(ValueError, match="cannot hold the needles"):
+        insert_needles(hay, [([0] * 5, 50)], 204, {9})
+
+
+def test_insertion_with_the_tokenizer(tokenizer):
+    periods = period_token_ids(tokenizer)
+    assert periods == {tokenizer.sp.piece_to_id("."), tokenizer.sp.piece_to_id("\u2581.")}
+    text = " ".join(f"Sentence number {i} is here." for i in range(60))
+    hay = tokenizer.encode(text)
+    needle = tokenizer.encode(NEEDLE.format(city="Paris", number="1234567"))
+    context_length = 400
+    tokens = insert_needles(hay, [(needle, 40)], context_length, periods)
+    assert len(tokens) == context_length - FINAL_CONTEXT_BUFFER
+    kept = hay[:context_length - FINAL_CONTEXT_BUFFER - len(needle)]
+    at = next(i for i in range(len(tokens)) if tokens[i:i + len(needle)] == needle)
+    assert at <= int(len(kept) * 0.4) and tokens[at - 1] in periods  # the last break before 40%
+    assert not any(t in periods for t in kept[at:int(len(kept) * 0.4)])
+    decoded = tokenizer.decode(tokens)
+    assert "is here. \nThe special magic Paris number is: 1234567\n Sentence number" in decoded
+
+
+def test_scoring_and_case_determinism(tokenizer):
+    assert score("The special magic number is 1234567.", ["1234567"]) == [True]
+    assert score("It is 123456.", ["1234567"]) == [False]
+    assert score("Paris: 1111111, Oslo: 2222222", ["2222222", "3333333"]) == [True, False]
+    hay = tokenizer.encode(" ".join(f"Line {i} ends." for i in range(200)))
+    periods = period_token_ids(tokenizer)
+    a = single_case(tokenizer, hay, 300, 50.0, 1, 1234, periods)
+    b = single_case(tokenizer, hay, 300, 50.0, 1, 1234, periods)
+    assert a.prompt == b.prompt and a.key == (300, 50.0, 1) and a.record["answer"] in a.prompt
+    assert a.prompt.startswith("You are a helpful assistant. USER: ") and a.prompt.endswith(
+        f"{a.record['question']} Don't give information outside the document or repeat your findings. "
+        "Keep your response short and direct. ASSISTANT: ")
+    settings = NeedleSettings(haystack_file="x", multi=True, n_needles_total=3, n_needles_retrieve=2,
+                              n_document_depth_intervals=5)
+    case = multi_case(tokenizer, hay, 400, 0, settings, periods)
+    info = case.record["needles_info"]
+    assert len(info) == 3 and len({d for _, d in info.values()}) == 3
+    assert set(case.record["cities_to_retrieve"]) <= set(info) and len(case.answers) == 2
+    for city, (number, _) in info.items():
+        assert city in CITIES and NEEDLE.format(city=city, number=number) in case.prompt
+    a, b = case.record["cities_to_retrieve"]
+    assert case.record["question"] == f"What are the special magic numbers for {a}, and {b}?"
+
+
+def test_settings_grid_batching_and_bad_input(tmp_path, tokenizer):
+    s = NeedleSettings(haystack_file="x", context_lengths_min=1000, context_lengths_max=32000,
+                       n_context_length_intervals=3, n_document_depth_intervals=3)
+    assert s.context_lengths == [1000, 16500, 32000] and s.depth_percents == [0.0, 50.0, 100.0]
+    # 5000 tokens / (1024 prompt + 1024 block) = 2 rows -> data dim 8 wins; many rows capped by the cases
+    assert batch_size_for(5000, 1024, 1024, 8, 30) == 8
+    assert batch_size_for(10 ** 6, 1024, 1024, 8, 30) == 32
+    assert batch_size_for(10 ** 6, 1024, 1024, 2, 3) == 4
+    with pytest.raises(ValueError, match="n_needles_total=4 needles need as many distinct depths"):
+        NeedleSettings(haystack_file="x", multi=True, n_document_depth_intervals=3)
+    with pytest.raises(ValueError, match="haystack_file is required"):
+        NeedleSettings(haystack_file="")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine."}\n{"txt": "wrong key"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected an object with a string field 'text'"):
+        read_haystacks(str(bad), tokenizer, 1, 10)
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "One. Two."}\n{"text": "Three."}\n')
+    rounds = read_haystacks(str(small), tokenizer, 2, 6)  # wraps around the two lines
+    assert all(len(r) >= 6 for r in rounds)
+    with pytest.raises(ValueError, match="fewer than the 500"):
+        read_haystacks(str(small), tokenizer, 1, 500)
+
+
+def fake_result(length, depth, seed, correct):
+    return dict(context_length=length, depth_percent=depth, seed=seed, answer="1234567", response="PRESET",
+                correct=correct)
+
+
+def test_summary_and_plots(tmp_path):
+    results = [fake_result(1000, 0.0, 0, True), fake_result(1000, 0.0, 1, False), fake_result(2000, 100.0, 0, True)]
+    lengths, depths, grid = accuracy_grid(results)
+    assert lengths == [1000, 2000] and depths == [0.0, 100.0]
+    np.testing.assert_array_equal(grid, [[0.5, np.nan], [np.nan, 1.0]])
+    assert "| 0 | 0.50 | - |" in summary_table(results)
+    png = plot_needle_results(results, str(tmp_path / "single.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    multi = [dict(context_length=1000, needles_info={"A": ["1", 0], "B": ["2", 50]}, correct=[True, False],
+                  seed=0, n_needles_total=2, n_needles_retrieve=2),
+             dict(context_length=2000, needles_info={"A": ["1", 0], "B": ["2", 50]}, correct=[True, True],
+                  seed=0, n_needles_total=2, n_needles_retrieve=2),
+             dict(context_length=1000, needles_info={"A": ["1", 0], "B": ["2", 50]}, correct=[False],
+                  seed=0, n_needles_total=2, n_needles_retrieve=1)]
+    assert multi_accuracy_table(multi) == {(2, 1): {1000: 0.0}, (2, 2): {1000: 0.5, 2000: 1.0}}
+    assert "| 2, 2 | 0.50 | 1.00 | 0.75 |" in summary_table(multi)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_needle.py"), str(tmp_path / "m.json"),
+                          "--output", str(tmp_path / "m.png")], capture_output=True, text=True)
+    assert out.returncode != 0 and "no results" in out.stderr
+    save_results(str(tmp_path / "m.json"), multi)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_needle.py"), str(tmp_path / "m.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert os.path.getsize(tmp_path / "m.png") > 1000
+
+
+def test_create_needle_data(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("First document. It has two sentences.")
+    (folder / "sub" / "b.md").write_text("Second one.\n\nWith a paragraph.")
+    (folder / "skip.bin").write_bytes(b"\x00\x01")
+    script = os.path.join(ROOT, "scripts", "create_needle_data.py")
+    out = tmp_path / "hay.jsonl"
+    run = subprocess.run([sys.executable, script, "--source=files", "--inputs", str(folder),
+                          f"--output_path={out}"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == [
+        "First document. It has two sentences.", "Second one.\n\nWith a paragraph."]
+    run = subprocess.run([sys.executable, script, "--source=builtin", "--max_documents=2", f"--output_path={out}"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and len(out.read_text().splitlines()) == 2
+    run = subprocess.run([sys.executable, script, "--source=files", "--inputs", str(tmp_path / "missing"),
+                          f"--output_path={out}"], capture_output=True, text=True)
+    assert run.returncode != 0 and "missing: no such file or folder" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def haystack_file(tmp_path_factory):
+    from lwm.corpus import builtin_corpus_documents, write_corpus_jsonl
+
+    path = str(tmp_path_factory.mktemp("hay") / "pg.jsonl")
+    write_corpus_jsonl(path, builtin_corpus_documents()[:3], unit="document")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    """A tiny random model on a mesh with sp=4 and data dimension 2 (prompts padded to 4 * 32)."""
+    from lwm.config import LLaMAConfig
+    from lwm.loading import load_model
+
+    flags = LLaMAConfig.get_default_config(dict(scan_query_chunk_size=32, scan_key_chunk_size=32,
+                                                scan_mlp_chunk_size=32))
+    return load_model(mesh_dim="1,2,1,4", load_llama_config="debug", update_llama_config=TINY, llama_flags=flags,
+                      tokenizer="builtin")
+
+
+def test_resume_skips_finished_cases(tmp_path, haystack_file, tiny_loaded):
+    output = str(tmp_path / "results.json")
+    settings = NeedleSettings(haystack_file=haystack_file, output_file=output, context_lengths_min=300,
+                              context_lengths_max=300, n_context_length_intervals=1, n_document_depth_intervals=3,
+                              n_rounds=1, max_new_tokens=8)
+    save_results(output, [fake_result(300, 50.0, 0, True)])  # (300, 50%, round 0) is already done
+    results = run_needle_eval(settings, tiny_loaded, progress=False)
+    assert sorted(result_key(r, False) for r in results) == [(300, 0.0, 0), (300, 50.0, 0), (300, 100.0, 0)]
+    assert [r["response"] for r in results].count("PRESET") == 1 and load_results(output) == results
+    assert oct(os.stat(output).st_mode & 0o777) != "0o600"
+    tok = tiny_loaded.tokenizer
+    haystack = read_haystacks(haystack_file, tok, 1, 300)[0]
+    for r in results[1:]:  # exactly what a fresh run asks for these cases
+        fresh = single_case(tok, haystack, 300, r["depth_percent"], 0, settings.seed, period_token_ids(tok))
+        assert {k: r[k] for k in fresh.record} == fresh.record
+        assert isinstance(r["correct"], bool) and r["correct"] == (r["answer"] in r["response"])
+    again = run_needle_eval(settings, tiny_loaded, progress=False)  # everything done: nothing runs
+    assert again == results
+
+
+def test_multi_needle_run(tmp_path, haystack_file, tiny_loaded):
+    settings = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "multi.json"),
+                              context_lengths_min=300, context_lengths_max=300, n_context_length_intervals=1,
+                              n_document_depth_intervals=3, n_rounds=3, multi=True, n_needles_total=3,
+                              n_needles_retrieve=2, max_new_tokens=8)
+    results = run_needle_eval(settings, tiny_loaded, progress=False)
+    assert sorted(result_key(r, True) for r in results) == [(300, i, 3, 2) for i in range(3)]
+    for r in results:
+        assert len(r["needles_info"]) == 3 and len(r["correct"]) == 2
+        assert r["correct"] == [a in r["response"] for a in r["answer"]]
+    assert os.path.getsize(plot_needle_results(results, str(tmp_path / "multi.png"))) > 1000
+
+
+def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
+    """scripts/eval_needle.py on a 2 x 2 grid: results JSON, heatmap PNG, summary table."""
+    output = tmp_path / "results.json"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "eval_needle.py"), "--load_llama_config=debug",
+           f"--update_llama_config={TINY}", "--llama.scan_query_chunk_size=64", "--llama.scan_key_chunk_size=64",
+           "--llama.scan_mlp_chunk_size=64", "--tokenizer=builtin", f"--haystack_file={haystack_file}",
+           f"--output_file={output}", "--context_lengths_min=300", "--context_lengths_max=500",
+           "--n_context_length_intervals=2", "--n_document_depth_intervals=2", "--n_rounds=1",
+           "--max_new_tokens=8", "--max_tokens_per_batch=5000"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert sorted(result_key(r, False) for r in results) == [(300, 0.0, 0), (300, 100.0, 0), (500, 0.0, 0),
+                                                             (500, 100.0, 0)]
+    assert all(r["correct"] == (r["answer"] in r["response"]) for r in results)
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| depth % \\ context | 300 | 500 |" in run.stdout
