@@ -177,6 +177,12 @@ def cache_length(prompt_length: int, max_new_tokens: int, config, mesh=None) -> 
     return length
 
 
+def room_for_new_tokens(prompt_length: int, config, mesh=None) -> int:
+    """How many tokens fit in the cache after a prompt padded to `prompt_length`."""
+    sp = mesh_shape(mesh)["sp"]
+    return config.max_sequence_length // sp * sp - prompt_length
+
+
 def left_pad(array: np.ndarray, length: int, value=0) -> np.ndarray:
     """[B, L] -> [B, length] with `value` columns added on the left."""
     extra = length - array.shape[1]

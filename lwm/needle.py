@@ -331,10 +331,9 @@ MIN_ANSWER_TOKENS = 16
 def answer_budget(requested: int, prompt_length: int, config, mesh) -> int:
     """Tokens to generate: `requested`, reduced to what the cache has room for after the
     padded prompt (a context length at max_sequence_length leaves less than a block)."""
-    from lwm.mesh import mesh_shape
+    from lwm.generation import room_for_new_tokens
 
-    sp = mesh_shape(mesh)["sp"]
-    room = config.max_sequence_length // sp * sp - prompt_length
+    room = room_for_new_tokens(prompt_length, config, mesh)
     if room < MIN_ANSWER_TOKENS:
         raise ValueError(f"prompts padded to {prompt_length} tokens leave {room} of max_sequence_length="
                          f"{config.max_sequence_length} for the answer (at least {MIN_ANSWER_TOKENS} needed): lower "
