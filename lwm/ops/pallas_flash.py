@@ -103,16 +103,17 @@ def _largest_block(length, cap, kind, platform):
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, softmax_scale=None, block_sizes=None,
-                    interpret=None, positions=None):
+                    interpret=None, positions=None, platform=None):
     """Masked attention with Pallas kernels; differentiable.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
     [batch, seq] or None; positions: [seq] global token order (default arange). interpret:
-    None = True unless running on GPU/TPU. Returns [batch, seq, heads, head_dim] in q's dtype.
+    None = True unless running on GPU/TPU. platform: the compile target ("gpu" selects the
+    Triton backend), default jax.default_backend(). Returns [batch, seq, heads, head_dim].
     """
     check_qkv(q, k, v, segment_ids)
     seq = q.shape[1]
-    platform = jax.default_backend()
+    platform = jax.default_backend() if platform is None else platform
     interpret = platform not in ("gpu", "tpu") if interpret is None else bool(interpret)
     block_sizes = BlockSizes.for_lengths(seq, seq, platform=platform) if block_sizes is None else block_sizes
     block_sizes.check(seq, seq, "cpu" if interpret else platform)
@@ -120,7 +121,7 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, softmax_scale=Non
     positions = jnp.arange(seq, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    return _flash((bool(causal), scale, block_sizes, interpret), q, k, v, segment_ids, positions)
+    return _flash((bool(causal), scale, block_sizes, interpret, platform), q, k, v, segment_ids, positions)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -129,19 +130,19 @@ def _flash(config, q, k, v, segment_ids, positions):
 
 
 def _flash_fwd(config, q, k, v, segment_ids, positions):
-    causal, scale, block_sizes, interpret = config
+    causal, scale, block_sizes, interpret, platform = config
     out, lse = flash_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, causal=causal, scale=scale,
-                               block_sizes=block_sizes, interpret=interpret)
+                               block_sizes=block_sizes, interpret=interpret, platform=platform)
     out = out.astype(q.dtype)
     return out, (q, k, v, segment_ids, positions, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
-    causal, scale, block_sizes, interpret = config
+    causal, scale, block_sizes, interpret, platform = config
     q, k, v, segment_ids, positions, out, lse = residuals
     dq, dk, dv = flash_block_bwd(q, k, v, d_out, lse, output_delta(out, d_out), segment_ids, segment_ids,
                                  positions, positions, causal=causal, scale=scale, block_sizes=block_sizes,
-                                 interpret=interpret)
+                                 interpret=interpret, platform=platform)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -169,7 +170,21 @@ def _vector_specs(has_segments, q_block, kv_block, q_index, kv_index):
     return specs
 
 
-def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes, interpret):
+def _compiler_params(interpret, platform):
+    """Backend choice for the compiled kernel: on GPU, Triton (Pallas now defaults to Mosaic GPU,
+    which needs a different kernel structure); Mosaic on TPU takes its defaults."""
+    if interpret:
+        return None
+    platform = jax.default_backend() if platform is None else platform
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as pl_triton
+
+        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    return None
+
+
+def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes, interpret,
+                    platform=None):
     """One query block against one key/value block: (out float32 [b, sq, h, d], lse [b, h, sq]).
 
     Same contract as `blockwise.blockwise_block_fwd`: lse = -inf and out = 0 on rows with no key.
@@ -183,8 +198,8 @@ def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, blo
     kernel = functools.partial(_fwd_kernel, causal=causal, scale=scale, block_k=bk, has_segments=has_segments)
     in_specs = [
         pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0)),
-        pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, hi // group, 0, 0)),
-        pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, hi // group, 0, 0)),
+        pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, lax.div(hi, group), 0, 0)),
+        pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, lax.div(hi, group), 0, 0)),
     ] + _vector_specs(has_segments, bq, sk, lambda bi, hi, i: (bi, i), lambda bi, hi, i: (bi, 0))
     out, lse = pl.pallas_call(
         kernel,
@@ -195,13 +210,14 @@ def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, blo
         out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
         interpret=interpret,
+        compiler_params=_compiler_params(interpret, platform),
         name="flash_fwd",
     )(qt, kt, vt, *_vector_operands(q_seg, kv_seg, q_pos, kv_pos))
     return jnp.transpose(out, (0, 2, 1, 3)), lse[..., 0]
 
 
 def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes,
-                    interpret):
+                    interpret, platform=None):
     """Gradients of one block pair given full-row lse, delta [b, h, sq]: (dq, dk, dv) float32."""
     b, sq, h, d = q.shape
     sk, kv_heads = k.shape[1], k.shape[2]
@@ -218,8 +234,8 @@ def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
         grid=(b, h, sq // bq),
         in_specs=[
             pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0)),  # q
-            pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, hi // group, 0, 0)),  # k
-            pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, hi // group, 0, 0)),  # v
+            pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, lax.div(hi, group), 0, 0)),  # k
+            pl.BlockSpec((None, None, sk, d), lambda bi, hi, i: (bi, lax.div(hi, group), 0, 0)),  # v
             pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0)),  # d_out
             pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i: (bi, hi, i, 0)),  # lse
             pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i: (bi, hi, i, 0)),  # delta
@@ -227,6 +243,7 @@ def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
         out_specs=pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, h, sq, d), jnp.float32),
         interpret=interpret,
+        compiler_params=_compiler_params(interpret, platform),
         name="flash_dq",
     )(qt, kt, vt, dot_, lse_col, delta_col, *vectors)
 
@@ -247,6 +264,7 @@ def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads, sk, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, sk, d), jnp.float32)],
         interpret=interpret,
+        compiler_params=_compiler_params(interpret, platform),
         name="flash_dkv",
     )(qt, kt, vt, dot_, lse_col, delta_col, *vectors)
     to_bshd = lambda x: jnp.transpose(x, (0, 2, 1, 3))
@@ -366,7 +384,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
     n_q = q_len // block_q
 
     def q_step(t, carry):
-        g, i = t // n_q, t % n_q  # query head within the group, query block
+        g, i = lax.div(t, n_q), lax.rem(t, n_q)  # head in the group, query block (t >= 0: plain div/rem)
         q_slice = pl.ds(i * block_q, block_q)
         q_pos = q_pos_ref[q_slice, :]  # [bq, 1]
         q_seg = None if q_seg_ref is None else q_seg_ref[q_slice, :]
