@@ -13,8 +13,9 @@ need no special cases.
     out = flash_attention(q, k, v, segment_ids, causal=True,
                           block_sizes=BlockSizes(block_q=64, block_k=64), interpret=True)
 
-Platforms: the same kernel bodies lower to Triton (GPU) and Mosaic (TPU) and run on CPU with
-`interpret=True`. Operands are laid out [batch, heads, seq, head_dim]; per-query vectors
+Platforms: the same kernel bodies lower to Triton (GPU, requested explicitly: Pallas now
+defaults to Mosaic GPU) and Mosaic (TPU), and run on CPU with `interpret=True`; tests run them
+in interpret mode and check both lowerings with `jax.export`. Operands are laid out [batch, heads, seq, head_dim]; per-query vectors
 (positions, segment ids, lse) as [.., seq, 1] columns and per-key vectors as [.., 1, seq]
 rows, so every block's last two dims are either full or the sequence block (TPU's (8, 128)
 rule) and no in-kernel transpose of a vector is needed. `BlockSizes.for_lengths` picks sizes
