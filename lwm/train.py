@@ -23,21 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
-from flax.serialization import from_state_dict
 from tqdm import tqdm
 
-from lwm.checkpoint import (StreamingCheckpointer, flat_fns, load_checkpoint, load_pickle, save_pickle,
-                            train_state_dict)
+from lwm.checkpoint import StreamingCheckpointer, load_pickle, save_pickle
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.loading import compute_dtype
 from lwm.logger import MetricsLogger
-from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, make_shard_and_gather_fns, sharding_table
+from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
 from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from lwm.trainer import Trainer, TrainState
+from lwm.trainer import Trainer
 
 log = logging.getLogger("lwm.train")
 
@@ -226,7 +224,7 @@ def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset
     latest = checkpointer.latest() if FLAGS.autoresume else None
     if latest is not None and "checkpoint" in latest:
         spec = latest["checkpoint"]
-        state = load_state(trainer, spec)
+        state = trainer.load_state(spec)
         if int(jax.device_get(state.step)) != latest["step"]:
             if spec.startswith("trainstate::"):
                 raise RuntimeError(f"{checkpointer.checkpoint_dir}: streaming_train_state is at step "
@@ -240,29 +238,12 @@ def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset
         logging.getLogger("lwm.train").info("resumed from %s at step %d", spec, latest["step"])
         return state, latest["step"]
     if FLAGS.load_checkpoint:
-        state = load_state(trainer, FLAGS.load_checkpoint)
+        state = trainer.load_state(FLAGS.load_checkpoint)
     else:
         state = trainer.init_state()
     if FLAGS.load_dataset_state:
         dataset.load_state_dict(load_pickle(FLAGS.load_dataset_state))
     return state, None
-
-
-def load_state(trainer: Trainer, spec: str) -> TrainState:
-    """A TrainState from any `--load_checkpoint` form, each tensor placed on its shard."""
-    if spec.startswith("trainstate::"):
-        shapes = trainer.state_shapes
-        target = train_state_dict(shapes.step, shapes.params, shapes.opt_state)
-        specs = train_state_dict(trainer.state_specs.step, trainer.state_specs.params, trainer.state_specs.opt_state)
-        shard_fns, _ = make_shard_and_gather_fns(specs, trainer.mesh, jnp.float32)
-        raw, _ = load_checkpoint(spec, trainstate_target=target, trainstate_shard_fns=flat_fns(shard_fns))
-        opt_state = from_state_dict(shapes.opt_state, raw["opt_state"])
-        return TrainState(step=jnp.asarray(raw["step"], jnp.int32), params=raw["params"]["params"],
-                          opt_state=opt_state)
-    shard_fns, _ = make_shard_and_gather_fns(trainer.state_specs.params, trainer.mesh, jnp.float32)
-    _, params = load_checkpoint(spec, params_target=trainer.state_shapes.params,
-                                params_shard_fns=flat_fns(shard_fns))
-    return trainer.state_from_params(params)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from flax.serialization import from_state_dict
+
+from lwm.checkpoint import flat_fns, load_checkpoint, train_state_dict
 from lwm.config import LLaMAConfig
 from lwm.llama import init_params, lm_head_kernel
 from lwm.loading import model_class
 from lwm.loss import lm_head_loss
-from lwm.mesh import BATCH_SPEC, match_partition_rules, mesh_shape, partition_rules
+from lwm.mesh import BATCH_SPEC, make_shard_and_gather_fns, match_partition_rules, mesh_shape, partition_rules
 from lwm.optimizers import OptimizerFactory, mask_from_regex
 
 TEXT_KEYS = ("input_tokens", "target_tokens", "loss_masks", "segment_ids", "positions")
@@ -91,6 +94,22 @@ class Trainer:
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
         return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
 
+    def load_state(self, spec: str) -> TrainState:
+        """A TrainState from any `--load_checkpoint` form, each tensor placed on its shard as it is
+        read (floats restored to float32). `trainstate::` restores step and optimizer state too;
+        the params-only forms start a fresh optimizer at step 0."""
+        if spec.startswith("trainstate::"):
+            shapes, specs = self.state_shapes, self.state_specs
+            target = train_state_dict(shapes.step, shapes.params, shapes.opt_state)
+            shard_fns, _ = make_shard_and_gather_fns(train_state_dict(specs.step, specs.params, specs.opt_state),
+                                                     self.mesh, jnp.float32)
+            raw, _ = load_checkpoint(spec, trainstate_target=target, trainstate_shard_fns=flat_fns(shard_fns))
+            return TrainState(step=jnp.asarray(raw["step"], jnp.int32), params=raw["params"]["params"],
+                              opt_state=from_state_dict(shapes.opt_state, raw["opt_state"]))
+        shard_fns, _ = make_shard_and_gather_fns(self.state_specs.params, self.mesh, jnp.float32)
+        _, params = load_checkpoint(spec, params_target=self.state_shapes.params, params_shard_fns=flat_fns(shard_fns))
+        return self.state_from_params(params)
+
     # ---- loss ---------------------------------------------------------------------------
     def _head_sums(self, hidden, kernel, targets, weights):
         shape = mesh_shape(self.mesh)
@@ -144,33 +163,39 @@ class Trainer:
         return out
 
     # ---- steps --------------------------------------------------------------------------
-    def _train_step(self, state: TrainState, batch):
+    def gradients(self, params, batch, rng=None):
+        """(grads, loss sums, weight totals) of the whole batch, over micro-batches if configured."""
         batch = {k: batch[k] for k in self.batch_keys}
-        rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
         totals = self._weight_totals(batch)
         grad_fn = jax.value_and_grad(self._objective, has_aux=True)
         k = self.accumulate_steps
         if k == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng, totals)
-        else:
-            b = batch["input_tokens"].shape[0]
-            if b % k:
-                raise ValueError(f"batch size {b} is not divisible by accumulate_gradient_steps={k}")
-            micro = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), batch)
+            (_, sums), grads = grad_fn(params, batch, rng, totals)
+            return grads, sums, totals
+        b = batch["input_tokens"].shape[0]
+        if b % k:
+            raise ValueError(f"batch size {b} is not divisible by accumulate_gradient_steps={k}")
+        micro = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), batch)
 
-            def accumulate(carry, xs):
-                i, mb = xs
-                (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), totals)
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+        def accumulate(carry, xs):
+            i, mb = xs
+            (_, sums), grads = grad_fn(params, mb, None if rng is None else jax.random.fold_in(rng, i), totals)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(
-                lambda x: x[0], micro), rng, totals)))
-            (grads, sums), _ = jax.lax.scan(accumulate, (zeros[1], zeros[0][1]), (jnp.arange(k), micro))
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, params, first, rng, totals)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, sums_shape))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        return grads, sums, totals
+
+    def _train_step(self, state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        grads, sums, totals = self.gradients(state.params, batch, rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = self._metrics_from(sums, totals)
         metrics.update(learning_rate=self.optimizer_info["learning_rate_schedule"](state.step),
-                       gradient_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+                       gradient_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval_step(self, params, batch):
