@@ -171,13 +171,10 @@ class VisionChat:
                 f"(--update_llama_config)")
         return pad_chat_input(tokens, vision, length, self.tokenizer.pad_token_id, codes.shape[0])
 
-    def answer(self, question: str, input_file: str, max_n_frames: int = 8, rng=None) -> str:
-        """The model's answer to `question` about the image or video at `input_file`."""
-        codes = self.encode_vision(input_file, max_n_frames)
-        batch = self.build_input(question, codes)
+    def generate(self, batch: ChatInput, rng) -> np.ndarray:
+        """Answer tokens [n] (eos included when reached) for a built input."""
         sampling = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        rng = jax.random.key(0) if rng is None else rng
         start = time.perf_counter()
         out = self.sampler.generate(batch.input_ids, batch.attention_mask, rng, sampling,
                                     vision_masks=batch.vision_masks, sample_mode="text")
@@ -186,7 +183,13 @@ class VisionChat:
         log.info("%d frames, prompt %d tokens (padded %d); generated %d tokens in %.2f s (%.1f tokens/s, "
                  "compilation included on the first call)", batch.n_frames, int(batch.attention_mask.sum()),
                  batch.input_ids.shape[1], n, seconds, n / max(seconds, 1e-9))
-        return decode_answer(self.tokenizer, out.tokens[0, :n])
+        return out.tokens[0, :n]
+
+    def answer(self, question: str, input_file: str, max_n_frames: int = 8, rng=None) -> str:
+        """The model's answer to `question` about the image or video at `input_file`."""
+        batch = self.build_input(question, self.encode_vision(input_file, max_n_frames))
+        tokens = self.generate(batch, jax.random.key(0) if rng is None else rng)
+        return decode_answer(self.tokenizer, tokens)
 
 
 def decode_answer(tokenizer: Tokenizer, tokens) -> str:
