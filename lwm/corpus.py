@@ -78,3 +78,24 @@ def write_corpus_jsonl(path: str, documents: Iterable[tuple[str, str] | str], un
             os.remove(tmp)
         raise
     return len(lines)
+
+
+def write_train_eval_split(output_dir: str, eval_documents: int = 3, unit: str = "paragraph") -> dict[str, int]:
+    """`train.jsonl` and `eval.jsonl` from the built-in corpus; the last essays (by name) are held out."""
+    documents = builtin_corpus_documents()
+    if not 0 < eval_documents < len(documents):
+        raise ValueError(f"eval_documents must be in [1, {len(documents) - 1}], got {eval_documents}")
+    train, held_out = documents[:-eval_documents], documents[-eval_documents:]
+    return {
+        "train": write_corpus_jsonl(os.path.join(output_dir, "train.jsonl"), train, unit),
+        "eval": write_corpus_jsonl(os.path.join(output_dir, "eval.jsonl"), held_out, unit),
+    }
+
+
+if __name__ == "__main__":  # python -m lwm.corpus OUTPUT_DIR [EVAL_DOCUMENTS]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m lwm.corpus OUTPUT_DIR [EVAL_DOCUMENTS]")
+    counts = write_train_eval_split(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 3)
+    print(f"wrote {counts['train']} train and {counts['eval']} eval paragraphs to {sys.argv[1]}")

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Train LWM (vision + text) on json_vision data (see docs/vision_data.md to make it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tokenizer="${TOKENIZER:-LargeWorldModel/LWM-Text-1M}"
+dataset_path="${DATASET_PATH:-}"  # JSONL from scripts/tokenize_vision.py
+output_dir="${OUTPUT_DIR:-$HOME/experiment_output/lwm}"
+project_id="lwm"
+experiment_id="example-vision-text-train"
+experiment_note=""
+
+if [[ -z "$dataset_path" ]]; then echo "set DATASET_PATH (json_vision JSONL)" >&2; exit 2; fi
+
+# mesh_dim: dp, fsdp, tp, sp
+python3 -u -m lwm.train \
+    --modality='vision,text' \
+    --mesh_dim='!1,-1,2,2' \
+    --dtype='fp32' \
+    --total_steps=200 \
+    --log_freq=1 \
+    --save_model_freq=0 \
+    --save_milestone_freq=10 \
+    --load_llama_config='debug' \
+    --update_llama_config="dict(theta=50000000,max_sequence_length=2048,scan_attention=True,scan_query_chunk_size=512,scan_key_chunk_size=1024,scan_mlp=True,scan_mlp_chunk_size=8192,scan_layers=True)" \
+    --tokenizer="$tokenizer" \
+    --optimizer.type='adamw' \
+    --optimizer.accumulate_gradient_steps=1 \
+    --optimizer.adamw_optimizer.weight_decay=0.1 \
+    --optimizer.adamw_optimizer.lr=8e-5 \
+    --optimizer.adamw_optimizer.end_lr=8e-5 \
+    --optimizer.adamw_optimizer.lr_warmup_steps=5 \
+    --optimizer.adamw_optimizer.lr_decay_steps=200 \
+    --use_data_sharded_loader=True \
+    --train_dataset.type='json_vision' \
+    --train_dataset.vision_text_processor.fields_from_example='fields' \
+    --train_dataset.vision_text_processor.max_n_frames=4 \
+    --train_dataset.json_vision_dataset.mode="no_pad" \
+    --train_dataset.json_vision_dataset.path="$dataset_path" \
+    --train_dataset.json_vision_dataset.seq_length=2048 \
+    --train_dataset.json_vision_dataset.batch_size=8 \
+    --train_dataset.json_vision_dataset.tokenizer_processes=4 \
+    --train_dataset.json_vision_dataset.tokenizer_parallel_chunk_size=2 \
+    --train_dataset.json_vision_dataset.tokenizer_parallel_batch_size=8 \
+    --train_dataset.json_vision_dataset.use_data_sharded_loader=True \
+    --checkpointer.save_optimizer_state=True \
+    --autoresume=False \
+    --logger.append_uuid=False \
+    --logger.online=False \
+    --logger.project_id="$project_id" \
+    --logger.experiment_id="$experiment_id" \
+    --logger.experiment_note="$experiment_note" \
+    --logger.output_dir="$output_dir" \
+    --logger.wandb_dir="$output_dir/wandb"
