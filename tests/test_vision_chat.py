@@ -210,3 +210,42 @@ def test_entry_point_answers_and_exits_0(world, tmp_path):
     assert lines[0] == f"Question: {QUESTION}"
     assert lines[1].startswith("Answer: ") and len(lines[1]) > len("Answer: ")
     assert "3 frames, prompt 804 tokens (padded 832); generated 8 tokens" in result.stderr
+
+
+def run_script_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
+    """Run scripts/<script> with a `python3` on PATH that only records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python3"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    args_out = tmp_path / "args"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS_OUT=str(args_out), **env_vars)
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return args_out.read_text().split("\0")[:-1]
+
+
+def test_run_vision_chat_script_flags_parse(tmp_path):
+    from lwm import vision_chat
+    from lwm.config import build_config
+    from lwm.flags import tokenizer_spec
+
+    # Without the paths it stops with a message naming the variable.
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_vision_chat.sh")], capture_output=True,
+                            text=True, env={k: v for k, v in os.environ.items() if k != "vqgan_checkpoint"})
+    assert result.returncode != 0 and "set vqgan_checkpoint" in result.stderr
+    args = run_script_with_fake_python(tmp_path, "run_vision_chat.sh", vqgan_checkpoint="/m/vqgan.pkl",
+                                       lwm_checkpoint="/m/params", input_file="/m/clip.mp4",
+                                       llama_tokenizer_path="/m/tokenizer.model")
+    assert args[:3] == ["-u", "-m", "lwm.vision_chat"]
+    parse_flags_for_test(args[3:])
+    flags = vision_chat.FLAGS
+    assert (flags.input_file, flags.vqgan_checkpoint, flags.load_checkpoint) == ("/m/clip.mp4", "/m/vqgan.pkl",
+                                                                                 "params::/m/params")
+    assert tokenizer_spec() == "/m/tokenizer.model" and flags.max_n_frames == 8 and flags.temperature == 0.2
+    config = build_config(flags.load_llama_config, flags.llama, flags.update_llama_config, None, flags.mesh_dim,
+                          VideoLLaMAConfig)
+    assert (config.sample_mode, config.theta, config.max_sequence_length, config.hidden_size) == (
+        "text", 5e7, 131072, 4096)
+    assert (config.scan_query_chunk_size, config.scan_attention, config.vision_vocab_size) == (128, False, 8448)

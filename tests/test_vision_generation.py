@@ -164,3 +164,29 @@ def test_entry_point_writes_image_and_video(generator, tmp_path, name, n_frames)
         reader = decord.VideoReader(str(output), ctx=decord.cpu(0))
         assert len(reader) == 3 and reader[0].shape == (32, 32, 3)
         assert abs(reader.get_avg_fps() - 4) < 1e-6
+
+
+@pytest.mark.parametrize("script, output, n_frames, top_k_video, cfg_scale_image", [
+    ("run_sample_image.sh", "fireworks.png", 1, 100, 5.0),
+    ("run_sample_video.sh", "fireworks.mp4", 8, 1000, 5.0),
+])
+def test_sample_scripts_flags_parse(tmp_path, script, output, n_frames, top_k_video, cfg_scale_image):
+    from lwm import vision_generation
+    from lwm.config import VideoLLaMAConfig, build_config
+    from lwm.flags import parse_flags_for_test, tokenizer_spec
+    from tests.test_vision_chat import run_script_with_fake_python
+
+    args = run_script_with_fake_python(tmp_path, script, vqgan_checkpoint="/m/vqgan.pkl", lwm_checkpoint="/m/params",
+                                       llama_tokenizer_path="/m/tok")
+    assert args[:3] == ["-u", "-m", "lwm.vision_generation"]
+    parse_flags_for_test(args[3:])
+    flags = vision_generation.FLAGS
+    assert check_output(flags.output_file, flags.n_frames) == ("image" if n_frames == 1 else "video")
+    assert (flags.output_file, flags.n_frames, flags.top_k_video, flags.cfg_scale_image) == (
+        output, n_frames, top_k_video, cfg_scale_image)
+    assert (flags.prompt, flags.top_k_image, flags.load_checkpoint) == ("Fireworks over the city", 8192,
+                                                                        "params::/m/params")
+    assert tokenizer_spec() == "/m/tok"
+    config = build_config(flags.load_llama_config, flags.llama, flags.update_llama_config, None, flags.mesh_dim,
+                          VideoLLaMAConfig)
+    assert (config.sample_mode, config.theta, config.max_sequence_length) == ("vision", 5e7, 32768)
