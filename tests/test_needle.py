@@ -223,3 +223,47 @@ def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
     assert all(r["correct"] == (r["answer"] in r["response"]) for r in results)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| depth % \\ context | 300 | 500 |" in run.stdout
+
+
+def _run_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
+    """Run scripts/<script> with a `python3` on PATH that only records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python3"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), **env_vars)
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return (tmp_path / "args").read_text().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("script,multi", [("run_eval_needle.sh", False), ("run_eval_needle_multi.sh", True)])
+def test_run_scripts_pass_flags_the_evals_accept(tmp_path, script, multi):
+    import importlib.util
+
+    from lwm.config import build_config
+    from lwm.flags import parse_flags_for_test, tokenizer_spec
+
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "lwm_text_checkpoint"})
+    assert run.returncode != 0 and "set lwm_text_checkpoint" in run.stderr
+    args = _run_with_fake_python(tmp_path, script, lwm_text_checkpoint="/m/params", haystack_file="/d/pg19.jsonl",
+                                 output_file="/o/results.json", llama_tokenizer_path="/m/tokenizer.model")
+    name = "eval_needle_multi" if multi else "eval_needle"
+    assert args[:2] == ["-u", f"scripts/{name}.py"]
+    spec = importlib.util.spec_from_file_location(f"needle_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the script's flags
+    parse_flags_for_test(args[2:])
+    flags = module.FLAGS
+    assert (flags.haystack_file, flags.output_file, flags.load_checkpoint) == ("/d/pg19.jsonl", "/o/results.json",
+                                                                              "params::/m/params")
+    assert tokenizer_spec() == "/m/tokenizer.model" and flags.max_tokens_per_batch == 5000
+    config = build_config(flags.load_llama_config, flags.llama, flags.update_llama_config, None, flags.mesh_dim)
+    assert (config.theta, config.max_sequence_length, config.hidden_size, config.scan_query_chunk_size) == (
+        1e7, 131072, 4096, 1024)
+    if multi:
+        assert (flags.n_needles_total, flags.n_needles_retrieve, flags.n_rounds) == (4, 2, 10)
+    else:
+        assert (flags.n_context_length_intervals, flags.n_document_depth_intervals, flags.n_rounds) == (20, 20, 3)
