@@ -99,11 +99,14 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def check_finite(metrics: dict, step: int, last_saved: int | None) -> None:
-    loss = float(jax.device_get(metrics["loss"]))
-    if not math.isfinite(loss):
+    """Stop on a non-finite loss, or on updated parameters (their norm) that are no longer finite."""
+    values = jax.device_get({k: metrics[k] for k in ("loss", "gradient_norm", "param_norm") if k in metrics})
+    bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
+    if bad:
         kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
-        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping the run ({kept}). Lower the learning "
-                            "rate, check the data, or use fp32 compute.")
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise NonFiniteLoss(f"{what} at step {step}; stopping the run ({kept}). Lower the learning rate, "
+                            "check the data, or use fp32 compute.")
 
 
 def main(argv):
@@ -133,6 +136,11 @@ def main(argv):
                  sharding_table(trainer.state_shapes.params, trainer.state_specs.params, mesh))
 
     global_batch, seq_length = dataset_shape(FLAGS.train_dataset)
+    batch_shards = mesh.shape["dp"] * mesh.shape["fsdp"]
+    if global_batch % batch_shards:
+        raise app.UsageError(f"batch_size={global_batch} is not divisible by the mesh's dp * fsdp = {batch_shards}")
+    if seq_length % mesh.shape["sp"]:
+        raise app.UsageError(f"seq_length={seq_length} is not divisible by the mesh's sp = {mesh.shape['sp']}")
     if seq_length > config.max_sequence_length:
         raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
     rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
