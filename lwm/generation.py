@@ -257,8 +257,10 @@ class Sampler:
             kernel = lm_head_kernel(params, self.config)
         return head_logits(hidden, kernel, self.model.dtype, self.model.precision)
 
-    def _prefill(self, params, ids, mask, vision_masks, rng, *, sampling: SamplingParams, sample_mode: str,
-                 cache_len: int) -> DecodeState:
+    def _prefill(self, params, ids, mask, vision_masks, key_data, *, sampling: SamplingParams, sample_mode: str,
+                 cache_len: int, key_impl: str) -> DecodeState:
+        # The key travels as raw uint32 data: a global array like any other input on multi-host.
+        rng = jax.random.wrap_key_data(key_data, impl=key_impl)
         b = ids.shape[0]
         out_rows = b // 2 if sampling.uses_cfg else b
         cache = init_cache(self.config, b, cache_len, self.cache_dtype)
@@ -289,9 +291,9 @@ class Sampler:
                                 lengths=lengths, rng=rng)
         return new_state, chosen
 
-    def _loop(self, params, ids, mask, vision_masks, rng, forced, *, sampling, sample_mode, cache_len):
-        state = self._prefill(params, ids, mask, vision_masks, rng, sampling=sampling, sample_mode=sample_mode,
-                              cache_len=cache_len)
+    def _loop(self, params, ids, mask, vision_masks, key_data, forced, *, sampling, sample_mode, cache_len, key_impl):
+        state = self._prefill(params, ids, mask, vision_masks, key_data, sampling=sampling, sample_mode=sample_mode,
+                              cache_len=cache_len, key_impl=key_impl)
 
         def keep_going(s):
             return (s.step < sampling.max_new_tokens) & ~jnp.all(s.done)
@@ -302,9 +304,9 @@ class Sampler:
         state = jax.lax.while_loop(keep_going, body, state)
         return state.tokens, state.lengths
 
-    # ---- jitted functions, one per (kind, sampling, mode, cache length) -----------------
-    def _jitted(self, kind: str, sampling: SamplingParams, sample_mode: str, cache_len: int):
-        key = (kind, sampling, sample_mode, cache_len)
+    # ---- jitted functions, one per (kind, sampling, mode, cache length, key kind) -------
+    def _jitted(self, kind: str, sampling: SamplingParams, sample_mode: str, cache_len: int, key_impl: str):
+        key = (kind, sampling, sample_mode, cache_len, key_impl)
         if key in self._compiled:
             return self._compiled[key]
         static = dict(sampling=sampling, sample_mode=sample_mode)
@@ -317,11 +319,11 @@ class Sampler:
             params_sh = self.param_shardings
         batch_sh, rows_sh, rep = shard(BATCH_SPEC), shard(PS(BATCH_AXES)), shard(PS())
         if kind == "loop":
-            fn = jax.jit(partial(self._loop, cache_len=cache_len, **static),
+            fn = jax.jit(partial(self._loop, cache_len=cache_len, key_impl=key_impl, **static),
                          in_shardings=(params_sh, batch_sh, batch_sh, batch_sh, rep, rep),
                          out_shardings=(shard(PS(BATCH_AXES, None)), rows_sh))
         elif kind == "prefill":
-            fn = jax.jit(partial(self._prefill, cache_len=cache_len, **static),
+            fn = jax.jit(partial(self._prefill, cache_len=cache_len, key_impl=key_impl, **static),
                          in_shardings=(params_sh, batch_sh, batch_sh, batch_sh, rep),
                          out_shardings=shard(state_specs()))
         else:
@@ -363,6 +365,11 @@ class Sampler:
                                  f"{(sampling.max_new_tokens,)}")
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
+        rng = jnp.asarray(rng)
+        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            key_impl, key_data = str(jax.random.key_impl(rng)), np.asarray(jax.random.key_data(rng))
+        else:  # a raw uint32 key (jax.random.PRNGKey) of the default implementation
+            key_impl, key_data = str(jax.random.key_impl(jax.random.wrap_key_data(rng))), np.asarray(rng)
 
         rows = ids.shape[0]
         if sampling.uses_cfg:
@@ -381,9 +388,10 @@ class Sampler:
         mask = halves(left_pad(mask.astype(np.int32), length))
         vision_masks = halves(left_pad(vision_masks, length, False))
         if self.mesh is not None:
-            batch = NamedSharding(self.mesh, BATCH_SPEC)
+            batch, replicated = NamedSharding(self.mesh, BATCH_SPEC), NamedSharding(self.mesh, PS())
             ids, mask, vision_masks = (shard_array(a, batch) for a in (ids, mask, vision_masks))
-        return ids, mask, vision_masks, rng, forced, out_rows, cache_len
+            key_data, forced = shard_array(key_data, replicated), shard_array(forced, replicated)
+        return ids, mask, vision_masks, (key_impl, key_data), forced, out_rows, cache_len
 
     def generate(self, input_ids, attention_mask, rng, sampling: SamplingParams, *, vision_masks=None,
                  sample_mode: str = "text", forced_tokens=None) -> GenerationOutput:
@@ -393,28 +401,27 @@ class Sampler:
         model); forced_tokens None or [max_new_tokens] int (-1 = sample). With cfg the batch is
         [cond; uncond] and the output holds the cond rows.
         """
-        ids, mask, vmask, rng, forced, out_rows, cache_len = self._prepare(
+        ids, mask, vmask, (impl, key), forced, out_rows, cache_len = self._prepare(
             input_ids, attention_mask, rng, sampling, vision_masks, sample_mode, forced_tokens)
-        fn = self._jitted("loop", sampling, sample_mode, cache_len)
-        tokens, lengths = fn(self.params, ids, mask, vmask, rng, jnp.asarray(forced))
+        fn = self._jitted("loop", sampling, sample_mode, cache_len, impl)
+        tokens, lengths = fn(self.params, ids, mask, vmask, key, forced)
         return GenerationOutput(tokens=gather_array(tokens)[:out_rows], lengths=gather_array(lengths)[:out_rows])
 
     def prefill(self, input_ids, attention_mask, rng, sampling: SamplingParams, *, vision_masks=None,
                 sample_mode: str = "text") -> DecodeState:
         """The state after the prompt (cache filled, first logits ready); rows padded to the mesh."""
-        ids, mask, vmask, rng, _, _, cache_len = self._prepare(
+        ids, mask, vmask, (impl, key), _, _, cache_len = self._prepare(
             input_ids, attention_mask, rng, sampling, vision_masks, sample_mode, None)
-        return self._jitted("prefill", sampling, sample_mode, cache_len)(self.params, ids, mask, vmask, rng)
+        return self._jitted("prefill", sampling, sample_mode, cache_len, impl)(self.params, ids, mask, vmask, key)
 
     def stream(self, input_ids, attention_mask, rng, sampling: SamplingParams, *, vision_masks=None,
                sample_mode: str = "text", forced_tokens=None) -> Iterator[np.ndarray]:
         """Yield each step's tokens [B] (cond rows with cfg) as they are chosen; stops when every
         row has emitted eos or after max_new_tokens. Same tokens as `generate` for the same rng."""
-        ids, mask, vmask, rng, forced, out_rows, cache_len = self._prepare(
+        ids, mask, vmask, (impl, key), forced, out_rows, cache_len = self._prepare(
             input_ids, attention_mask, rng, sampling, vision_masks, sample_mode, forced_tokens)
-        state = self._jitted("prefill", sampling, sample_mode, cache_len)(self.params, ids, mask, vmask, rng)
-        step = self._jitted("step", sampling, sample_mode, cache_len)
-        forced = jnp.asarray(forced)
+        state = self._jitted("prefill", sampling, sample_mode, cache_len, impl)(self.params, ids, mask, vmask, key)
+        step = self._jitted("step", sampling, sample_mode, cache_len, impl)
         done = np.zeros((out_rows,), bool)
         for _ in range(sampling.max_new_tokens):
             if done.all():

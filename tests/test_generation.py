@@ -177,6 +177,8 @@ def test_sp_sharded_decoding_equals_unsharded(text_model, text_sampler):
     got = sharded.generate(ids, mask, jax.random.key(11), sampling)
     want = text_sampler.generate(ids, mask, jax.random.key(11), sampling)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+    legacy_key = text_sampler.generate(ids, mask, jax.random.PRNGKey(11), sampling)  # raw uint32 key, same stream
+    np.testing.assert_array_equal(legacy_key.tokens, want.tokens)
 
 
 def test_prompt_padding_and_bad_inputs(text_model, text_sampler):
