@@ -3,15 +3,19 @@
 The original LWM builds the full [batch, seq, vocab] logits, their log-softmax and their
 gradient in float32: for a 32000-word vocabulary that is ~128 KB per token for each of those
 arrays, more than the whole 256-wide model's activations. Here the head matmul, log-softmax,
-cross-entropy and accuracy run one sequence chunk at a time inside a `lax.scan`, and a
-`custom_vjp` backward recomputes each chunk's logits instead of storing them:
+cross-entropy and accuracy run one sequence chunk at a time inside a `lax.scan`. Because
+the loss is the last node of the graph, its gradient is known up to one scalar (the
+cotangent g of loss_sum) while the forward pass still holds each chunk's logits, so the
+`custom_vjp` forward computes it right there and the backward only scales by g:
 
     logits_c  = hidden_c @ W                          [B, chunk, V]   (one chunk at a time)
-    lse_c     = logsumexp(logits_c)                   [B, chunk]      (kept for the backward)
-    dlogits_c = g * w_c * (softmax(logits_c) - onehot(target_c))
-    dhidden_c = dlogits_c @ W^T ;  dW += hidden_c^T @ dlogits_c
+    dlogits_c = w_c * (softmax(logits_c) - onehot(target_c))
+    dhidden_c = dlogits_c @ W^T ;  dW += hidden_c^T @ dlogits_c        (kept: [B, S, H], [H, V])
+    backward:   dhidden = g * dhidden ; dW = g * dW
 
-so the largest temporary is one chunk's [B, chunk, V] logits, never [B, S, V].
+so the largest temporary is one chunk's [B, chunk, V] logits, never [B, S, V], and the head
+costs three matmuls per chunk (no recomputation). Without differentiation (eval) only the
+logits and their logsumexp are computed.
 
 Sharding: inside jit the activations are sharded PS(('dp','fsdp'), 'sp', 'tp'). A scan over a
 sharded axis would make GSPMD gather it, so the sequence is split as
@@ -132,45 +136,44 @@ def _target_logit(logits, t_c):
     return jnp.sum(jnp.where(vocab_ids == t_c[..., None], logits, 0.0), axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _chunked_loss(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards, logits_dtype,
-                  precision):
-    sums, _ = _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards,
-                                logits_dtype, precision)
-    return sums
-
-
-def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards,
-                      logits_dtype, precision):
+def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precision):
+    """Per-token (logsumexp, target logit, correct) [B, S] float32, one chunk at a time."""
     def step(_, xs):
         h_c, t_c = xs  # [B, shards, chunk, H], [B, shards, chunk]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, shards, chunk, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
         correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
-        return None, (lse, _target_logit(logits, t_c), correct)
+        return None, (jax.nn.logsumexp(logits, axis=-1), _target_logit(logits, t_c), correct)
 
     xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets))
     _, per_token = lax.scan(step, None, xs)
     # Per-token results leave the loop and are summed once, so no collective runs per chunk.
-    lse, target_logit, correct = (_from_chunks(x) for x in per_token)  # [B, S] float32 each
-    sums = (jnp.sum(weights * (lse - target_logit)), jnp.sum(weights), jnp.sum(weights * correct))
-    return sums, (hidden, kernel, targets, weights, lse, target_logit, correct)
+    return tuple(_from_chunks(x) for x in per_token)
 
 
-def _chunked_loss_bwd(chunk, seq_shards, batch_shards, logits_dtype, precision, residuals,
-                      cotangents):
-    hidden, kernel, targets, weights, lse, target_logit, correct = residuals
-    g_loss, g_weight, g_correct = cotangents
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _chunked_loss(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards, logits_dtype,
+                  precision):
+    lse, target_logit, correct = _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precision)
+    return jnp.sum(weights * (lse - target_logit)), jnp.sum(weights), jnp.sum(weights * correct)
+
+
+def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards,
+                      logits_dtype, precision):
+    """Loss and, in the same pass over each chunk's logits, the gradients up to the scalar
+    cotangent of loss_sum (the loss is the last node, so that is all the backward adds):
+    three head matmuls per chunk and no recomputation, against four with a recomputing backward."""
     compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     b, _, h = hidden.shape
 
     def step(dkernel_partial, xs):
-        h_c, t_c, w_c, lse_c = xs
-        logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # recomputed, [B, x, c, V]
-        probs = jnp.exp(logits - lse_c[..., None])
+        h_c, t_c, w_c = xs  # [B, x, c, H], [B, x, c], [B, x, c]
+        logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, x, c, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
         vocab_ids = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        onehot = (vocab_ids == t_c[..., None]).astype(jnp.float32)
-        dlogits = ((g_loss * w_c)[..., None] * (probs - onehot)).astype(compute_dtype)
+        onehot = vocab_ids == t_c[..., None]
+        target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+        correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
+        dlogits = (w_c[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(compute_dtype)
         dh_c = jnp.einsum("bxcv,hv->bxch", dlogits, kernel.astype(compute_dtype),
                           precision=precision, preferred_element_type=jnp.float32)
         # Contract only the tokens each device holds: the partial sums stay on their devices
@@ -179,14 +182,23 @@ def _chunked_loss_bwd(chunk, seq_shards, batch_shards, logits_dtype, precision, 
         dkernel_partial = dkernel_partial + jnp.einsum(
             "pbxch,pbxcv->pxhv", h_c.astype(compute_dtype).reshape(*split, h),
             dlogits.reshape(*split, -1), precision=precision, preferred_element_type=jnp.float32)
-        return dkernel_partial, dh_c.astype(hidden.dtype)
+        return dkernel_partial, (lse - target_logit, correct, dh_c.astype(hidden.dtype))
 
-    xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets, weights, lse))
+    xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets, weights))
     partial_init = jnp.zeros((batch_shards, seq_shards) + kernel.shape, jnp.float32)
-    dkernel_partial, dhidden = lax.scan(step, partial_init, xs)
-    dkernel = jnp.sum(dkernel_partial, axis=(0, 1))
-    dweights = g_loss * (lse - target_logit) + g_weight + g_correct * correct
-    return _from_chunks(dhidden), dkernel.astype(kernel.dtype), None, dweights.astype(weights.dtype)
+    dkernel_partial, per_token = lax.scan(step, partial_init, xs)
+    nll, correct, dhidden = (_from_chunks(x) for x in per_token)
+    sums = (jnp.sum(weights * nll), jnp.sum(weights), jnp.sum(weights * correct))
+    return sums, (dhidden, jnp.sum(dkernel_partial, axis=(0, 1)).astype(kernel.dtype), nll, correct)
+
+
+def _chunked_loss_bwd(chunk, seq_shards, batch_shards, logits_dtype, precision, residuals,
+                      cotangents):
+    dhidden, dkernel, nll, correct = residuals  # gradients of loss_sum, per-token nll and hits
+    g_loss, g_weight, g_correct = cotangents
+    dweights = g_loss * nll + g_weight + g_correct * correct
+    return ((g_loss * dhidden).astype(dhidden.dtype), (g_loss * dkernel).astype(dkernel.dtype), None,
+            dweights.astype(nll.dtype))
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

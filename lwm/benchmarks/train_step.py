@@ -1,0 +1,147 @@
+"""Benchmark the trainer's real train step at long sequence lengths, each in a fresh process.
+
+    python -m lwm.benchmarks.train_step                      # 2K, 8K, 32K, 131K (the issue's table)
+    python -m lwm.benchmarks.train_step --seqs=2048,8192 --output=bench.json
+
+Configuration (the original LWM's reference measurements used the same): the `debug` model
+(hidden 256, 2 layers, 2 heads, vocabulary 32000, 17.3M parameters), fp32, batch 1, chunks
+of 512 for attention, MLP and loss, mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
+over sp=8). Each length runs in its own process so its peak memory is its own; the process
+also times a jitted 2048^3 float32 matmul so FLOP rates compare with this machine as it is.
+Printed: step time (median), tokens/s, model TFLOP/s and its ratio to the matmul rate, peak
+process memory (ru_maxrss) and bytes per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ORIGINAL = {  # the original LWM on this machine (issue 7): step s, tokens/s, peak GB
+    2048: (1.98, 1034, 2.3), 8192: (11.1, 738, 5.9), 32768: (92.2, 355, 19.4), 131072: None,
+}
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def child(seq: int, steps: int, chunk: int, mesh_dim: str, layout: str, impl: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lwm.config import load_config
+    from lwm.mesh import batch_to_global, build_mesh
+    from lwm.trainer import Trainer
+
+    matmul = matmul_gflops()
+    config = load_config("debug").replace(
+        max_sequence_length=seq, scan_query_chunk_size=chunk, scan_key_chunk_size=chunk, scan_mlp_chunk_size=chunk,
+        scan_loss_chunk_size=chunk, sequence_layout=layout, attention_impl=impl, bos_token_id=1, eos_token_id=2)
+    mesh = build_mesh(mesh_dim)
+    trainer = Trainer(config, mesh, {"adamw_optimizer": {"lr": 1e-4, "lr_warmup_steps": 10}}, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (1, seq + 1)).astype(np.int32)
+    batch = dict(input_tokens=tokens[:, :-1], target_tokens=tokens[:, 1:], loss_masks=np.ones((1, seq), np.float32),
+                 segment_ids=np.ones((1, seq), np.int32), positions=np.arange(seq, dtype=np.int32)[None])
+    if layout != "contiguous":
+        from lwm.ops.layout import to_layout
+
+        batch = {k: to_layout(v, layout, mesh.shape["sp"], axis=1) for k, v in batch.items()}
+    batch = batch_to_global(batch, mesh)
+    state = trainer.init_state()
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    times, losses = [], []
+    for _ in range(steps + 1):  # the first step warms up
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times[1:]) if steps > 0 else times[0]
+    flops = trainer.flops_per_token(seq) * seq
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(seq=seq, step_s=step_s, step_times=times, compile_s=compile_s, tokens_per_s=seq / step_s,
+                model_gflops=flops / step_s / 1e9, matmul_gflops=matmul, flop_ratio=flops / step_s / 1e9 / matmul,
+                peak_bytes=peak, bytes_per_token=peak / seq, loss=losses[-1], mesh=mesh_dim, layout=layout,
+                impl=config.resolved_attention_impl(), params=config.num_params())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", default="2048,8192,32768,131072")
+    parser.add_argument("--steps", default="", help="timed steps per length (default: 5,3,2,1 by length)")
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--mesh_dim", default="1,1,1,8")
+    parser.add_argument("--layout", default="zigzag", help="contiguous | zigzag | striped")
+    parser.add_argument("--impl", default="blockwise")
+    parser.add_argument("--timeout", type=int, default=7200, help="seconds per length")
+    parser.add_argument("--output", default="train_step_benchmark.json")
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, int(args.steps), args.chunk, args.mesh_dim, args.layout,
+                                          args.impl)), flush=True)
+        return
+    seqs = [int(s) for s in args.seqs.split(",")]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [
+        5 if s <= 4096 else 3 if s <= 16384 else 2 if s <= 65536 else 1 for s in seqs]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    results = []
+    for seq, n in zip(seqs, steps):
+        cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
+               f"--chunk={args.chunk}", f"--mesh_dim={args.mesh_dim}", f"--layout={args.layout}", f"--impl={args.impl}"]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                status = "out of memory" if proc.returncode in (-9, 137) else f"failed (exit {proc.returncode})"
+                results.append(dict(seq=seq, error=status, stderr=proc.stderr[-2000:]))
+            else:
+                results.append(json.loads(lines[-1][len("RESULT "):]))
+        except subprocess.TimeoutExpired:
+            results.append(dict(seq=seq, error=f"timeout after {args.timeout} s"))
+        print(format_row(results[-1]), flush=True)
+    print(format_table(results))
+    with open(args.output, "w") as f:
+        json.dump(dict(config=vars(args), results=results, original=ORIGINAL), f, indent=2)
+    print(f"wrote {args.output}")
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['seq']:>8} | {r['error']}"
+    orig = ORIGINAL.get(r["seq"])
+    speedup = f"{r['tokens_per_s'] / orig[1]:.2f}x" if orig else "-"
+    return (f"{r['seq']:>8} | {r['step_s']:8.2f} s | {r['tokens_per_s']:8.0f} | {speedup:>7} | "
+            f"{r['model_gflops']:6.1f} | {r['matmul_gflops']:6.1f} | {r['flop_ratio']:5.2f} | "
+            f"{r['peak_bytes'] / 2**30:6.2f} GiB | {r['bytes_per_token'] / 1024:8.1f} KB")
+
+
+def format_table(results) -> str:
+    head = (f"{'seq':>8} | {'step':>10} | {'tok/s':>8} | {'vs orig':>7} | {'GF/s':>6} | {'mm GF/s':>6} | "
+            f"{'ratio':>5} | {'peak mem':>10} | {'per token':>11}")
+    return "\n".join([head, "-" * len(head)] + [format_row(r) for r in results])
+
+
+if __name__ == "__main__":
+    main()
