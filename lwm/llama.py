@@ -137,6 +137,29 @@ def apply_rotary(x, sin, cos):
     return out.reshape(b, s, h, d).astype(x.dtype)
 
 
+class Embedding(nn.Module):
+    """Token embedding table `embedding` [vocab, hidden]; lookups from a gathered table.
+
+    The table is sharded over (fsdp, sp) on the hidden axis; a lookup from the sharded table
+    makes XLA replicate the whole [batch, seq, hidden] output and slice it again, so the table
+    is gathered first (as FSDP gathers every weight for its use) and the lookup stays local.
+    """
+
+    num_embeddings: int
+    features: int
+    init_std: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mesh: Any = None
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.initializers.normal(self.init_std), (self.num_embeddings, self.features),
+                           self.param_dtype)
+        table = with_sharding_constraint(table, PS(None, None), self.mesh)
+        return jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
+
+
 class Kernel(nn.Module):
     """Holds one [in, out] `kernel` parameter (a bias-free Dense used functionally)."""
 
@@ -345,8 +368,8 @@ class LLaMAModel(nn.Module):
     def __call__(self, input_ids, segment_ids, position_ids, vision_masks=None, cache=None,
                  prefill=False, deterministic=True):
         cfg = self.config
-        embed = partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                        embedding_init=nn.initializers.normal(cfg.initializer_range))
+        embed = partial(Embedding, features=cfg.hidden_size, init_std=cfg.initializer_range, dtype=self.dtype,
+                        param_dtype=self.param_dtype, mesh=self.mesh)
         if hasattr(cfg, "vision_vocab_size"):
             # Each position looks up one table; the other lookup gets a safe id 0.
             vision_masks = jnp.zeros(input_ids.shape, bool) if vision_masks is None else vision_masks
