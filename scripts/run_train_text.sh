@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Train LWM-Text (the original recipe's flags; edit the variables below).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-tokenizer="${TOKENIZER:-LargeWorldModel/LWM-Text-1M}"  # a tokenizer.model, its folder, a hub name, or builtin
-dataset_path="${DATASET_PATH:-}"                       # JSONL, one {"text": ...} a line
-output_dir="${OUTPUT_DIR:-$HOME/experiment_output/lwm}"
-project_id="lwm"
-experiment_id="example-text-train"
-experiment_note=""
+llama_tokenizer_path="${llama_tokenizer_path:-LargeWorldModel/LWM-Text-1M}"  # tokenizer.model, its folder, a hub name, or builtin
+dataset_path="${dataset_path:-}"  # JSONL, one {"text": ...} a line
+output_dir="${output_dir:-$HOME/experiment_output/lwm}"
+project_id="${project_id:-lwm}"
+experiment_note="${experiment_note:-}"
+experiment_id="${experiment_id:-example-text-train}"
 
-if [[ -z "$dataset_path" ]]; then echo "set DATASET_PATH (JSONL with a 'text' field)" >&2; exit 2; fi
+: "${dataset_path:?set dataset_path at the top of this script (or in the environment)}"
+
+PROJECT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$PROJECT_DIR"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PROJECT_DIR"
 
 # mesh_dim: dp, fsdp, tp, sp
 python3 -u -m lwm.train \
@@ -23,7 +26,7 @@ python3 -u -m lwm.train \
     --save_milestone_freq=10 \
     --load_llama_config='debug' \
     --update_llama_config="dict(theta=10000,max_sequence_length=2048,scan_attention=True,scan_query_chunk_size=256,scan_key_chunk_size=512,scan_mlp=True,scan_mlp_chunk_size=1024,scan_layers=True)" \
-    --tokenizer="$tokenizer" \
+    --tokenizer="$llama_tokenizer_path" \
     --optimizer.type='adamw' \
     --optimizer.accumulate_gradient_steps=1 \
     --optimizer.adamw_optimizer.weight_decay=0.1 \

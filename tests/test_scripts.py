@@ -1,0 +1,58 @@
+"""Shipped configs load, and the training scripts' flags parse with the meaning they had."""
+import glob
+import os
+import subprocess
+
+import pytest
+
+from lwm.config import build_config, load_config
+from lwm.flags import parse_flags_for_test, tokenizer_spec
+from tests.helpers import run_script_with_fake_python
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
+def test_every_shipped_config_loads(path):
+    config = load_config(f"json::{path}")
+    assert config.num_params() > 0
+
+
+def test_train_script_requires_its_dataset():
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train_text.sh")], capture_output=True,
+                            text=True, env={k: v for k, v in os.environ.items() if k != "dataset_path"})
+    assert result.returncode != 0 and "set dataset_path" in result.stderr
+
+
+@pytest.mark.parametrize("script, modality, dataset_type", [
+    ("run_train_text.sh", "text", "json"),
+    ("run_train_vision_text.sh", "vision,text", "json_vision"),
+])
+def test_train_scripts_flags_parse(tmp_path, script, modality, dataset_type):
+    from lwm import train
+
+    args = run_script_with_fake_python(tmp_path, script, dataset_path="/d/data.jsonl", output_dir="/o",
+                                       llama_tokenizer_path="/m/tokenizer.model")
+    assert args[:3] == ["-u", "-m", "lwm.train"]
+    parse_flags_for_test(args[3:])
+    flags = train.FLAGS
+    assert flags.modality == modality and flags.train_dataset.type == dataset_type
+    assert tokenizer_spec() == "/m/tokenizer.model" and flags.logger.output_dir == "/o"
+    assert flags.mesh_dim == "!1,-1,2,2" and flags.checkpointer.save_optimizer_state
+    assert flags.optimizer.adamw_optimizer.lr == 8e-5 and flags.optimizer.adamw_optimizer.weight_decay == 0.1
+    config = build_config(flags.load_llama_config, flags.llama, flags.update_llama_config, None, flags.mesh_dim)
+    assert config.hidden_size == 256 and config.max_sequence_length == 2048  # 'debug' + the update string
+    sub = flags.train_dataset.json_dataset if dataset_type == "json" else flags.train_dataset.json_vision_dataset
+    assert sub.path == "/d/data.jsonl" and sub.seq_length == 2048
+
+
+def test_demo_script_flags_parse(tmp_path):
+    from lwm import train
+
+    args = run_script_with_fake_python(tmp_path, "run_demo.sh", OUT=str(tmp_path / "demo"), STEPS="7")
+    assert args[:3] == ["-u", "-m", "lwm.train"]
+    parse_flags_for_test(args[3:])
+    flags = train.FLAGS
+    assert flags.total_steps == 7 and flags.mesh_dim == "1,1,1,8" and tokenizer_spec() == "builtin"
+    config = build_config(flags.load_llama_config, flags.llama, flags.update_llama_config, None, flags.mesh_dim)
+    assert config.hidden_size == 128 and config.scan_query_chunk_size == 64
