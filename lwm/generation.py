@@ -294,7 +294,9 @@ class Sampler:
     def _loop(self, params, ids, mask, vision_masks, key_data, forced, *, sampling, sample_mode, cache_len, key_impl):
         state = self._prefill(params, ids, mask, vision_masks, key_data, sampling=sampling, sample_mode=sample_mode,
                               cache_len=cache_len, key_impl=key_impl)
+        return self._decode(params, state, forced, sampling=sampling, sample_mode=sample_mode)
 
+    def _decode(self, params, state: DecodeState, forced, *, sampling, sample_mode):
         def keep_going(s):
             return (s.step < sampling.max_new_tokens) & ~jnp.all(s.done)
 
@@ -321,6 +323,9 @@ class Sampler:
         if kind == "loop":
             fn = jax.jit(partial(self._loop, cache_len=cache_len, key_impl=key_impl, **static),
                          in_shardings=(params_sh, batch_sh, batch_sh, batch_sh, rep, rep),
+                         out_shardings=(shard(PS(BATCH_AXES, None)), rows_sh))
+        elif kind == "decode":
+            fn = jax.jit(partial(self._decode, **static), in_shardings=(params_sh, shard(state_specs()), rep),
                          out_shardings=(shard(PS(BATCH_AXES, None)), rows_sh))
         elif kind == "prefill":
             fn = jax.jit(partial(self._prefill, cache_len=cache_len, key_impl=key_impl, **static),
@@ -413,6 +418,21 @@ class Sampler:
         ids, mask, vmask, (impl, key), _, _, cache_len = self._prepare(
             input_ids, attention_mask, rng, sampling, vision_masks, sample_mode, None)
         return self._jitted("prefill", sampling, sample_mode, cache_len, impl)(self.params, ids, mask, vmask, key)
+
+    def decode(self, state: DecodeState, sampling: SamplingParams, *, sample_mode: str = "text",
+               forced_tokens=None) -> GenerationOutput:
+        """The while_loop of `generate` from a `prefill` state (which is not consumed); rows as
+        padded to the mesh. `generate` = `prefill` + `decode`, compiled as one program."""
+        forced = np.full((sampling.max_new_tokens,), -1, np.int32) if forced_tokens is None else \
+            np.asarray(forced_tokens, np.int32)
+        if state.tokens.shape[1] != sampling.max_new_tokens or forced.shape != (sampling.max_new_tokens,):
+            raise ValueError(f"the state was prefilled for {state.tokens.shape[1]} new tokens and forced_tokens has "
+                             f"shape {forced.shape}; sampling asks for {sampling.max_new_tokens}")
+        if self.mesh is not None:
+            forced = shard_array(forced, NamedSharding(self.mesh, PS()))
+        fn = self._jitted("decode", sampling, sample_mode, state.cache.length, "")
+        tokens, lengths = fn(self.params, state, forced)
+        return GenerationOutput(tokens=gather_array(tokens), lengths=gather_array(lengths))
 
     def stream(self, input_ids, attention_mask, rng, sampling: SamplingParams, *, vision_masks=None,
                sample_mode: str = "text", forced_tokens=None) -> Iterator[np.ndarray]:

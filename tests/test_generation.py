@@ -78,6 +78,8 @@ def test_greedy_equals_argmax_of_full_forward_and_stream_agrees(text_model, text
     np.testing.assert_array_equal(out.lengths, [7, 7])
     streamed = np.stack(list(text_sampler.stream(ids, mask, jax.random.key(0), greedy)), axis=1)
     np.testing.assert_array_equal(streamed, expected)
+    state = text_sampler.prefill(ids, mask, jax.random.key(0), greedy)
+    np.testing.assert_array_equal(text_sampler.decode(state, greedy).tokens, expected)  # generate = prefill + decode
     # Left padding: row 0 alone, without any padding, continues exactly as inside the batch.
     alone = text_sampler.generate(ids[:1, 5:], mask[:1, 5:], jax.random.key(0), greedy)
     np.testing.assert_array_equal(alone.tokens[0], expected[0])

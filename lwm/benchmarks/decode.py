@@ -6,10 +6,10 @@
 
 Random weights (timings do not depend on the values) of a model given by --hidden, --layers,
 --heads, --vocab (default: the tiny test model, hidden 64, 2 layers, 4 heads, vocab 32000).
-For each context length `Sampler.generate` (prefill + the while_loop, no eos) is compiled
-for 1 and for new_tokens + 1 tokens, warmed up, then timed --repeats times (median); the
-difference is new_tokens decode steps: decode tok/s = batch * new_tokens / (t(n+1) - t(1)),
-and "prefill s" is t(1) (prefill plus one token). "stream" times the steps of
+For each context length, `Sampler.prefill` (the prompt into the KV cache), `Sampler.decode`
+(the while_loop of --new_tokens steps from the prefilled state, no eos) and
+`Sampler.generate` (both, as one program) are compiled, warmed up, then timed --repeats
+times (median): decode tok/s = batch * new_tokens / decode time. "stream" times the steps of
 `Sampler.stream`, the Python loop over the same jitted step that chat uses (one host round
 trip per token), from the first yielded token to the last.
 """
@@ -53,8 +53,7 @@ def benchmark(contexts=(256, 1024, 4096, 8192), new_tokens: int = 64, batch: int
     compute = float_dtype_by_name(dtype)
     params = jax.tree.map(lambda x: x.astype(compute), init_params(config, jax.random.key(seed)))
     sampler = Sampler(LLaMAForCausalLM(config, dtype=compute, mesh=mesh), params, mesh=mesh)
-    one_token = SamplingParams(max_new_tokens=1, temperature=0.0)
-    sampling = SamplingParams(max_new_tokens=new_tokens + 1, temperature=0.0)
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     rng = np.random.default_rng(seed)
     rows = []
     for context in contexts:
@@ -62,14 +61,15 @@ def benchmark(contexts=(256, 1024, 4096, 8192), new_tokens: int = 64, batch: int
         mask = np.ones_like(ids)
         key = jax.random.key(seed)
         start = time.perf_counter()
-        for params_ in (one_token, sampling):
-            sampler.generate(ids, mask, key, params_)
+        state = sampler.prefill(ids, mask, key, sampling)
+        sampler.decode(state, sampling)
+        sampler.generate(ids, mask, key, sampling)
         list(sampler.stream(ids, mask, key, sampling))
         compile_s = time.perf_counter() - start
-        # prefill + first token, and prefill + new_tokens + 1: the difference is new_tokens steps
-        first_s = _median_seconds(lambda: sampler.generate(ids, mask, key, one_token), repeats)
+        prefill_s = _median_seconds(lambda: jax.block_until_ready(sampler.prefill(ids, mask, key, sampling).logits),
+                                    repeats)
+        decode_s = _median_seconds(lambda: sampler.decode(state, sampling), repeats)  # the while_loop alone
         generate_s = _median_seconds(lambda: sampler.generate(ids, mask, key, sampling), repeats)
-        decode_s = max(generate_s - first_s, 1e-9)
         stream_steps = []
         for _ in range(repeats):
             stamps = [time.perf_counter() for _ in sampler.stream(ids, mask, key, sampling)]
@@ -82,8 +82,8 @@ def benchmark(contexts=(256, 1024, 4096, 8192), new_tokens: int = 64, batch: int
             "batch": batch,
             "new_tokens": new_tokens,
             "compile_s": compile_s,
-            "prefill_s": first_s,  # prefill and the first token
-            "prefill_tok_per_s": batch * context / first_s,
+            "prefill_s": prefill_s,
+            "prefill_tok_per_s": batch * context / prefill_s,
             "generate_s": generate_s,
             "decode_ms_per_step": 1000 * decode_s / new_tokens,
             "decode_tok_per_s": batch * new_tokens / decode_s,
