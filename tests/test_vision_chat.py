@@ -15,7 +15,6 @@ from PIL import Image
 
 from lwm.config import VideoLLaMAConfig
 from lwm.flags import parse_flags_for_test
-from lwm.llama import init_params
 from lwm.loading import LoadedModel
 from lwm.mesh import build_mesh, match_partition_rules, partition_rules
 from lwm.tokenizer import load_tokenizer
@@ -23,6 +22,7 @@ from lwm.vision_chat import PromptTooLongError, VisionChat, decode_answer, main
 from lwm.vision_io import VisionReadError, preprocess_frame
 from lwm.vision_llama import VideoLLaMAForCausalLM
 from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel, save_vqgan_params
+from tests.test_vision_llama import host_random_params
 
 # imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
 # hook warns about any fork once jax is imported.
@@ -50,7 +50,7 @@ def tiny_loaded(seed: int = 0, **overrides) -> LoadedModel:
     config = VideoLLaMAConfig(**(TINY_MODEL | overrides), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     mesh = build_mesh("1,1,1,1", devices=jax.devices()[:1])
-    params = init_params(config, jax.random.key(seed))
+    params = host_random_params(config, seed)
     specs = match_partition_rules(partition_rules(config.scan_layers, config.param_scan_axis), params)
     return LoadedModel(config, VideoLLaMAForCausalLM(config, mesh=mesh), params, specs, mesh, tokenizer)
 

@@ -29,14 +29,25 @@ def config():
     return tiny_vision_config()
 
 
+def host_random_params(config, seed: int = 0):
+    """Random params with the model's tree, drawn on the host (no init forward to compile):
+    kernels and embeddings N(0, initializer_range), norm scales 1 + N(0, 0.2) so a misplaced or
+    missing norm cannot hide behind all-ones."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.standard_normal(leaf.shape)
+        if any(name in jax.tree_util.keystr(path) for name in ("attention_norm", "ffn_norm", "ln_f")):
+            return (1.0 + 0.2 * noise).astype(np.float32)
+        return (config.initializer_range * noise).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def params(config):
-    params = init_params(config, jax.random.key(0))
-    # Random norm scales too, so a misplaced or missing norm cannot hide behind all-ones.
-    rng = np.random.default_rng(0)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x * (1.0 + 0.2 * rng.standard_normal(x.shape)).astype(x.dtype)
-        if "norm" in jax.tree_util.keystr(path) else x, params)
+    return host_random_params(config)
 
 
 def mixed_inputs(seed: int, batch: int, seq: int):
@@ -135,14 +146,20 @@ def test_text_positions_match_the_text_model(config, params):
                    "lm_head": params["lm_head"]}
     ids, _ = mixed_inputs(1, 2, 24)
     ids = ids % VOCAB
-    text_out = LLaMAForCausalLM(text_config).apply({"params": text_params}, ids)
-    vision_model = VideoLLaMAForCausalLM(config)
-    out = vision_model.apply({"params": params}, ids, vision_masks=np.zeros(ids.shape, bool), sample_mode="all")
-    np.testing.assert_array_equal(out.hidden_states, text_out.hidden_states)
-    np.testing.assert_array_equal(out.logits, text_out.logits)
     vision = np.zeros(ids.shape, bool)
     vision[:, 10:] = True
-    mixed = vision_model.apply({"params": params}, np.where(vision, ids + 4000, ids), vision_masks=vision)
+    vision_model = VideoLLaMAForCausalLM(config)
+
+    @jax.jit
+    def run(params, text_params):
+        text_out = LLaMAForCausalLM(text_config).apply({"params": text_params}, ids)
+        out = vision_model.apply({"params": params}, ids, vision_masks=np.zeros(ids.shape, bool), sample_mode="all")
+        mixed = vision_model.apply({"params": params}, np.where(vision, ids + 4000, ids), vision_masks=vision)
+        return text_out, out, mixed
+
+    text_out, out, mixed = run(params, text_params)
+    np.testing.assert_array_equal(out.hidden_states, text_out.hidden_states)
+    np.testing.assert_array_equal(out.logits, text_out.logits)
     np.testing.assert_allclose(mixed.hidden_states[:, :10], text_out.hidden_states[:, :10], rtol=1e-6, atol=1e-6)
     assert np.abs(np.asarray(mixed.hidden_states[:, 10:] - text_out.hidden_states[:, 10:])).max() > 1e-2
 
@@ -171,18 +188,19 @@ def test_both_heads_match_float64_numpy(config, params, scan, tie, impl):
 def test_sample_modes_select_heads(config, params):
     ids, vision = mixed_inputs(3, 1, 16)
     model = VideoLLaMAForCausalLM(config)
-    both = model.apply({"params": params}, ids, vision_masks=vision, sample_mode="all")
-    text = model.apply({"params": params}, ids, vision_masks=vision, sample_mode="text")
-    vis = model.apply({"params": params}, ids, vision_masks=vision, sample_mode="vision")
+
+    def run(mode, model=model):
+        return model.apply({"params": params}, ids, vision_masks=vision, sample_mode=mode)
+
+    both, text, vis = jax.jit(lambda: (run("all"), run("text"), run("vision")))()
     assert text.vision_logits is None and vis.logits is None
     np.testing.assert_array_equal(text.logits, both.logits)
     np.testing.assert_array_equal(vis.vision_logits, both.vision_logits)
-    # The default comes from the config.
-    default = VideoLLaMAForCausalLM(config.replace(sample_mode="vision")).apply(
-        {"params": params}, ids, vision_masks=vision)
-    assert default.logits is None and default.vision_logits is not None
+    # The default comes from the config (shapes only: nothing to compute).
+    default = jax.eval_shape(lambda: run(None, VideoLLaMAForCausalLM(config.replace(sample_mode="vision"))))
+    assert default.logits is None and default.vision_logits.shape == (1, 16, VISION_VOCAB)
     with pytest.raises(ValueError, match="sample_mode='both'"):
-        model.apply({"params": params}, ids, vision_masks=vision, sample_mode="both")
+        jax.eval_shape(lambda: run("both"))
 
 
 @pytest.mark.parametrize("mode", ["text", "vision"])
@@ -198,11 +216,16 @@ def test_cached_decoding_matches_full_forward(config, params, mode):
     mask[0, :6] = 0
     model = VideoLLaMAForCausalLM(config)
     head = "vision_logits" if step_is_vision else "logits"
-    full = getattr(model.apply({"params": params}, ids, vision_masks=vision, attention_mask=mask,
-                               sample_mode=mode), head)
-    out = model.apply({"params": params}, ids[:, :prompt_len], vision_masks=vision[:, :prompt_len],
-                      attention_mask=mask[:, :prompt_len], cache=init_cache(config, 2, 32), prefill=True,
-                      sample_mode=mode)
+
+    @jax.jit
+    def full_and_prefill():
+        full = model.apply({"params": params}, ids, vision_masks=vision, attention_mask=mask, sample_mode=mode)
+        prefill = model.apply({"params": params}, ids[:, :prompt_len], vision_masks=vision[:, :prompt_len],
+                              attention_mask=mask[:, :prompt_len], cache=init_cache(config, 2, 32), prefill=True,
+                              sample_mode=mode)
+        return getattr(full, head), prefill
+
+    full, out = full_and_prefill()
     steps, cache = [getattr(out, head)], out.cache
     step = jax.jit(lambda c, x, vm: model.apply({"params": params}, x, vision_masks=vm, cache=c, sample_mode=mode))
     for t in range(prompt_len, total):
@@ -228,8 +251,8 @@ def test_sharded_matches_single_device(config, params):
                  + jnp.mean(jax.nn.log_softmax(out.vision_logits) * jnp.sin(jnp.arange(VISION_VOCAB))))
         return value, (out.logits, out.vision_logits)
 
-    (ref_v, ref_logits), ref_g = jax.value_and_grad(
-        lambda p: loss(VideoLLaMAForCausalLM(config), p), has_aux=True)(params)
+    (ref_v, ref_logits), ref_g = jax.jit(jax.value_and_grad(
+        lambda p: loss(VideoLLaMAForCausalLM(config), p), has_aux=True))(params)
     (v, logits), g = jax.jit(jax.value_and_grad(
         lambda p: loss(VideoLLaMAForCausalLM(config, mesh=mesh), p), has_aux=True))(sharded)
     assert max_rel_error(logits[0], ref_logits[0]) <= 1e-5
