@@ -44,7 +44,7 @@ from lwm.flags import define_flags_with_default
 from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
 from lwm.loading import LoadedModel, load_model
 from lwm.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from lwm.vision_io import VisionReadError, read_vision
+from lwm.vision_io import read_vision
 from lwm.vqgan import VQGAN, VQGANConfig
 
 log = logging.getLogger("lwm.vision_chat")
