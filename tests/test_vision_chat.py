@@ -22,6 +22,7 @@ from lwm.vision_chat import PromptTooLongError, VisionChat, decode_answer, main
 from lwm.vision_io import VisionReadError, preprocess_frame
 from lwm.vision_llama import VideoLLaMAForCausalLM
 from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel, save_vqgan_params
+from tests.helpers import run_script_with_fake_python
 from tests.test_vision_llama import host_random_params
 
 # imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
@@ -210,20 +211,6 @@ def test_entry_point_answers_and_exits_0(world, tmp_path):
     assert lines[0] == f"Question: {QUESTION}"
     assert lines[1].startswith("Answer: ") and len(lines[1]) > len("Answer: ")
     assert "3 frames, prompt 804 tokens (padded 832); generated 8 tokens" in result.stderr
-
-
-def run_script_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
-    """Run scripts/<script> with a `python3` on PATH that only records its arguments."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "python3"
-    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
-    fake.chmod(0o755)
-    args_out = tmp_path / "args"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS_OUT=str(args_out), **env_vars)
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return args_out.read_text().split("\0")[:-1]
 
 
 def test_run_vision_chat_script_flags_parse(tmp_path):

@@ -174,7 +174,7 @@ def test_sample_scripts_flags_parse(tmp_path, script, output, n_frames, top_k_vi
     from lwm import vision_generation
     from lwm.config import VideoLLaMAConfig, build_config
     from lwm.flags import parse_flags_for_test, tokenizer_spec
-    from tests.test_vision_chat import run_script_with_fake_python
+    from tests.helpers import run_script_with_fake_python
 
     args = run_script_with_fake_python(tmp_path, script, vqgan_checkpoint="/m/vqgan.pkl", lwm_checkpoint="/m/params",
                                        llama_tokenizer_path="/m/tok")
