@@ -76,5 +76,6 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
         params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(compute_dtype(dtype)),
                                               init_params(config, jax.random.key(seed))),
                          out_shardings=shardings)()
-    log.info("parameters:\n%s", sharding_table(shapes, specs, mesh))
+    log.info("%s: %.1fM parameters on mesh %s", type(config).__name__, config.num_params() / 1e6, dict(mesh.shape))
+    log.debug("parameters:\n%s", sharding_table(shapes, specs, mesh))
     return LoadedModel(config, model, params, specs, mesh, tok)

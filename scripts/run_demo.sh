@@ -44,4 +44,17 @@ export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
     --logger.output_dir="$out/runs" \
     --logger.experiment_id=demo \
     --logger.append_uuid=False
-echo "metrics: $out/runs/demo/metrics.jsonl; checkpoint: $out/runs/demo/streaming_params"
+run="$out/runs/demo"
+"$python" - "$run/metrics.jsonl" <<'PY'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+first, last = records[0], records[-1]
+print(f"\ntrain loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']}); "
+      f"held-out eval loss {last['eval_loss']:.3f}; {last['tokens_per_second']:.0f} tokens/s")
+PY
+echo "A greedy continuation from the trained model:"
+"$python" -m lwm.chat --load_llama_config="json::configs/tiny_text.json" \
+    --update_llama_config="dict(max_sequence_length=1024,scan_query_chunk_size=64,scan_key_chunk_size=64)" \
+    --load_checkpoint="params::$run/streaming_params" --tokenizer=builtin --mesh_dim='1,1,1,8' \
+    --temperature=0 --max_new_tokens=48 --prompt="What makes a startup succeed?"
+echo "metrics: $run/metrics.jsonl; checkpoint: $run/streaming_params"

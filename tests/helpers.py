@@ -41,9 +41,9 @@ def random_ids(key, shape, vocab):
     return jax.random.randint(jax.random.key(key), shape, 0, vocab, dtype=jnp.int32)
 
 
-def run_script_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
+def run_script_with_fake_python(tmp_path, script: str, all_calls: bool = False, **env_vars):
     """Run scripts/<script> with a `python3` (and $PYTHON) that only records its arguments;
-    returns the arguments of the last python call."""
+    returns the arguments of the last python call (of every call with all_calls=True)."""
     import os
     import subprocess
 
@@ -51,11 +51,14 @@ def run_script_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python3"
-    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" >> "$ARGS_OUT"\nprintf "\\036" >> "$ARGS_OUT"\n')
     fake.chmod(0o755)
     args_out = tmp_path / "args"
+    if args_out.exists():
+        args_out.unlink()
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS_OUT=str(args_out), PYTHON=str(fake),
                **env_vars)
     result = subprocess.run(["bash", os.path.join(root, "scripts", script)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return args_out.read_text().split("\0")[:-1]
+    calls = [call.split("\0")[:-1] for call in args_out.read_text().split("\036")[:-1]]
+    return calls if all_calls else calls[-1]

@@ -49,7 +49,10 @@ def test_train_scripts_flags_parse(tmp_path, script, modality, dataset_type):
 def test_demo_script_flags_parse(tmp_path):
     from lwm import train
 
-    args = run_script_with_fake_python(tmp_path, "run_demo.sh", OUT=str(tmp_path / "demo"), STEPS="7")
+    calls = run_script_with_fake_python(tmp_path, "run_demo.sh", all_calls=True, OUT=str(tmp_path / "demo"), STEPS="7")
+    assert [c[:2] for c in calls] == [["-m", "lwm.corpus"], ["-u", "-m"], ["-", str(tmp_path / "demo/runs/demo/metrics.jsonl")],
+                                      ["-m", "lwm.chat"]]
+    args = calls[1]
     assert args[:3] == ["-u", "-m", "lwm.train"]
     parse_flags_for_test(args[3:])
     flags = train.FLAGS
