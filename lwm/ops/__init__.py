@@ -69,8 +69,9 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     sp = 1 if mesh is None else mesh.shape["sp"]
     limit = chunk_limit(layout, seq, sp)  # validates layout, seq % sp (and % 2*sp for zigzag)
     local = seq // sp
-    query_chunk_size = fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size")
-    key_chunk_size = fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size")
+    if impl != "dense":  # the dense kernel has no chunks, so any length works
+        query_chunk_size = fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size")
+        key_chunk_size = fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size")
     if mesh is not None and q.shape[2] % mesh.shape["tp"]:
         raise ValueError(f"query heads {q.shape[2]} not divisible by tp={mesh.shape['tp']}")
     if mesh is not None and k.shape[2] % mesh.shape["tp"]:
