@@ -55,6 +55,14 @@ def _leaves(prefix: str, config: ConfigDict):
             yield name, value
 
 
+def _value(name: str, default):
+    """A flag's parsed value, or this entry point's own default when the command line did not
+    set it (several entry points imported into one process may share a flag name, e.g. seed,
+    with different defaults; absl keeps only the first definition)."""
+    flag = _FLAGS[name]
+    return flag.value if flag.present else default
+
+
 class ParsedFlags:
     """Attribute access to parsed flags; ConfigDict groups come back assembled."""
 
@@ -67,16 +75,16 @@ class ParsedFlags:
             raise AttributeError(f"no flag named {name!r}")
         default = defaults[name]
         if name == "tokenizer":
-            return tokenizer_spec()
+            return tokenizer_spec(str(default))
         if isinstance(default, ConfigDict):
             return self._group(name, default)
-        return _FLAGS[name].value
+        return _value(name, default)
 
     def _group(self, prefix: str, default: ConfigDict) -> ConfigDict:
         out = ConfigDict()
         for key, value in default.items():
             name = f"{prefix}.{key}"
-            out[key] = self._group(name, value) if isinstance(value, ConfigDict) else _FLAGS[name].value
+            out[key] = self._group(name, value) if isinstance(value, ConfigDict) else _value(name, value)
         return out
 
     def flag_dict(self) -> dict:
@@ -99,9 +107,13 @@ def define_flags_with_default(**defaults) -> tuple[ParsedFlags, dict]:
     return ParsedFlags(defaults), defaults
 
 
-def tokenizer_spec() -> str:
+def tokenizer_spec(default: str | None = None) -> str:
+    """--tokenizer.vocab_file if given, else --tokenizer (else `default`, else absl's default)."""
     vocab_file = _FLAGS["tokenizer.vocab_file"].value if "tokenizer.vocab_file" in _FLAGS else ""
-    return vocab_file or _FLAGS["tokenizer"].value
+    if vocab_file:
+        return vocab_file
+    flag = _FLAGS["tokenizer"]
+    return flag.value if flag.present or default is None else default
 
 
 def parse_flags_for_test(argv: list[str]) -> None:

@@ -199,7 +199,14 @@ def _atomic_temp(path: str) -> str:
 def _commit(tmp: str, path: str) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files; give the usual umask'd mode
     os.replace(tmp, path)
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_image(path: str, frame: np.ndarray) -> None:
