@@ -48,7 +48,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from lwm.llama import KVCache, cache_specs, head_logits, init_cache, lm_head_kernel
-from lwm.mesh import BATCH_AXES, BATCH_SPEC, gather_array, match_partition_rules, mesh_shape, partition_rules, shard_array
+from lwm.mesh import (BATCH_AXES, BATCH_SPEC, gather_array, match_partition_rules, mesh_shape, partition_rules,
+                      shard_array)
 
 SAMPLE_MODES = ("text", "vision")
 

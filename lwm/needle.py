@@ -46,7 +46,8 @@ MULTI_QUESTION_ONE = "What is the special magic number for {city}?"
 PROMPT = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the document "
           "or repeat your findings. Keep your response short and direct. ASSISTANT: ")
 # The original multi-needle eval used this shorter instruction; kept so its numbers reproduce.
-MULTI_PROMPT = "You are a helpful assistant. USER: {context} {question} Don't give information outside the document. ASSISTANT: "
+MULTI_PROMPT = ("You are a helpful assistant. USER: {context} {question} Don't give information outside the document. "
+                "ASSISTANT: ")
 FINAL_CONTEXT_BUFFER = 200  # tokens of the context length left for the prompt text and the answer
 NUMBER_DIGITS = 7
 # The original's city list, duplicates removed (a duplicate would let two needles share a name).

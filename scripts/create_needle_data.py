@@ -1,7 +1,7 @@
 """Write the haystack JSONL for the needle evals: one {"text": ...} object a line.
 
     python scripts/create_needle_data.py --output_path=data/pg19.jsonl                 # PG-19 (the original's source)
-    python scripts/create_needle_data.py --source=builtin --output_path=data/pg.jsonl   # essays shipped with the package
+    python scripts/create_needle_data.py --source=builtin --output_path=data/pg.jsonl   # shipped essays
     python scripts/create_needle_data.py --source=files --inputs book.txt texts/ --output_path=data/mine.jsonl
 
 Sources:

@@ -123,9 +123,11 @@ def main(argv=None) -> int:
     rows = benchmark(tuple(args.contexts), args.new_tokens, args.batch, args.hidden, args.layers, args.heads,
                      args.vocab, args.chunk, args.repeats, args.mesh_dim, args.dtype)
     print(format_table(rows))
-    meta = {"backend": jax.default_backend(), "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-            "machine": platform.machine(), "jax": jax.__version__, "model": dict(hidden=args.hidden, layers=args.layers,
-            heads=args.heads, vocab=args.vocab, chunk=args.chunk, dtype=args.dtype), "mesh_dim": args.mesh_dim}
+    model = dict(hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab, chunk=args.chunk,
+                 dtype=args.dtype)
+    meta = {"backend": jax.default_backend(), "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "machine": platform.machine(), "jax": jax.__version__,
+            "model": model, "mesh_dim": args.mesh_dim}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
