@@ -27,13 +27,14 @@ resumed run asks exactly what a fresh run would.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import random
 import tempfile
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -119,40 +120,49 @@ class NeedleSettings:
 # ---- haystack --------------------------------------------------------------------------------
 
 
+def haystack_texts(path: str) -> Iterator[tuple[int, str]]:
+    """Yield (pass, text) for the non-empty `text` of each JSONL line, restarting at the end of
+    the file (pass 1, 2, ...), without holding the file in memory (PG-19 is ~11 GB)."""
+    for pass_index in itertools.count():
+        found = False
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}, line {line_no}: expected an object with a string field 'text', got "
+                                     f"{line.strip()[:80]!r}")
+                if record["text"].strip():
+                    found = True
+                    yield pass_index, record["text"]
+        if not found:
+            raise ValueError(f"{path}: no text lines (expected one {{\"text\": ...}} object a line)")
+
+
 def read_haystacks(path: str, tokenizer, n_rounds: int, n_tokens: int) -> list[list[int]]:
     """`n_rounds` token lists of >= n_tokens each, from consecutive lines of a JSONL file.
 
     Round i continues where round i-1 stopped; the file wraps around (with a warning) when it
-    runs out, and is an error when it holds no text at all. Lines are joined with a space.
+    runs out, and is an error when all of it holds fewer than n_tokens. Lines are joined with
+    a space.
     """
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}, line {line_no}: expected an object with a string field 'text', got "
-                                 f"{line.strip()[:80]!r}")
-            if record["text"].strip():
-                texts.append(record["text"])
-    if not texts:
-        raise ValueError(f"{path}: no text lines (expected one {{\"text\": ...}} object a line)")
-    rounds, line, wrapped = [], 0, False
+    texts = haystack_texts(path)
+    rounds, wrapped = [], False
     for _ in range(n_rounds):
         tokens: list[int] = []
-        start = line
+        first_pass = None
         while len(tokens) < n_tokens:
-            piece = tokenizer.encode(("" if not tokens else " ") + texts[line % len(texts)])
-            tokens.extend(piece)
-            line += 1
-            if line - start > len(texts) and len(tokens) < n_tokens:
-                raise ValueError(f"{path}: all {len(texts)} lines hold {len(tokens)} tokens, fewer than the "
-                                 f"{n_tokens} of context_lengths_max")
-        wrapped |= line > len(texts)
+            pass_index, text = next(texts)
+            first_pass = pass_index if first_pass is None else first_pass
+            if pass_index >= first_pass + 2:  # read the whole file once within this round: it is too short
+                raise ValueError(f"{path}: all its lines hold fewer than the {n_tokens} tokens of "
+                                 f"context_lengths_max ({len(tokens)} tokens read)")
+            wrapped |= pass_index > 0
+            tokens.extend(tokenizer.encode(("" if not tokens else " ") + text))
         rounds.append(tokens)
     if wrapped:
         log.warning("%s has too little text for %d rounds of %d tokens: rounds reuse text from the start",

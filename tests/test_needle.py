@@ -95,7 +95,7 @@ def test_settings_grid_batching_and_bad_input(tmp_path, tokenizer):
     small.write_text('{"text": "One. Two."}\n{"text": "Three."}\n')
     rounds = read_haystacks(str(small), tokenizer, 2, 6)  # wraps around the two lines
     assert all(len(r) >= 6 for r in rounds)
-    with pytest.raises(ValueError, match="fewer than the 500"):
+    with pytest.raises(ValueError, match="fewer than the 500 tokens"):
         read_haystacks(str(small), tokenizer, 1, 500)
 
 
