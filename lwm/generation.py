@@ -65,6 +65,7 @@ class SamplingParams:
     cfg_scale: float = 1.0  # != 1.0: batch is [cond; uncond], logits = uncond + scale * (cond - uncond)
     eos_token_id: int | None = None  # None: never stop early
     pad_token_id: int = 0  # written after a row stopped
+    vocab_limit: int | None = None  # sample only ids < vocab_limit (e.g. 8192 VQGAN codes); forced tokens may exceed
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -75,6 +76,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.vocab_limit is not None and self.vocab_limit <= 0:
+            raise ValueError(f"vocab_limit must be positive (None = off), got {self.vocab_limit}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -128,7 +131,10 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     """
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [rows, 1]
+        if top_k <= 64:
+            kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [rows, 1]
+        else:  # a large k: one sort is much faster than lax.top_k on CPU (8192 of 8448: 6x)
+            kth_largest = jnp.sort(logits, axis=-1)[..., vocab - top_k:vocab - top_k + 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     if top_p < 1.0:
         ranked = jnp.sort(logits, axis=-1)[..., ::-1]  # [rows, V] descending
@@ -145,6 +151,9 @@ def sample_tokens(logits, rng, sampling: SamplingParams):
     logits = logits.astype(jnp.float32)
     if sampling.uses_cfg:
         logits = mix_cfg(logits, sampling.cfg_scale)
+    if sampling.vocab_limit is not None and sampling.vocab_limit < logits.shape[-1]:
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        logits = jnp.where(ids < sampling.vocab_limit, logits, -jnp.inf)
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)

@@ -143,8 +143,10 @@ class VisionGenerator:
     def _sample(self, ids, mask, vision_masks, rng, n_tokens: int, temperature: float, top_k: int,
                 cfg_scale: float) -> np.ndarray:
         """[n prompts, n_tokens] vision tokens, 8192 forced at the end of every frame."""
+        # Only the VQGAN's codes are sampled; the end-of-frame markers are forced.
         sampling = SamplingParams(max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, cfg_scale=cfg_scale,
-                                  eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id)
+                                  eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id,
+                                  vocab_limit=self.vqgan.config.num_embeddings)
         start = time.perf_counter()
         out = self.sampler.generate(ids, mask, rng, sampling, vision_masks=vision_masks, sample_mode="vision",
                                     forced_tokens=forced_markers(n_tokens, self.tokens_per_frame))
@@ -180,11 +182,8 @@ class VisionGenerator:
         rows = tokens.shape[0]
         codes = tokens.reshape(rows, -1, self.tokens_per_frame)[:, :, :-1]  # drop the end-of-frame markers
         limit = self.vqgan.config.num_embeddings
-        outside = (codes < 0) | (codes >= limit)
-        if outside.any():  # a sampled marker or spare id inside a frame: no pixels for it
-            log.warning("%d of %d sampled codes are outside the VQGAN codebook [0, %d); clamped into it",
-                        int(outside.sum()), codes.size, limit)
-            codes = np.clip(codes, 0, limit - 1)
+        if ((codes < 0) | (codes >= limit)).any():  # sampling is limited to the codebook, so never
+            raise ValueError(f"vision tokens outside the VQGAN codebook [0, {limit}) inside a frame")
         side = self.vqgan.config.latent_size
         pixels = self.vqgan.decode(codes.reshape(rows, -1, side, side))  # [rows, n_frames, H, W, 3] in [-1, 1]
         return to_uint8(np.asarray(jax.device_get(pixels)))

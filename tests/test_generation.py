@@ -111,6 +111,18 @@ def test_top_k_top_p_temperature_on_crafted_logits():
     tempered = np.sqrt(probs) / np.sqrt(probs).sum()
     np.testing.assert_allclose(np.bincount(drawn, minlength=5) / len(drawn), tempered, atol=0.015)
     assert set(draw(SamplingParams(1, temperature=0.0))) == {0}  # greedy
+    assert set(draw(SamplingParams(1, temperature=1.0, vocab_limit=3))) == {0, 1, 2}
+    assert set(draw(SamplingParams(1, temperature=0.0, vocab_limit=1))) == {0}
+
+
+def test_large_top_k_takes_the_sort_path_and_agrees():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 300)), jnp.float32)
+    for k in (5, 64, 65, 200, 299):
+        kept = np.isfinite(np.asarray(filter_logits(logits, top_k=k)))
+        expected = np.asarray(logits) >= np.sort(np.asarray(logits), axis=-1)[:, -k][:, None]
+        np.testing.assert_array_equal(kept, expected)
+        assert (kept.sum(-1) == k).all()
 
 
 def test_cfg_mix_formula():
