@@ -281,7 +281,7 @@ class Attention(nn.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
             new_cache = (k_cache, v_cache)
             if not self.prefill:
-                out = ops.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                out = ops.cached_attention(q, k_cache, v_cache,
                                            cache_index, cache_mask, mesh=self.mesh)
         out = dense(cfg.hidden_size, name="wo")(out.reshape(b, s, heads * hd))
         out = nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
