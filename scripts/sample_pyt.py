@@ -6,17 +6,20 @@
 The prompt is tokenized exactly as the LWM models were trained (legacy LLaMA SentencePiece,
 BOS first: lwm.tokenizer); generation is `transformers.LlamaForCausalLM.generate`.
 """
-from absl import app, flags
+from absl import app
 
-flags.DEFINE_string("model", "", "folder written by scripts/convert_lwm_to_hf.py")
-flags.DEFINE_string("prompt", "", "text to continue")
-flags.DEFINE_string("tokenizer", "", "tokenizer.model, its folder, a hub name or 'builtin' (default: the model folder)")
-flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-flags.DEFINE_integer("top_k", 0, "0 = off")
-flags.DEFINE_float("top_p", 1.0, "1.0 = off")
-flags.DEFINE_integer("seed", 0, "sampling seed")
-FLAGS = flags.FLAGS
+from lwm.flags import define_flags_with_default
+
+FLAGS, _ = define_flags_with_default(
+    model="",  # folder written by scripts/convert_lwm_to_hf.py
+    prompt="",  # text to continue
+    tokenizer="",  # tokenizer.model, its folder, a hub name or 'builtin' ('' = the model folder)
+    max_new_tokens=128,
+    temperature=0.0,  # 0 = greedy
+    top_k=0,  # 0 = off
+    top_p=1.0,  # 1.0 = off
+    seed=0,
+)
 
 
 def generate(model_dir: str, prompt: str, tokenizer_spec: str = "", max_new_tokens: int = 128,
