@@ -110,15 +110,11 @@ def run_chat(chat: TextChat, prompt: str, stdin: TextIO, stdout: TextIO, interac
 
 
 def _define_flags():
-    from lwm.config import LLaMAConfig
-    from lwm.distributed import JaxDistributedConfig
     from lwm.flags import define_flags_with_default
-    from lwm.tokenizer import DEFAULT_TOKENIZER
+    from lwm.loading import model_flag_defaults
 
-    return define_flags_with_default(
-        prompt="", max_new_tokens=512, temperature=0.2, top_k=0, top_p=1.0, seed=1234, mesh_dim="1,-1,1,1",
-        dtype="fp32", load_llama_config="", update_llama_config="", load_checkpoint="", tokenizer=DEFAULT_TOKENIZER,
-        llama=LLaMAConfig.get_default_config(), jax_distributed=JaxDistributedConfig.get_default_config())
+    return define_flags_with_default(prompt="", max_new_tokens=512, temperature=0.2, top_k=0, top_p=1.0,
+                                     **model_flag_defaults())
 
 
 FLAGS = None  # defined when run as a program, so importing TextChat defines no flags
@@ -128,12 +124,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from lwm.distributed import JaxDistributedConfig
-    from lwm.loading import load_model
+    from lwm.loading import load_model_from_flags
 
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
-    loaded = load_model(mesh_dim=FLAGS.mesh_dim, dtype=FLAGS.dtype, load_llama_config=FLAGS.load_llama_config,
-                        update_llama_config=FLAGS.update_llama_config, llama_flags=FLAGS.llama,
-                        load_checkpoint_spec=FLAGS.load_checkpoint, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed)
+    loaded = load_model_from_flags(FLAGS)
     chat = TextChat(loaded, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                     top_p=FLAGS.top_p, seed=FLAGS.seed)
     run_chat(chat, FLAGS.prompt, sys.stdin, sys.stdout, interactive_prompt=sys.stdin.isatty())

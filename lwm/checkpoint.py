@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import flax
 import jax

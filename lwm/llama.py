@@ -22,7 +22,6 @@ split halves, so conversion permutes q/k rows (scripts/convert_*).
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 

@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from lwm.checkpoint import flat_fns, float_dtype_by_name, load_checkpoint
@@ -48,6 +47,25 @@ def model_class(config: LLaMAConfig):
 
         return VideoLLaMAForCausalLM
     return LLaMAForCausalLM
+
+
+def model_flag_defaults(vision: bool = False, seed: int = 1234) -> dict[str, Any]:
+    """The flags every inference entry point shares, with the original's names and defaults."""
+    from lwm.distributed import JaxDistributedConfig
+    from lwm.tokenizer import DEFAULT_TOKENIZER
+
+    return dict(seed=seed, mesh_dim="1,-1,1,1", dtype="fp32", load_llama_config="", update_llama_config="",
+                load_checkpoint="", tokenizer=DEFAULT_TOKENIZER,
+                llama=(VideoLLaMAConfig if vision else LLaMAConfig).get_default_config(),
+                jax_distributed=JaxDistributedConfig.get_default_config())
+
+
+def load_model_from_flags(flags, vision: bool = False) -> LoadedModel:
+    """`load_model` with the `model_flag_defaults` flags of an entry point."""
+    return load_model(mesh_dim=flags.mesh_dim, dtype=flags.dtype, load_llama_config=flags.load_llama_config,
+                      update_llama_config=flags.update_llama_config, llama_flags=flags.llama,
+                      load_checkpoint_spec=flags.load_checkpoint, tokenizer=flags.tokenizer, vision=vision,
+                      seed=flags.seed)
 
 
 def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_config: str = "",

@@ -12,7 +12,7 @@ are sharded `PS(('dp','fsdp'), 'sp')`, activations `PS(('dp','fsdp'), 'sp', None
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp

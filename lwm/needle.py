@@ -543,9 +543,7 @@ def plot_path_for(output_file: str) -> str:
 def flag_defaults(multi: bool) -> dict[str, Any]:
     """The eval scripts' flags and defaults (spec section 1; the original's names)."""
     from lwm.checkpoint import StreamingCheckpointer
-    from lwm.config import LLaMAConfig
-    from lwm.distributed import JaxDistributedConfig
-    from lwm.tokenizer import DEFAULT_TOKENIZER
+    from lwm.loading import model_flag_defaults
 
     flags: dict[str, Any] = dict(
         haystack_file="", max_tokens_per_batch=2000000, output_file="results.json", context_lengths_min=1000,
@@ -555,9 +553,7 @@ def flag_defaults(multi: bool) -> dict[str, Any]:
     flags.update(
         max_new_tokens=0,  # ours: tokens generated per prompt (0 = the attention block size, as the original)
         plot=True,  # ours: write a heatmap PNG next to output_file at the end
-        seed=1234, mesh_dim="1,-1,1,1", dtype="fp32", load_llama_config="", update_llama_config="",
-        load_checkpoint="", tokenizer=DEFAULT_TOKENIZER, checkpointer=StreamingCheckpointer.get_default_config(),
-        llama=LLaMAConfig.get_default_config(), jax_distributed=JaxDistributedConfig.get_default_config())
+        checkpointer=StreamingCheckpointer.get_default_config(), **model_flag_defaults())
     return flags
 
 
@@ -566,7 +562,7 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
     import jax
 
     from lwm.distributed import JaxDistributedConfig
-    from lwm.loading import load_model
+    from lwm.loading import load_model_from_flags
 
     JaxDistributedConfig.initialize(flags.jax_distributed)
     settings = NeedleSettings(
@@ -576,9 +572,7 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
         n_document_depth_intervals=flags.n_document_depth_intervals, n_rounds=flags.n_rounds, seed=flags.seed,
         multi=multi, n_needles_total=flags.n_needles_total if multi else 1,
         n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens)
-    loaded = load_model(mesh_dim=flags.mesh_dim, dtype=flags.dtype, load_llama_config=flags.load_llama_config,
-                        update_llama_config=flags.update_llama_config, llama_flags=flags.llama,
-                        load_checkpoint_spec=flags.load_checkpoint, tokenizer=flags.tokenizer, seed=flags.seed)
+    loaded = load_model_from_flags(flags)
     print(f"needle eval: context lengths {settings.context_lengths}, depths {settings.depth_percents}, "
           f"{settings.n_rounds} rounds" + (f", {settings.n_needles_total} needles, {settings.n_needles_retrieve} "
                                             f"asked" if multi else ""), flush=True)

@@ -38,12 +38,11 @@ import jax
 import numpy as np
 from absl import app
 
-from lwm.config import VideoLLaMAConfig
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
-from lwm.loading import LoadedModel, load_model
-from lwm.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from lwm.loading import LoadedModel, load_model_from_flags, model_flag_defaults
+from lwm.tokenizer import Tokenizer
 from lwm.vision_io import read_vision
 from lwm.vqgan import VQGAN, VQGANConfig
 
@@ -62,15 +61,7 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     temperature=0.2,
     max_n_frames=8,  # longer videos are sampled uniformly down to this many frames
     max_new_tokens=0,  # answer length limit; 0 = the attention block size (LWM's choice)
-    seed=1234,
-    mesh_dim="1,-1,1,1",
-    dtype="fp32",
-    load_llama_config="",
-    update_llama_config="",
-    load_checkpoint="",
-    tokenizer=DEFAULT_TOKENIZER,
-    llama=VideoLLaMAConfig.get_default_config(),
-    jax_distributed=JaxDistributedConfig.get_default_config(),
+    **model_flag_defaults(vision=True),
 )
 
 
@@ -212,10 +203,7 @@ def main(argv):
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
     try:
         vqgan = load_vqgan(FLAGS.vqgan_checkpoint, FLAGS.vqgan_config)
-        loaded = load_model(mesh_dim=FLAGS.mesh_dim, dtype=FLAGS.dtype, load_llama_config=FLAGS.load_llama_config,
-                            update_llama_config=FLAGS.update_llama_config, llama_flags=FLAGS.llama,
-                            load_checkpoint_spec=FLAGS.load_checkpoint, tokenizer=FLAGS.tokenizer, vision=True,
-                            seed=FLAGS.seed)
+        loaded = load_model_from_flags(FLAGS, vision=True)
         chat = VisionChat(loaded, vqgan, FLAGS.temperature, FLAGS.max_new_tokens)
         answer = chat.answer(FLAGS.prompt, FLAGS.input_file, FLAGS.max_n_frames, jax.random.key(FLAGS.seed))
     except (FileNotFoundError, ValueError) as e:  # unreadable input, prompt too long, bad config

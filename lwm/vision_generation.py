@@ -35,12 +35,11 @@ import jax
 import numpy as np
 from absl import app
 
-from lwm.config import VideoLLaMAConfig
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.generation import Sampler, SamplingParams, cache_length, padded_prompt_length
-from lwm.loading import LoadedModel, load_model
-from lwm.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from lwm.loading import LoadedModel, load_model_from_flags, model_flag_defaults
+from lwm.tokenizer import Tokenizer
 from lwm.vision_io import to_uint8, write_image, write_video
 from lwm.vqgan import VQGAN, VQGANConfig
 
@@ -67,15 +66,7 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     vqgan_checkpoint="",  # pickle of the VQGAN params
     vqgan_config="",  # '' = LWM's VQGAN; else a JSON file or string of VQGANConfig fields
     n_frames=1,
-    seed=1234,
-    mesh_dim="1,-1,1,1",
-    dtype="fp32",
-    load_llama_config="",
-    update_llama_config="",
-    load_checkpoint="",
-    tokenizer=DEFAULT_TOKENIZER,
-    llama=VideoLLaMAConfig.get_default_config(),
-    jax_distributed=JaxDistributedConfig.get_default_config(),
+    **model_flag_defaults(vision=True),
 )
 
 
@@ -197,17 +188,12 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
-    # Defaults of flags shared with other entry points are the first definer's, so an empty
-    # prompt (vision_chat's default) means ours.
-    prompt = FLAGS.prompt or DEFAULT_PROMPT
+    prompt = FLAGS.prompt
     if not FLAGS.vqgan_checkpoint:
         raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
     try:
         vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
-        loaded = load_model(mesh_dim=FLAGS.mesh_dim, dtype=FLAGS.dtype, load_llama_config=FLAGS.load_llama_config,
-                            update_llama_config=FLAGS.update_llama_config, llama_flags=FLAGS.llama,
-                            load_checkpoint_spec=FLAGS.load_checkpoint, tokenizer=FLAGS.tokenizer, vision=True,
-                            seed=FLAGS.seed)
+        loaded = load_model_from_flags(FLAGS, vision=True)
         generator = VisionGenerator(loaded, vqgan)
         image_rng, video_rng = jax.random.split(jax.random.key(FLAGS.seed))
         tokens = generator.first_frames([prompt], image_rng, FLAGS.temperature_image, FLAGS.top_k_image,

@@ -1,6 +1,5 @@
 """Train steps: sharding invariance, exact gradient accumulation, learning, checkpoint round trip."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -44,7 +44,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def child(seq: int, steps: int, chunk: int, mesh_dim: str, layout: str, impl: str) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
