@@ -136,13 +136,39 @@ def apply_rotary(x, sin, cos):
     return out.reshape(b, s, h, d).astype(x.dtype)
 
 
-class Embedding(nn.Module):
-    """Token embedding table `embedding` [vocab, hidden]; lookups from a gathered table.
+def sharded_embedding_lookup(table, ids, mesh):
+    """table[ids] for a table sharded PS('tp', ('fsdp','sp')) and ids sharded PS(('dp','fsdp'), 'sp').
 
-    The table is sharded over (fsdp, sp) on the hidden axis; a lookup from the sharded table
-    makes XLA replicate the whole [batch, seq, hidden] output and slice it again, so the table
-    is gathered first (as FSDP gathers every weight for its use) and the lookup stays local.
+    Every device holds a [vocab/tp, hidden/(fsdp*sp)] slice of the table. It gathers the ids
+    of all (fsdp, sp) shards (a few bytes per token), looks up its hidden slice for all of them
+    (summing over tp, which splits the vocabulary), and one all_to_all regroups the slices into
+    its own tokens' full rows: out [batch, seq, hidden] sharded PS(('dp','fsdp'), 'sp', None).
+    No device ever holds the whole table or its whole gradient (2 x 32 MB per device for a
+    32000 x 256 table otherwise), and the backward pass is the same collectives reversed.
     """
+    sizes = mesh_shape(mesh)
+    vocab_local = table.shape[0] // sizes["tp"]
+    slices = sizes["fsdp"] * sizes["sp"]  # hidden slices, ordered fsdp-major as in the spec
+
+    def lookup(table_shard, ids_shard):  # [vocab/tp, hidden/slices], [batch_l, seq_l]
+        b, s = ids_shard.shape
+        ids_all = jax.lax.all_gather(ids_shard, "fsdp", axis=0, tiled=True)
+        ids_all = jax.lax.all_gather(ids_all, "sp", axis=1, tiled=True)  # [fsdp*batch_l, sp*seq_l]
+        local = ids_all - jax.lax.axis_index("tp") * vocab_local
+        valid = (local >= 0) & (local < vocab_local)
+        rows = jnp.take(table_shard, jnp.clip(local, 0, vocab_local - 1), axis=0) * valid[..., None]
+        rows = jax.lax.psum(rows, "tp")  # [fsdp*b, sp*s, h_slice]
+        h = rows.shape[-1]
+        rows = rows.reshape(sizes["fsdp"], b, sizes["sp"], s, h).transpose(0, 2, 1, 3, 4).reshape(slices, b, s, h)
+        rows = jax.lax.all_to_all(rows, ("fsdp", "sp"), 0, 0, tiled=False)  # [slices (of hidden), b, s, h]
+        return rows.transpose(1, 2, 0, 3).reshape(b, s, slices * h)
+
+    return jax.shard_map(lookup, mesh=mesh, in_specs=(PS("tp", ("fsdp", "sp")), PS(BATCH_AXES, "sp")),
+                         out_specs=PS(BATCH_AXES, "sp", None))(table, ids)
+
+
+class Embedding(nn.Module):
+    """Token embedding table `embedding` [vocab, hidden] (sharded PS('tp', ('fsdp','sp')))."""
 
     num_embeddings: int
     features: int
@@ -155,6 +181,13 @@ class Embedding(nn.Module):
     def __call__(self, ids):
         table = self.param("embedding", nn.initializers.normal(self.init_std), (self.num_embeddings, self.features),
                            self.param_dtype)
+        sizes = mesh_shape(self.mesh)
+        shards = sizes["fsdp"] * sizes["sp"] * sizes["tp"]
+        b, s = ids.shape
+        if shards > 1 and b % (sizes["dp"] * sizes["fsdp"]) == 0 and s % sizes["sp"] == 0:
+            return sharded_embedding_lookup(table, ids, self.mesh).astype(self.dtype)
+        # Decoding steps (one token, not divisible by sp) or no sharding: gather the table, so the
+        # lookup stays local (a lookup from the sharded table makes XLA replicate its output).
         table = with_sharding_constraint(table, PS(None, None), self.mesh)
         return jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
 

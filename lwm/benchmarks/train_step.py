@@ -5,7 +5,7 @@
 
 Configuration (the original LWM's reference measurements used the same): the `debug` model
 (hidden 256, 2 layers, 2 heads, vocabulary 32000, 17.3M parameters), fp32, batch 1, chunks
-of 512 for attention, MLP and loss, mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
+of 512 for attention and MLP (128 for the LM head's loss), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
 over sp=8). Each length runs in its own process so its peak memory is its own; the process
 also times a jitted 2048^3 float32 matmul so FLOP rates compare with this machine as it is.
 Printed: step time (median), tokens/s, model TFLOP/s and its ratio to the matmul rate, peak
@@ -43,7 +43,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def child(seq: int, steps: int, chunk: int, mesh_dim: str, layout: str, impl: str) -> dict:
+def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layout: str, impl: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
@@ -54,7 +54,7 @@ def child(seq: int, steps: int, chunk: int, mesh_dim: str, layout: str, impl: st
     matmul = matmul_gflops()
     config = load_config("debug").replace(
         max_sequence_length=seq, scan_query_chunk_size=chunk, scan_key_chunk_size=chunk, scan_mlp_chunk_size=chunk,
-        scan_loss_chunk_size=chunk, sequence_layout=layout, attention_impl=impl, bos_token_id=1, eos_token_id=2)
+        scan_loss_chunk_size=loss_chunk, sequence_layout=layout, attention_impl=impl, bos_token_id=1, eos_token_id=2)
     mesh = build_mesh(mesh_dim)
     trainer = Trainer(config, mesh, {"adamw_optimizer": {"lr": 1e-4, "lr_warmup_steps": 10}}, dtype=jnp.float32)
     rng = np.random.default_rng(0)
@@ -89,7 +89,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", default="2048,8192,32768,131072")
     parser.add_argument("--steps", default="", help="timed steps per length (default: 5,3,2,1 by length)")
-    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=512, help="attention and MLP chunk (the original's 512)")
+    parser.add_argument("--loss_chunk", type=int, default=128, help="sequence chunk of the blockwise LM head")
     parser.add_argument("--mesh_dim", default="1,1,1,8")
     parser.add_argument("--layout", default="zigzag", help="contiguous | zigzag | striped")
     parser.add_argument("--impl", default="blockwise")
@@ -98,8 +99,8 @@ def main():
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, int(args.steps), args.chunk, args.mesh_dim, args.layout,
-                                          args.impl)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, int(args.steps), args.chunk, args.loss_chunk, args.mesh_dim,
+                                          args.layout, args.impl)), flush=True)
         return
     seqs = [int(s) for s in args.seqs.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [
@@ -108,7 +109,7 @@ def main():
     results = []
     for seq, n in zip(seqs, steps):
         cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
-               f"--chunk={args.chunk}", f"--mesh_dim={args.mesh_dim}", f"--layout={args.layout}", f"--impl={args.impl}"]
+               f"--chunk={args.chunk}", f"--loss_chunk={args.loss_chunk}", f"--mesh_dim={args.mesh_dim}", f"--layout={args.layout}", f"--impl={args.impl}"]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

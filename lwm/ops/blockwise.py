@@ -90,6 +90,18 @@ def output_delta(out, d_out):
 # ----------------------------------------------------------------------------- block kernels
 
 
+def _tie_masks_to(q, q_seg, kv_seg, q_pos, kv_pos):
+    """Pass positions and segment ids through one optimization barrier with q.
+
+    The masks depend only on positions and segments, which do not change from layer to layer.
+    Under a scan over layers (flax nn.scan) and jax.grad, JAX's scan partial evaluation would
+    then hoist every chunk pair's [chunk, chunk] mask out of the layer loop as one stacked
+    [n_q, n_kv, chunk, chunk] array: quadratic memory (measured: 3.4 GB per device at 32K
+    tokens). Tied to q, they are computed inside each call, chunk by chunk.
+    """
+    return lax.optimization_barrier((q, q_seg, kv_seg, q_pos, kv_pos))
+
+
 def _head_major(x, kv_heads):
     """[b, s, heads, d] -> [b, kv_heads, group, s, d]: chunk matmuls then batch over contiguous heads."""
     b, s, h, d = x.shape
@@ -114,8 +126,9 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
     g = h // kv_heads
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
+    q, q_seg, kv_seg, q_pos, kv_pos = _tie_masks_to(q, q_seg, kv_seg, q_pos, kv_pos)
     kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
-    qh = _head_major(q, kv_heads)  # [b, hkv, g, sq, d]
+    qh = _head_major(q * jnp.asarray(scale, q.dtype), kv_heads)  # [b, hkv, g, sq, d], scaled once here
     kh = _head_major(k, kv_heads)[:, :, 0]  # [b, hkv, sk, d]
     vh = _head_major(v, kv_heads)[:, :, 0]
 
@@ -129,7 +142,7 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
                 acc, m, l = carry
                 k_j = lax.dynamic_slice_in_dim(kh, j * kv_chunk, kv_chunk, axis=2)  # [b, hkv, ck, d]
                 v_j = lax.dynamic_slice_in_dim(vh, j * kv_chunk, kv_chunk, axis=2)
-                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32)
                 mask = None
                 if masked:
                     kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
@@ -178,8 +191,10 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
     g = h // kv_heads
     q_chunk, kv_chunk = query_chunk_size, key_chunk_size
     n_q, n_kv = sq // q_chunk, sk // kv_chunk
+    q, q_seg, kv_seg, q_pos, kv_pos = _tie_masks_to(q, q_seg, kv_seg, q_pos, kv_pos)
     kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
-    qh, doh = _head_major(q, kv_heads), _head_major(d_out, kv_heads)  # [b, hkv, g, sq, d]
+    # q is scaled once here: s = (scale q) k^T, dk = ds^T (scale q), dq = scale * (ds k) at the end.
+    qh, doh = _head_major(q * jnp.asarray(scale, q.dtype), kv_heads), _head_major(d_out, kv_heads)
     kh = _head_major(k, kv_heads)[:, :, 0]  # [b, hkv, sk, d]
     vh = _head_major(v, kv_heads)[:, :, 0]
     lse4 = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, kv_heads, g, sq)  # empty rows: p is masked to 0
@@ -199,7 +214,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
                 do_i = lax.dynamic_slice_in_dim(doh, start, q_chunk, axis=3)
                 lse_i = lax.dynamic_slice_in_dim(lse4, start, q_chunk, axis=3)  # [b, hkv, g, cq]
                 delta_i = lax.dynamic_slice_in_dim(delta4, start, q_chunk, axis=3)
-                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32)
                 p = jnp.exp(s - lse_i[..., None])  # [b, hkv, g, cq, ck]
                 if masked:
                     q_pos_i = lax.dynamic_slice_in_dim(q_pos, start, q_chunk)
@@ -210,7 +225,7 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
                 dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i,
                                          preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_i[..., None]) * scale  # d(loss)/d(raw q.k)
+                ds = p * (dp - delta_i[..., None])  # d(loss)/d(scaled q.k)
                 dk_j = dk_j + jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i,
                                          preferred_element_type=jnp.float32)
                 dq_i = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
@@ -229,4 +244,4 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
     dq0 = jnp.zeros((b, kv_heads, g, sq, d), jnp.float32)
     dq, (dk, dv) = lax.scan(one_kv_chunk, dq0, jnp.arange(n_kv))  # dk, dv: [n_kv, b, hkv, ck, d]
     to_bshd = lambda x: jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, sk, kv_heads, d)
-    return _from_head_major(dq), to_bshd(dk), to_bshd(dv)
+    return _from_head_major(dq) * scale, to_bshd(dk), to_bshd(dv)
