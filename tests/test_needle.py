@@ -12,6 +12,7 @@ from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, ac
                         insert_needles, load_results, multi_accuracy_table, multi_case, period_token_ids,
                         plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
                         sentence_break_at_or_before, single_case, summary_table)
+from tests.helpers import run_script_with_fake_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "dict(hidden_size=64,intermediate_size=96,num_attention_heads=4,max_sequence_length=1024)"
@@ -225,19 +226,6 @@ def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
     assert "| depth % \\ context | 300 | 500 |" in run.stdout
 
 
-def _run_with_fake_python(tmp_path, script: str, **env_vars) -> list[str]:
-    """Run scripts/<script> with a `python3` on PATH that only records its arguments."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "python3"
-    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS_OUT=str(tmp_path / "args"), **env_vars)
-    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    return (tmp_path / "args").read_text().split("\0")[:-1]
-
-
 @pytest.mark.parametrize("script,multi", [("run_eval_needle.sh", False), ("run_eval_needle_multi.sh", True)])
 def test_run_scripts_pass_flags_the_evals_accept(tmp_path, script, multi):
     import importlib.util
@@ -248,7 +236,7 @@ def test_run_scripts_pass_flags_the_evals_accept(tmp_path, script, multi):
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "lwm_text_checkpoint"})
     assert run.returncode != 0 and "set lwm_text_checkpoint" in run.stderr
-    args = _run_with_fake_python(tmp_path, script, lwm_text_checkpoint="/m/params", haystack_file="/d/pg19.jsonl",
+    args = run_script_with_fake_python(tmp_path, script, lwm_text_checkpoint="/m/params", haystack_file="/d/pg19.jsonl",
                                  output_file="/o/results.json", llama_tokenizer_path="/m/tokenizer.model")
     name = "eval_needle_multi" if multi else "eval_needle"
     assert args[:2] == ["-u", f"scripts/{name}.py"]
