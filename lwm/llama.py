@@ -136,60 +136,87 @@ def apply_rotary(x, sin, cos):
     return out.reshape(b, s, h, d).astype(x.dtype)
 
 
-def sharded_embedding_lookup(table, ids, mesh):
-    """table[ids] for a table sharded PS('tp', ('fsdp','sp')) and ids sharded PS(('dp','fsdp'), 'sp').
+def embedding_lookup(tables, ids, which=None, mesh=None):
+    """tables[which][ids]: rows of one of several [vocab, hidden] tables per position.
 
-    Every device holds a [vocab/tp, hidden/(fsdp*sp)] slice of the table. It gathers the ids
+    `which` (int or bool [batch, seq], default 0) picks the table per position (the video
+    model's text `wte` and vision `vte`); ids out of a table's range give row 0 of it, which
+    is never picked. All lookups run in one pass so a sharded mesh needs one set of collectives
+    (XLA's CPU runtime can deadlock when independent collectives run concurrently).
+    """
+    which = None if len(tables) == 1 else which
+    sizes = mesh_shape(mesh)
+    b, s = ids.shape
+    if sizes["fsdp"] * sizes["sp"] * sizes["tp"] > 1 and b % (sizes["dp"] * sizes["fsdp"]) == 0 \
+            and s % sizes["sp"] == 0:
+        return _sharded_lookup(tuple(tables), ids, which, mesh)
+    # Decoding steps (one token, not divisible by sp) or no sharding: gather each table, so the
+    # lookup stays local (a lookup from the sharded table makes XLA replicate its output).
+    rows = [jnp.take(with_sharding_constraint(t, PS(None, None), mesh), ids, axis=0, mode="clip") for t in tables]
+    return _pick(rows, which)
+
+
+def _pick(rows, which):
+    out = rows[0]
+    for i, r in enumerate(rows[1:], start=1):
+        out = jnp.where((which == i)[..., None], r, out)
+    return out
+
+
+def _sharded_lookup(tables, ids, which, mesh):
+    """`embedding_lookup` for tables sharded PS('tp', ('fsdp','sp')) and ids PS(('dp','fsdp'), 'sp').
+
+    Every device holds a [vocab/tp, hidden/(fsdp*sp)] slice of each table. It gathers the ids
     of all (fsdp, sp) shards (a few bytes per token), looks up its hidden slice for all of them
     (summing over tp, which splits the vocabulary), and one all_to_all regroups the slices into
-    its own tokens' full rows: out [batch, seq, hidden] sharded PS(('dp','fsdp'), 'sp', None).
-    No device ever holds the whole table or its whole gradient (2 x 32 MB per device for a
-    32000 x 256 table otherwise), and the backward pass is the same collectives reversed.
+    its own tokens' full rows: [batch, seq, hidden] sharded PS(('dp','fsdp'), 'sp', None).
+    No device ever holds a whole table or its whole gradient (2 x 32 MB per device for a
+    32000 x 256 table otherwise); the backward pass is the same collectives reversed.
     """
     sizes = mesh_shape(mesh)
-    vocab_local = table.shape[0] // sizes["tp"]
     slices = sizes["fsdp"] * sizes["sp"]  # hidden slices, ordered fsdp-major as in the spec
 
-    def lookup(table_shard, ids_shard):  # [vocab/tp, hidden/slices], [batch_l, seq_l]
+    def gather_tokens(x):  # [batch_l, seq_l] -> [fsdp*batch_l, sp*seq_l]
+        return jax.lax.all_gather(jax.lax.all_gather(x, "fsdp", axis=0, tiled=True), "sp", axis=1, tiled=True)
+
+    def lookup(tables, ids_shard, which_shard):
         b, s = ids_shard.shape
-        ids_all = jax.lax.all_gather(ids_shard, "fsdp", axis=0, tiled=True)
-        ids_all = jax.lax.all_gather(ids_all, "sp", axis=1, tiled=True)  # [fsdp*batch_l, sp*seq_l]
-        local = ids_all - jax.lax.axis_index("tp") * vocab_local
-        valid = (local >= 0) & (local < vocab_local)
-        rows = jnp.take(table_shard, jnp.clip(local, 0, vocab_local - 1), axis=0) * valid[..., None]
+        ids_all = gather_tokens(ids_shard)
+        rows = []
+        for table in tables:  # [vocab/tp, hidden/slices]
+            local = ids_all - jax.lax.axis_index("tp") * table.shape[0]
+            valid = (local >= 0) & (local < table.shape[0])
+            rows.append(jnp.take(table, jnp.clip(local, 0, table.shape[0] - 1), axis=0) * valid[..., None])
+        rows = _pick(rows, None if which_shard is None else gather_tokens(which_shard))
         rows = jax.lax.psum(rows, "tp")  # [fsdp*b, sp*s, h_slice]
         h = rows.shape[-1]
         rows = rows.reshape(sizes["fsdp"], b, sizes["sp"], s, h).transpose(0, 2, 1, 3, 4).reshape(slices, b, s, h)
         rows = jax.lax.all_to_all(rows, ("fsdp", "sp"), 0, 0, tiled=False)  # [slices (of hidden), b, s, h]
         return rows.transpose(1, 2, 0, 3).reshape(b, s, slices * h)
 
-    return jax.shard_map(lookup, mesh=mesh, in_specs=(PS("tp", ("fsdp", "sp")), PS(BATCH_AXES, "sp")),
-                         out_specs=PS(BATCH_AXES, "sp", None))(table, ids)
+    table_specs = tuple(PS("tp", ("fsdp", "sp")) for _ in tables)
+    token_spec = PS(BATCH_AXES, "sp")
+    if which is None:
+        fn = jax.shard_map(lambda t, i: lookup(t, i, None), mesh=mesh, in_specs=(table_specs, token_spec),
+                           out_specs=PS(BATCH_AXES, "sp", None))
+        return fn(tables, ids)
+    fn = jax.shard_map(lookup, mesh=mesh, in_specs=(table_specs, token_spec, token_spec),
+                       out_specs=PS(BATCH_AXES, "sp", None))
+    return fn(tables, ids, which.astype(jnp.int32))
 
 
 class Embedding(nn.Module):
-    """Token embedding table `embedding` [vocab, hidden] (sharded PS('tp', ('fsdp','sp')))."""
+    """Holds one token embedding table `embedding` [vocab, hidden] (sharded PS('tp', ('fsdp','sp')))."""
 
     num_embeddings: int
     features: int
     init_std: float
-    dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    mesh: Any = None
 
     @nn.compact
-    def __call__(self, ids):
-        table = self.param("embedding", nn.initializers.normal(self.init_std), (self.num_embeddings, self.features),
-                           self.param_dtype)
-        sizes = mesh_shape(self.mesh)
-        shards = sizes["fsdp"] * sizes["sp"] * sizes["tp"]
-        b, s = ids.shape
-        if shards > 1 and b % (sizes["dp"] * sizes["fsdp"]) == 0 and s % sizes["sp"] == 0:
-            return sharded_embedding_lookup(table, ids, self.mesh).astype(self.dtype)
-        # Decoding steps (one token, not divisible by sp) or no sharding: gather the table, so the
-        # lookup stays local (a lookup from the sharded table makes XLA replicate its output).
-        table = with_sharding_constraint(table, PS(None, None), self.mesh)
-        return jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
+    def __call__(self):
+        return self.param("embedding", nn.initializers.normal(self.init_std), (self.num_embeddings, self.features),
+                          self.param_dtype)
 
 
 class Kernel(nn.Module):
@@ -400,16 +427,13 @@ class LLaMAModel(nn.Module):
     def __call__(self, input_ids, segment_ids, position_ids, vision_masks=None, cache=None,
                  prefill=False, deterministic=True):
         cfg = self.config
-        embed = partial(Embedding, features=cfg.hidden_size, init_std=cfg.initializer_range, dtype=self.dtype,
-                        param_dtype=self.param_dtype, mesh=self.mesh)
-        if hasattr(cfg, "vision_vocab_size"):
-            # Each position looks up one table; the other lookup gets a safe id 0.
+        embed = partial(Embedding, features=cfg.hidden_size, init_std=cfg.initializer_range,
+                        param_dtype=self.param_dtype)
+        tables = [embed(cfg.vocab_size, name="wte")()]
+        if hasattr(cfg, "vision_vocab_size"):  # positions under the vision mask use `vte`
+            tables.append(embed(cfg.vision_vocab_size, name="vte")())
             vision_masks = jnp.zeros(input_ids.shape, bool) if vision_masks is None else vision_masks
-            text = embed(cfg.vocab_size, name="wte")(jnp.where(vision_masks, 0, input_ids))
-            vision = embed(cfg.vision_vocab_size, name="vte")(jnp.where(vision_masks, input_ids, 0))
-            x = jnp.where(vision_masks[..., None], vision, text)
-        else:
-            x = embed(cfg.vocab_size, name="wte")(input_ids)
+        x = embedding_lookup(tables, input_ids, vision_masks, self.mesh).astype(self.dtype)
         x = nn.Dropout(rate=cfg.embd_pdrop)(x, deterministic=deterministic)
         x = with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh)
         max_position = cfg.max_sequence_length if cache is None else max(cfg.max_sequence_length, cache.length)

@@ -34,6 +34,19 @@ FSDP_SP = ("fsdp", "sp")
 # ---- mesh --------------------------------------------------------------------------------
 
 
+def cpu_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for `devices` virtual CPU devices (tests, demos, benchmarks).
+
+    Virtual devices share a few cores, so one of them can reach a collective long after the
+    others (a big fused op, or another process on the machine); XLA's CPU runtime aborts the
+    process when that takes more than 40 s. The timeouts are raised to an hour.
+    """
+    return (f"--xla_force_host_platform_device_count={devices} "
+            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
+            "--xla_cpu_collective_call_terminate_timeout_seconds=3600")
+
+
+
 def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[tuple[int, ...], bool]:
     """(dims in MESH_AXES order, allow_split_physical_axes) for a mesh_dim string."""
     text = mesh_dim.strip().replace(" ", "")

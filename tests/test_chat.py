@@ -11,6 +11,7 @@ import pytest
 
 from lwm.chat import TextChat, chat_prompt, run_chat
 from lwm.generation import SamplingParams
+from lwm.mesh import cpu_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "dict(hidden_size=64,intermediate_size=96,num_attention_heads=4,max_sequence_length=256)"
@@ -61,7 +62,7 @@ def test_chat_cli_one_shot():
            "--llama.scan_query_chunk_size=32", "--llama.scan_key_chunk_size=32", "--llama.scan_mlp_chunk_size=32",
            "--tokenizer=builtin", "--prompt=Tell me a story.", "--max_new_tokens=6", "--temperature=0.7",
            "--top_p=0.9"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()

@@ -184,22 +184,29 @@ def test_rotary_angles_are_exact_at_long_range():
 
 @pytest.mark.parametrize("mesh_dim", ["1,1,1,8", "1,2,2,2", "2,2,2,1", "1,1,2,4"])
 def test_sharded_embedding_lookup_and_gradient(mesh_dim):
+    """Two tables picked per position (as wte/vte), looked up from their shards, values and grads."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as PS
 
-    from lwm.llama import sharded_embedding_lookup
+    from lwm.llama import embedding_lookup
 
     mesh = build_mesh(mesh_dim)
-    table = jax.random.normal(jax.random.key(0), (64, 32))
+    text, vision = jax.random.normal(jax.random.key(0), (64, 32)), jax.random.normal(jax.random.key(3), (16, 32))
     ids = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
-    placed = jax.device_put(table, NamedSharding(mesh, PS("tp", ("fsdp", "sp"))))
+    which = jax.random.bernoulli(jax.random.key(4), 0.3, (4, 16))
+    ids = jnp.where(which, ids % 16, ids)
+    place = lambda t: jax.device_put(t, NamedSharding(mesh, PS("tp", ("fsdp", "sp"))))  # noqa: E731
     weights = jax.random.normal(jax.random.key(2), (4, 16, 32))
+    reference = jnp.where(which[..., None], vision[ids % 16], text[ids])
 
-    def loss(t):
-        return jnp.sum(sharded_embedding_lookup(t, ids, mesh) * weights)
+    def loss(tables):
+        return jnp.sum(embedding_lookup(tables, ids, which, mesh) * weights)
 
-    out = jax.jit(lambda t: sharded_embedding_lookup(t, ids, mesh))(placed)
-    np.testing.assert_array_equal(out, table[ids])
-    grad = jax.jit(jax.grad(loss))(placed)
-    np.testing.assert_allclose(grad, jax.grad(lambda t: jnp.sum(t[ids] * weights))(table), rtol=1e-6, atol=1e-6)
-    assert grad.sharding.is_equivalent_to(placed.sharding, 2)  # stays sharded like the table
+    out = jax.jit(lambda t: embedding_lookup(t, ids, which, mesh))((place(text), place(vision)))
+    np.testing.assert_array_equal(out, reference)
+    grads = jax.jit(jax.grad(loss))((place(text), place(vision)))
+    expected = jax.grad(lambda t: jnp.sum(jnp.where(which[..., None], t[1][ids % 16], t[0][ids]) * weights))(
+        (text, vision))
+    for g, e, table in zip(grads, expected, (text, vision)):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+        assert g.sharding.is_equivalent_to(place(table).sharding, 2)  # stays sharded like the table

@@ -13,6 +13,7 @@ from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, ac
                         plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
                         sentence_break_at_or_before, single_case, summary_table)
 from tests.helpers import run_script_with_fake_python
+from lwm.mesh import cpu_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "dict(hidden_size=64,intermediate_size=96,num_attention_heads=4,max_sequence_length=1024)"
@@ -215,7 +216,7 @@ def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
            f"--output_file={output}", "--context_lengths_min=300", "--context_lengths_max=500",
            "--n_context_length_intervals=2", "--n_document_depth_intervals=2", "--n_rounds=1",
            "--max_new_tokens=8", "--max_tokens_per_batch=5000"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(output.read_text())

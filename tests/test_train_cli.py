@@ -12,6 +12,7 @@ import pytest
 
 from lwm.corpus import builtin_corpus_documents, write_corpus_jsonl
 from lwm.logger import read_metrics
+from lwm.mesh import cpu_xla_flags
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ UPDATE = ("dict(vocab_size=32000,hidden_size=64,intermediate_size=128,num_hidden
 
 
 def env(devices=8):
-    e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    e = dict(os.environ, XLA_FLAGS=cpu_xla_flags(devices), JAX_PLATFORMS="cpu",
              WANDB_MODE="disabled", PYTHONPATH=ROOT)
     return e
 

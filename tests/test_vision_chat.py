@@ -24,6 +24,7 @@ from lwm.vision_llama import VideoLLaMAForCausalLM
 from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel, save_vqgan_params
 from tests.helpers import run_script_with_fake_python
 from tests.test_vision_llama import host_random_params
+from lwm.mesh import cpu_xla_flags
 
 # imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
 # hook warns about any fork once jax is imported.
@@ -199,7 +200,7 @@ def model_json(folder) -> str:
 
 def test_entry_point_answers_and_exits_0(world, tmp_path):
     """`python -m lwm.vision_chat` as a user runs it (one CPU device here, for speed)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(1), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lwm.vision_chat", f"--prompt={QUESTION}", f"--input_file={world['video']}",
            f"--vqgan_checkpoint={world['vqgan_path']}", f"--vqgan_config={world['vqgan_config']}",
            f"--load_llama_config=json::{model_json(tmp_path)}", "--tokenizer=builtin",

@@ -16,6 +16,7 @@ from lwm.vision_io import to_uint8
 from lwm.vision_llama import VideoLLaMAForCausalLM
 from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel
 from tests.test_vision_chat import ROOT, TINY_VQGAN, model_json, tiny_loaded, write_tiny_vqgan
+from lwm.mesh import cpu_xla_flags
 
 # imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
 # hook warns about any fork once jax is imported.
@@ -137,7 +138,7 @@ def test_decode_drops_markers_and_rejects_stray_codes(generator):
 
 
 def run_entry_point(generator, tmp_path, output_file, n_frames):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(1), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lwm.vision_generation", "--prompt=a red fox", f"--output_file={output_file}",
            f"--n_frames={n_frames}", "--cfg_scale_image=3.0", "--top_k_video=50",
            f"--vqgan_checkpoint={generator['vqgan_path']}", f"--vqgan_config={generator['vqgan_config']}",

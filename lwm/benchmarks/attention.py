@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from lwm.mesh import cpu_xla_flags
 
 COLUMNS = {
     # name: (attention kwargs, uses the sp=8 mesh, longest length to try by default)
@@ -181,7 +182,7 @@ def matmul_rate(size=2048, repeats=5):
 
 
 def _spawn(args, extra, timeout):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={SP}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(SP), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lwm.benchmarks.attention", *extra, *_child_flags(args)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from lwm.mesh import cpu_xla_flags
 
 ORIGINAL = {  # the original LWM on this machine (issue 7): step s, tokens/s, peak GB
     2048: (1.98, 1034, 2.3), 8192: (11.1, 738, 5.9), 32768: (92.2, 355, 19.4), 131072: None,
@@ -105,7 +106,7 @@ def main():
     seqs = [int(s) for s in args.seqs.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [
         5 if s <= 4096 else 3 if s <= 16384 else 2 if s <= 65536 else 1 for s in seqs]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu")
     results = []
     for seq, n in zip(seqs, steps):
         cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
