@@ -29,6 +29,7 @@ SEQUENCE_LAYOUTS = ("contiguous", "zigzag", "striped")
 REMAT_POLICIES = (
     "", "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
     "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims",
+    "save_attention",  # ours: keep q, k, v and the attention's results, recompute the rest
 )
 SAMPLE_MODES = ("all", "text", "vision")
 

@@ -79,8 +79,9 @@ def test_scanned_unscanned_and_axis_one_agree():
     np.testing.assert_allclose(out1, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_blockwise_mlp_remat_and_dense_attention_agree():
-    config = tiny_config(remat_block="nothing_saveable", remat_mlp="nothing_saveable")
+@pytest.mark.parametrize("remat_block", ["nothing_saveable", "save_attention", "dots_saveable"])
+def test_blockwise_mlp_remat_and_dense_attention_agree(remat_block):
+    config = tiny_config(remat_block=remat_block, remat_mlp="nothing_saveable")
     params = init_params(config, jax.random.key(0))
     ids = random_ids(3, (2, 24), 256)
     plain = config.replace(scan_mlp=False, attention_impl="dense", remat_block="", remat_mlp="")

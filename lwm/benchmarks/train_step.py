@@ -5,7 +5,8 @@
 
 Configuration (the original LWM's reference measurements used the same): the `debug` model
 (hidden 256, 2 layers, 2 heads, vocabulary 32000, 17.3M parameters), fp32, batch 1, chunks
-of 512 for attention and MLP (128 for the LM head's loss), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
+of 512 for attention and MLP (128 for the LM head's loss), layers rematerialised with the
+'save_attention' policy (q, k, v and the attention's results kept, the rest recomputed), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
 over sp=8). Each length runs in its own process so its peak memory is its own; the process
 also times a jitted 2048^3 float32 matmul so FLOP rates compare with this machine as it is.
 Printed: step time (median), tokens/s, model TFLOP/s and its ratio to the matmul rate, peak
@@ -44,7 +45,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layout: str, impl: str) -> dict:
+def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layout: str, impl: str,
+          remat_block: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
@@ -55,7 +57,8 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
     matmul = matmul_gflops()
     config = load_config("debug").replace(
         max_sequence_length=seq, scan_query_chunk_size=chunk, scan_key_chunk_size=chunk, scan_mlp_chunk_size=chunk,
-        scan_loss_chunk_size=loss_chunk, sequence_layout=layout, attention_impl=impl, bos_token_id=1, eos_token_id=2)
+        scan_loss_chunk_size=loss_chunk, sequence_layout=layout, attention_impl=impl, remat_block=remat_block,
+        bos_token_id=1, eos_token_id=2)
     mesh = build_mesh(mesh_dim)
     trainer = Trainer(config, mesh, {"adamw_optimizer": {"lr": 1e-4, "lr_warmup_steps": 10}}, dtype=jnp.float32)
     rng = np.random.default_rng(0)
@@ -83,7 +86,7 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
     return dict(seq=seq, step_s=step_s, step_times=times, compile_s=compile_s, tokens_per_s=seq / step_s,
                 model_gflops=flops / step_s / 1e9, matmul_gflops=matmul, flop_ratio=flops / step_s / 1e9 / matmul,
                 peak_bytes=peak, bytes_per_token=peak / seq, loss=losses[-1], mesh=mesh_dim, layout=layout,
-                impl=config.resolved_attention_impl(), params=config.num_params())
+                impl=config.resolved_attention_impl(), remat_block=remat_block, params=config.num_params())
 
 
 def main():
@@ -95,13 +98,15 @@ def main():
     parser.add_argument("--mesh_dim", default="1,1,1,8")
     parser.add_argument("--layout", default="zigzag", help="contiguous | zigzag | striped")
     parser.add_argument("--impl", default="blockwise")
+    parser.add_argument("--remat_block", default="save_attention",
+                        help="remat policy of each layer ('' = none; see lwm.llama.remat_policy)")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per length")
     parser.add_argument("--output", default="train_step_benchmark.json")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, int(args.steps), args.chunk, args.loss_chunk, args.mesh_dim,
-                                          args.layout, args.impl)), flush=True)
+                                          args.layout, args.impl, args.remat_block)), flush=True)
         return
     seqs = [int(s) for s in args.seqs.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [
@@ -110,7 +115,8 @@ def main():
     results = []
     for seq, n in zip(seqs, steps):
         cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
-               f"--chunk={args.chunk}", f"--loss_chunk={args.loss_chunk}", f"--mesh_dim={args.mesh_dim}", f"--layout={args.layout}", f"--impl={args.impl}"]
+               f"--chunk={args.chunk}", f"--loss_chunk={args.loss_chunk}", f"--mesh_dim={args.mesh_dim}", f"--layout={args.layout}", f"--impl={args.impl}",
+               f"--remat_block={args.remat_block}"]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lwm.ops.common import MASK_VALUE, block_mask, check_qkv, chunk_pair_kinds, fit_chunk
+from lwm.ops.common import MASK_VALUE, block_mask, check_qkv, chunk_pair_kinds, fit_chunk, name_residuals
 
 
 def blockwise_attention(q, k, v, segment_ids=None, *, causal=True, query_chunk_size=1024,
@@ -64,7 +64,7 @@ def _forward(config, q, k, v, segment_ids, positions):
     causal, scale, q_chunk, kv_chunk = config
     out, lse = blockwise_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, causal=causal,
                                    scale=scale, query_chunk_size=q_chunk, key_chunk_size=kv_chunk)
-    out = out.astype(q.dtype)
+    out, lse = name_residuals(out.astype(q.dtype), lse)
     return out, (q, k, v, segment_ids, positions, out, lse)
 
 

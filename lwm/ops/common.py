@@ -103,3 +103,16 @@ def fit_chunk(chunk, length, name):
     if length % chunk:
         raise ValueError(f"{name}={chunk} does not divide the (local) sequence length {length}")
     return chunk
+
+
+# Names of the attention kernels' saved results (jax.ad_checkpoint.checkpoint_name): a remat
+# policy that keeps these (lwm.llama's 'save_attention') recomputes everything else of a layer
+# but never re-runs the attention forward.
+OUT_NAME, LSE_NAME = "attention_out", "attention_lse"
+
+
+def name_residuals(out, lse):
+    """Tag a kernel's output and log-sum-exp for remat policies."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    return checkpoint_name(out, OUT_NAME), checkpoint_name(lse, LSE_NAME)

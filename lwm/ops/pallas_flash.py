@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lwm.ops.blockwise import output_delta
-from lwm.ops.common import MASK_VALUE, check_qkv
+from lwm.ops.common import MASK_VALUE, check_qkv, name_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _flash_fwd(config, q, k, v, segment_ids, positions):
     causal, scale, block_sizes, interpret, platform = config
     out, lse = flash_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, causal=causal, scale=scale,
                                block_sizes=block_sizes, interpret=interpret, platform=platform)
-    out = out.astype(q.dtype)
+    out, lse = name_residuals(out.astype(q.dtype), lse)
     return out, (q, k, v, segment_ids, positions, out, lse)
 
 

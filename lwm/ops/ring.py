@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as PS
 
 from lwm.ops.blockwise import blockwise_block_bwd, blockwise_block_fwd, output_delta
-from lwm.ops.common import check_qkv, fit_chunk, merge_partials
+from lwm.ops.common import check_qkv, fit_chunk, merge_partials, name_residuals
 from lwm.ops.layout import chunk_limit, global_index
 
 BATCH_AXES = ("dp", "fsdp")
@@ -163,7 +163,7 @@ def _make_ring(config):
         return forward(q, k, v, seg)[0]
 
     def ring_fwd(q, k, v, seg):
-        out, lse = forward(q, k, v, seg)
+        out, lse = name_residuals(*forward(q, k, v, seg))
         return out, (q, k, v, seg, out, lse)
 
     def ring_bwd(residuals, d_out):
