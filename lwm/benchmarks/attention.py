@@ -182,7 +182,7 @@ def matmul_rate(size=2048, repeats=5):
 
 
 def _spawn(args, extra, timeout):
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(SP), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(SP, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lwm.benchmarks.attention", *extra, *_child_flags(args)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -111,7 +111,7 @@ def main():
     seqs = [int(s) for s in args.seqs.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [
         5 if s <= 4096 else 3 if s <= 16384 else 2 if s <= 65536 else 1 for s in seqs]
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
     results = []
     for seq, n in zip(seqs, steps):
         cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
@@ -121,7 +121,8 @@ def main():
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
-                status = "out of memory" if proc.returncode in (-9, 137) else f"failed (exit {proc.returncode})"
+                status = ("killed (out of memory, or stopped)" if proc.returncode in (-9, 137)
+                          else f"failed (exit {proc.returncode})")
                 results.append(dict(seq=seq, error=status, stderr=proc.stderr[-2000:]))
             else:
                 results.append(json.loads(lines[-1][len("RESULT "):]))
