@@ -10,7 +10,7 @@ out="${OUT:-outputs/demo}"
 steps="${STEPS:-150}"
 python="${PYTHON:-.venv/bin/python}"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300}"
-export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
+export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 
 "$python" -m lwm.corpus "$out/data"
 "$python" -u -m lwm.train \
