@@ -295,15 +295,30 @@ def swiglu(x, w1, w2, w3, dtype, precision=None):
     return dot(gate * dot(x, w3.astype(dtype)), w2.astype(dtype))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x); over sequence chunks with remat when scan_mlp."""
+class ModelModule(nn.Module):
+    """Fields shared by the model's modules."""
 
     config: LLaMAConfig
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
-    deterministic: bool = True
+    precision: Any = None  # of the matmuls
+    mesh: Any = None  # jax.sharding.Mesh with axes (dp, fsdp, tp, sp), or None
+
+
+class LayerModule(ModelModule):
+    """Fields shared by the parts of a decoder layer."""
+
+    deterministic: bool = True  # no dropout
+    prefill: bool = False  # with a cache: the cache is empty and x is the whole (padded) prompt
+
+    def fields(self) -> dict:
+        """These fields as keyword arguments for the next level's modules."""
+        return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                    mesh=self.mesh, deterministic=self.deterministic, prefill=self.prefill)
+
+
+class FeedForward(LayerModule):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x); over sequence chunks with remat when scan_mlp."""
 
     @nn.compact
     def __call__(self, x):
@@ -321,16 +336,8 @@ class FeedForward(nn.Module):
         return nn.Dropout(rate=cfg.resid_pdrop)(out, deterministic=self.deterministic)
 
 
-class Attention(nn.Module):
+class Attention(LayerModule):
     """Multi-head (grouped-query) attention with interleaved RoPE and an optional KV cache."""
-
-    config: LLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
-    deterministic: bool = True
-    prefill: bool = False  # with a cache: the cache is empty and x is the whole (padded) prompt
 
     @nn.compact
     def __call__(self, x, sin, cos, segment_ids, layer_cache, cache_mask, cache_index):
@@ -368,40 +375,20 @@ class Attention(nn.Module):
         return out, new_cache
 
 
-class DecoderLayer(nn.Module):
-    config: LLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
-    deterministic: bool = True
-    prefill: bool = False
-
+class DecoderLayer(LayerModule):
     @nn.compact
     def __call__(self, x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index):
         cfg = self.config
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        modules = dict(config=cfg, precision=self.precision, mesh=self.mesh,
-                       deterministic=self.deterministic, **common)
-        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="attention_norm", **common)(x)
-        h, new_cache = Attention(prefill=self.prefill, name="attention", **modules)(
-            h, sin, cos, segment_ids, layer_cache, cache_mask, cache_index)
+        norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        h, new_cache = Attention(name="attention", **self.fields())(
+            norm(name="attention_norm")(x), sin, cos, segment_ids, layer_cache, cache_mask, cache_index)
         x = x + h
-        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="ffn_norm", **common)(x)
-        x = x + FeedForward(name="feed_forward", **modules)(h)
+        x = x + FeedForward(name="feed_forward", **self.fields())(norm(name="ffn_norm")(x))
         return with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh), new_cache
 
 
-class LayerStack(nn.Module):
+class LayerStack(LayerModule):
     """The decoder layers: one nn.scan ('scan_decoder') or a Python loop ('0', '1', ...)."""
-
-    config: LLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
-    deterministic: bool = True
-    prefill: bool = False
 
     @nn.compact
     def __call__(self, x, sin, cos, segment_ids, cache: KVCache | None):
@@ -410,8 +397,7 @@ class LayerStack(nn.Module):
         if cfg.remat_block:
             layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_block),
                                  prevent_cse=not cfg.scan_layers)
-        kwargs = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                      mesh=self.mesh, deterministic=self.deterministic, prefill=self.prefill)
+        kwargs = self.fields()
         cache_mask = None if cache is None else cache.mask
         cache_index = None if cache is None else cache.index
         layer_caches = None if cache is None else (cache.k, cache.v)
@@ -435,14 +421,8 @@ class LayerStack(nn.Module):
         return x, new_caches
 
 
-class LLaMAModel(nn.Module):
+class LLaMAModel(ModelModule):
     """Embeddings, decoder layers and the final norm (`transformer` in the parameter tree)."""
-
-    config: LLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
 
     @nn.compact
     def __call__(self, input_ids, segment_ids, position_ids, vision_masks=None, cache=None,
@@ -512,14 +492,8 @@ def finish_cache(cache: KVCache | None, new_caches, seq_len: int, mesh) -> KVCac
     return cache.replace(k=k, v=v, index=cache.index + seq_len)
 
 
-class LLaMAForCausalLM(nn.Module):
+class LLaMAForCausalLM(ModelModule):
     """The text model with its LM head: `transformer` + `lm_head`."""
-
-    config: LLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, segment_ids=None, position_ids=None,

@@ -14,23 +14,17 @@ attention kernels, scan, GQA, KV cache, sharding rules) is the text model's own 
 """
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from lwm.config import VideoLLaMAConfig
-from lwm.llama import CausalLMOutput, KVCache, Kernel, LLaMAModel, finish_cache, head_logits, prepare_inputs
+from lwm.llama import (CausalLMOutput, KVCache, Kernel, LLaMAModel, ModelModule, finish_cache, head_logits,
+                       prepare_inputs)
 
 
-class VideoLLaMAForCausalLM(nn.Module):
-    """`transformer` (with `wte` and `vte`) + `lm_head` + `vision_head`."""
-
-    config: VideoLLaMAConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    mesh: Any = None
+class VideoLLaMAForCausalLM(ModelModule):
+    """`transformer` (with `wte` and `vte`) + `lm_head` + `vision_head`; config: VideoLLaMAConfig."""
 
     @nn.compact
     def __call__(self, input_ids, vision_masks=None, attention_mask=None, segment_ids=None, position_ids=None,
