@@ -1,5 +1,6 @@
 """Train steps: sharding invariance, exact gradient accumulation, learning, checkpoint round trip."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -159,3 +160,19 @@ def test_frozen_parameters_do_not_move():
     assert not np.array_equal(after["transformer"]["vte"]["embedding"], before["transformer"]["vte"]["embedding"])
     np.testing.assert_array_equal(after["lm_head"]["kernel"], before["lm_head"]["kernel"])
     np.testing.assert_array_equal(after["transformer"]["wte"]["embedding"], before["transformer"]["wte"]["embedding"])
+
+
+def test_bf16_compute_tracks_fp32():
+    """bf16 activations and matmuls, float32 parameters and optimizer state: same loss to bf16 precision."""
+    config = tiny_config()
+    batch = random_batch(5)
+    mesh = build_mesh("1,2,2,2")
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        trainer = Trainer(config, mesh, OPT, dtype=dtype, seed=0)
+        state = trainer.init_state()
+        state, metrics = trainer.train_step(state, batch_to_global(batch, mesh))
+        assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+        losses[dtype] = float(metrics["loss"])
+    assert np.isfinite(losses[jnp.bfloat16])
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=2e-2)
