@@ -130,10 +130,25 @@ def _chunk_logits(h_c, kernel, logits_dtype, precision):
     return logits.astype(logits_dtype).astype(jnp.float32)  # [B, shards, chunk, V]
 
 
-def _target_logit(logits, t_c):
-    """logits[..., target] via a one-hot compare (0 for out-of-range ids, never NaN)."""
+def _token_stats(logits, t_c):
+    """Per-token (logsumexp, target logit, correct) of float32 logits [..., V] and targets [...].
+
+    Written for few passes over the [..., V] logits, which cost as much as the head's matmuls
+    on a CPU: the target logit is gathered (not a one-hot sum), and `correct` (target == the
+    first argmax, as `jnp.argmax` would say) comes from the max the logsumexp needs plus a
+    count of earlier ties, instead of a variadic (value, index) reduction. Out-of-range
+    targets get target logit 0 and correct 0, never NaN."""
+    vocab = logits.shape[-1]
+    valid = (t_c >= 0) & (t_c < vocab)
+    t_safe = jnp.where(valid, t_c, 0)
+    target_logit = jnp.take_along_axis(logits, t_safe[..., None], axis=-1, mode="clip")[..., 0]
+    row_max = jnp.max(logits, axis=-1)
     vocab_ids = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.sum(jnp.where(vocab_ids == t_c[..., None], logits, 0.0), axis=-1)
+    earlier_ties = jnp.sum(((logits == row_max[..., None]) & (vocab_ids < t_safe[..., None])).astype(jnp.float32),
+                           axis=-1)
+    correct = valid & (target_logit == row_max) & (earlier_ties == 0)
+    lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1))
+    return lse, jnp.where(valid, target_logit, 0.0), correct.astype(jnp.float32)
 
 
 def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precision):
@@ -141,8 +156,7 @@ def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precisi
     def step(_, xs):
         h_c, t_c = xs  # [B, shards, chunk, H], [B, shards, chunk]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, shards, chunk, V]
-        correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
-        return None, (jax.nn.logsumexp(logits, axis=-1), _target_logit(logits, t_c), correct)
+        return None, _token_stats(logits, t_c)
 
     xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets))
     _, per_token = lax.scan(step, None, xs)
@@ -165,28 +179,33 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
     compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     b, _, h = hidden.shape
 
-    def step(dkernel_partial, xs):
-        h_c, t_c, w_c = xs  # [B, x, c, H], [B, x, c], [B, x, c]
+    def chunk_grads(h_c, t_c, w_c):  # [B, x, c, H], [B, x, c], [B, x, c]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, x, c, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        vocab_ids = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        onehot = vocab_ids == t_c[..., None]
-        target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-        correct = (jnp.argmax(logits, axis=-1) == t_c).astype(jnp.float32)
+        lse, target_logit, correct = _token_stats(logits, t_c)
+        onehot = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == t_c[..., None]
         dlogits = (w_c[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(compute_dtype)
         dh_c = jnp.einsum("bxcv,hv->bxch", dlogits, kernel.astype(compute_dtype),
                           precision=precision, preferred_element_type=jnp.float32)
         # Contract only the tokens each device holds: the partial sums stay on their devices
         # and are reduced once after the scan.
         split = (batch_shards, b // batch_shards) + dlogits.shape[1:3]  # [p, B/p, x, c]
-        dkernel_partial = dkernel_partial + jnp.einsum(
-            "pbxch,pbxcv->pxhv", h_c.astype(compute_dtype).reshape(*split, h),
-            dlogits.reshape(*split, -1), precision=precision, preferred_element_type=jnp.float32)
-        return dkernel_partial, (lse - target_logit, correct, dh_c.astype(hidden.dtype))
+        dkernel_c = jnp.einsum("pbxch,pbxcv->pxhv", h_c.astype(compute_dtype).reshape(*split, h),
+                               dlogits.reshape(*split, -1), precision=precision,
+                               preferred_element_type=jnp.float32)
+        return dkernel_c, (lse - target_logit, correct, dh_c.astype(hidden.dtype))
+
+    def step(dkernel_partial, xs):
+        dkernel_c, per_token_c = chunk_grads(*xs)
+        return dkernel_partial + dkernel_c, per_token_c
 
     xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets, weights))
-    partial_init = jnp.zeros((batch_shards, seq_shards) + kernel.shape, jnp.float32)
-    dkernel_partial, per_token = lax.scan(step, partial_init, xs)
+    # The first chunk's gradient starts the sum: no zero-filled [H, V] accumulator to write
+    # and add (each such pass over the head's size costs more than a chunk's matmul on a CPU).
+    dkernel_partial, first = chunk_grads(*(x[0] for x in xs))
+    per_token = tuple(x[None] for x in first)
+    if xs[0].shape[0] > 1:
+        dkernel_partial, rest = lax.scan(step, dkernel_partial, tuple(x[1:] for x in xs))
+        per_token = tuple(jnp.concatenate([a, r]) for a, r in zip(per_token, rest))
     nll, correct, dhidden = (_from_chunks(x) for x in per_token)
     sums = (jnp.sum(weights * nll), jnp.sum(weights), jnp.sum(weights * correct))
     return sums, (dhidden, jnp.sum(dkernel_partial, axis=(0, 1)).astype(kernel.dtype), nll, correct)
@@ -219,7 +238,8 @@ def dense_lm_head_loss(hidden, head_kernel, targets, weights, *, chunk_size=1024
                         preferred_element_type=jnp.float32)
     logits = logits.astype(logits_dtype).astype(jnp.float32)  # [B, S, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = _target_logit(logits, targets)
+    vocab_ids = lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return LossSums(jnp.sum(weights * (lse - target_logit)), jnp.sum(weights),
                     jnp.sum(weights * correct))

@@ -107,6 +107,28 @@ def test_bf16_inputs_match_float64_of_rounded_inputs():
         assert err <= 2 ** -6 * np.abs(ref).max(), (name, err)
 
 
+def test_accuracy_breaks_ties_like_argmax():
+    """Tied maxima count as correct only for the first of them, as jnp.argmax picks it."""
+    h, kernel, targets, weights = make_inputs(seed=5)
+    kernel[:, 7] = kernel[:, 3]  # columns 3 and 7 always tie
+    kernel[:, 20] = kernel[:, 3]
+    h[0, :10] = np.abs(h[0, :10])
+    kernel[:, 3] = np.abs(kernel[:, 3]) * 10  # ... and win on the first 10 tokens of row 0
+    kernel[:, 7], kernel[:, 20] = kernel[:, 3], kernel[:, 3]
+    targets[0, :10] = [3, 7, 20, 3, 7, 20, 3, 3, 1, 7]
+    weights[0, :10] = 1.0
+    kernel_zero = np.zeros_like(kernel)  # every logit ties: only target 0 is "correct"
+    targets[1, :6] = [0, 1, 0, 5, 0, 36]
+    weights[1, :6] = 1.0
+    for k in (kernel, kernel_zero):
+        got = lm_head_loss(h, k, targets, weights, chunk_size=8)
+        want = dense_lm_head_loss(h, k, targets, weights)
+        np.testing.assert_allclose(got.correct_sum, want.correct_sum, rtol=1e-6)
+        np.testing.assert_allclose(got.loss_sum, want.loss_sum, rtol=1e-5)
+    hits = lm_head_loss(h[:1, :10], kernel, targets[:1, :10], np.ones((1, 10), np.float32), chunk_size=5)
+    assert float(hits.correct_sum) == 4.0  # the four 3s
+
+
 def test_logits_dtype_rounds_logits():
     h, kernel, targets, weights = make_inputs(seed=3)
     sums = lm_head_loss(h, kernel, targets, weights, chunk_size=8, logits_dtype=jnp.bfloat16)
@@ -124,7 +146,8 @@ def test_sharded_mesh_matches_unsharded():
     head = NamedSharding(mesh, PS(("fsdp", "sp"), "tp"))
 
     def loss(h, kernel, weights, targets):
-        sums = lm_head_loss(h, kernel, targets, weights, chunk_size=8, seq_shards=4, batch_shards=2,
+        # 4 chunks per shard: the first starts the gradient sum, the other 3 run in a loop
+        sums = lm_head_loss(h, kernel, targets, weights, chunk_size=4, seq_shards=4, batch_shards=2,
                             precision=HIGHEST)
         return sums.loss_sum, sums
 

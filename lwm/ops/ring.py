@@ -120,10 +120,8 @@ def _make_ring(config):
     block_fwd, block_bwd = _block_kernels(config)
     perm = [(i, (i + 1) % sp) for i in range(sp)]  # device i sends to i+1
 
-    def rotate(*xs):
-        if sp == 1:
-            return xs
-        return tuple(None if x is None else lax.ppermute(x, SEQ_AXIS, perm) for x in xs)
+    def rotate(x):
+        return x if sp == 1 else lax.ppermute(x, SEQ_AXIS, perm)
 
     def block_visible(me, src, q_seg, kv_seg):
         """False when every (query, key) pair between my block and block `src` is masked."""
@@ -135,27 +133,36 @@ def _make_ring(config):
             visible = visible & overlap.any()
         return visible
 
+    # Every transfer is a rendezvous of all devices, so a ring step sends as few arrays as it
+    # can: k and v travel stacked (dk, dv stacked too in the backward), segment ids are
+    # gathered once instead of travelling, and the last step sends nothing it does not need.
+    def gather_segments(seg):
+        return None if seg is None else lax.all_gather(seg, SEQ_AXIS)  # [sp, b, local]
+
     def forward(q, k, v, seg):
         me = lax.axis_index(SEQ_AXIS)
         q_pos = jnp.asarray(positions)[me]  # [local]
         b, s, h, d = q.shape
+        all_seg = gather_segments(seg)
 
-        def step(t, carry):
-            out, lse, k_t, v_t, seg_t = carry
+        def attend_block(t, out, lse, kv_t):
             src = (me - t) % sp  # the device whose k/v block I hold at step t
-            kv_pos = jnp.asarray(positions)[src]
-            # send the held block on first, so the transfer can overlap this step's compute
-            k_next, v_next, seg_next = rotate(k_t, v_t, seg_t)
+            seg_t = None if seg is None else all_seg[src]
 
             def attend(partial):
-                block_out, block_lse = block_fwd(q, k_t, v_t, seg, seg_t, q_pos, kv_pos)
+                block_out, block_lse = block_fwd(q, kv_t[0], kv_t[1], seg, seg_t, q_pos, jnp.asarray(positions)[src])
                 return merge_partials(*partial, block_out, block_lse)
 
-            out, lse = lax.cond(block_visible(me, src, seg, seg_t), attend, lambda p: p, (out, lse))
-            return out, lse, k_next, v_next, seg_next
+            return lax.cond(block_visible(me, src, seg, seg_t), attend, lambda p: p, (out, lse))
 
-        init = (jnp.zeros((b, s, h, d), jnp.float32), jnp.full((b, h, s), -jnp.inf, jnp.float32), k, v, seg)
-        out, lse, *_ = lax.fori_loop(0, sp, step, init)
+        def step(t, carry):
+            out, lse, kv_t = carry
+            kv_next = rotate(kv_t)  # sent first, so the transfer can overlap this step's compute
+            return (*attend_block(t, out, lse, kv_t), kv_next)
+
+        init = (jnp.zeros((b, s, h, d), jnp.float32), jnp.full((b, h, s), -jnp.inf, jnp.float32), jnp.stack([k, v]))
+        out, lse, kv_last = lax.fori_loop(0, sp - 1, step, init)
+        out, lse = attend_block(sp - 1, out, lse, kv_last)
         return out.astype(q.dtype), lse
 
     @jax.custom_vjp
@@ -171,26 +178,32 @@ def _make_ring(config):
         me = lax.axis_index(SEQ_AXIS)
         q_pos = jnp.asarray(positions)[me]
         delta = output_delta(out, d_out)  # [b, h, local]
+        all_seg = gather_segments(seg)
+        # dk, dv travel with their k, v block; after sp steps they are home again. k, v are sent
+        # before the step's compute (the transfer overlaps it), dk, dv after it.
 
-        def step(t, carry):
-            dq, k_t, v_t, seg_t, dk_t, dv_t = carry
+        def backprop_block(t, dq, kv_t, dkv_t):
             src = (me - t) % sp
-            kv_pos = jnp.asarray(positions)[src]
-            k_next, v_next, seg_next = rotate(k_t, v_t, seg_t)
+            seg_t = None if seg is None else all_seg[src]
 
             def backprop(grads):
-                dq_b, dk_b, dv_b = block_bwd(q, k_t, v_t, d_out, lse, delta, seg, seg_t, q_pos, kv_pos)
-                return grads[0] + dq_b, grads[1] + dk_b, grads[2] + dv_b
+                dq_b, dk_b, dv_b = block_bwd(q, kv_t[0], kv_t[1], d_out, lse, delta, seg, seg_t, q_pos,
+                                             jnp.asarray(positions)[src])
+                return grads[0] + dq_b, grads[1] + jnp.stack([dk_b, dv_b])
 
-            dq, dk_t, dv_t = lax.cond(block_visible(me, src, seg, seg_t), backprop, lambda g: g, (dq, dk_t, dv_t))
-            # dk, dv travel with their k, v block; after sp steps they are home again
-            dk_next, dv_next = rotate(dk_t, dv_t)
-            return dq, k_next, v_next, seg_next, dk_next, dv_next
+            return lax.cond(block_visible(me, src, seg, seg_t), backprop, lambda g: g, (dq, dkv_t))
 
-        zeros_q = jnp.zeros(q.shape, jnp.float32)
-        zeros_kv = jnp.zeros(k.shape, jnp.float32)
-        dq, _, _, _, dk, dv = lax.fori_loop(0, sp, step, (zeros_q, k, v, seg, zeros_kv, zeros_kv))
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+        def step(t, carry):
+            dq, kv_t, dkv_t = carry
+            kv_next = rotate(kv_t)
+            dq, dkv_t = backprop_block(t, dq, kv_t, dkv_t)
+            return dq, kv_next, rotate(dkv_t)
+
+        init = (jnp.zeros(q.shape, jnp.float32), jnp.stack([k, v]), jnp.zeros((2,) + k.shape, jnp.float32))
+        dq, kv_last, dkv = lax.fori_loop(0, sp - 1, step, init)
+        dq, dkv = backprop_block(sp - 1, dq, kv_last, dkv)
+        dkv = rotate(dkv)
+        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
     ring.defvjp(ring_fwd, ring_bwd)
     return ring
