@@ -41,6 +41,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as PS
+
+from lwm.mesh import BATCH_AXES, FSDP_SP, MESH_AXES, mesh_shape, with_sharding_constraint
 
 
 class LossSums(NamedTuple):
@@ -52,7 +55,7 @@ class LossSums(NamedTuple):
 
 
 def lm_head_loss(hidden, head_kernel, targets, weights, *, chunk_size=1024, seq_shards=1,
-                 logits_dtype=jnp.float32, precision=None, batch_shards=1) -> LossSums:
+                 logits_dtype=jnp.float32, precision=None, batch_shards=1, mesh=None) -> LossSums:
     """Cross-entropy of the LM head, computed chunk by chunk over the sequence.
 
     hidden: [B, S, H] final-norm output (compute dtype); head_kernel: [H, V] (flax Dense kernel);
@@ -68,16 +71,25 @@ def lm_head_loss(hidden, head_kernel, targets, weights, *, chunk_size=1024, seq_
         device, and reduced once after the scan; accumulating a single [H, V] instead makes
         GSPMD all-reduce it after every chunk. On an unsharded batch keep it 1 (each partial
         costs H * V * 4 bytes).
+    mesh: the ('dp', 'fsdp', 'tp', 'sp') mesh the arrays live on, if any. With it, seq_shards and
+        batch_shards come from the mesh, and the head gradient's partial sums are reduce-scattered
+        straight into the head kernel's sharding PS(('fsdp', 'sp'), 'tp') (without it GSPMD
+        all-reduces the whole [H, V] to every device and then slices it).
     Differentiable w.r.t. hidden, head_kernel and weights. Peak extra memory per device is
     about 2-3 local chunks of logits (B_local * chunk * V * 4 bytes each) plus an [H, V]
     float32 gradient accumulator.
     """
+    if mesh is not None and mesh.size > 1 and set(MESH_AXES) <= set(mesh.axis_names):
+        shape = mesh_shape(mesh)
+        seq_shards, batch_shards = shape["sp"], shape["dp"] * shape["fsdp"]
+    else:
+        mesh = None
     chunk = _check_inputs(hidden, head_kernel, targets, weights, chunk_size, seq_shards)
     if int(batch_shards) < 1 or hidden.shape[0] % batch_shards:
         raise ValueError(f"batch size {hidden.shape[0]} is not divisible by batch_shards={batch_shards}")
     weights = weights.astype(jnp.float32)
     return LossSums(*_chunked_loss(hidden, head_kernel, targets, weights, chunk, int(seq_shards),
-                                   int(batch_shards), jnp.dtype(logits_dtype), precision))
+                                   int(batch_shards), jnp.dtype(logits_dtype), precision, mesh))
 
 
 def _check_inputs(hidden, head_kernel, targets, weights, chunk_size, seq_shards):
@@ -164,20 +176,37 @@ def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precisi
     return tuple(_from_chunks(x) for x in per_token)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _sum_partials(partial, mesh):
+    """[batch_shards, seq_shards, H, V] per-device partial sums of the head gradient -> [H, V]."""
+    if mesh is None:
+        return jnp.sum(partial, axis=(0, 1))
+
+    def reduce_scatter(local):  # this device's [1, 1, H, V / tp]
+        local = local[0, 0] if mesh.shape["dp"] == 1 else lax.psum(local[0, 0], "dp")
+        return lax.psum_scatter(local, FSDP_SP, scatter_dimension=0, tiled=True)
+
+    # check_vma=False: with dp == 1 there is no psum to tell shard_map the result is dp-invariant
+    # (a psum over a size-1 axis still costs a rendezvous of every device on a CPU).
+    return jax.shard_map(reduce_scatter, mesh=mesh, in_specs=PS(BATCH_AXES, "sp", None, "tp"),
+                         out_specs=PS(FSDP_SP, "tp"), check_vma=False)(partial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _chunked_loss(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards, logits_dtype,
-                  precision):
+                  precision, mesh):
     lse, target_logit, correct = _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precision)
     return jnp.sum(weights * (lse - target_logit)), jnp.sum(weights), jnp.sum(weights * correct)
 
 
 def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch_shards,
-                      logits_dtype, precision):
+                      logits_dtype, precision, mesh):
     """Loss and, in the same pass over each chunk's logits, the gradients up to the scalar
     cotangent of loss_sum (the loss is the last node, so that is all the backward adds):
     three head matmuls per chunk and no recomputation, against four with a recomputing backward."""
     compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     b, _, h = hidden.shape
+    if mesh is not None:  # gathered once, for the first chunk and the loop alike
+        kernel = with_sharding_constraint(kernel, PS(None, "tp"), mesh)
 
     def chunk_grads(h_c, t_c, w_c):  # [B, x, c, H], [B, x, c], [B, x, c]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, x, c, V]
@@ -208,10 +237,10 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
         per_token = tuple(jnp.concatenate([a, r]) for a, r in zip(per_token, rest))
     nll, correct, dhidden = (_from_chunks(x) for x in per_token)
     sums = (jnp.sum(weights * nll), jnp.sum(weights), jnp.sum(weights * correct))
-    return sums, (dhidden, jnp.sum(dkernel_partial, axis=(0, 1)).astype(kernel.dtype), nll, correct)
+    return sums, (dhidden, _sum_partials(dkernel_partial, mesh).astype(kernel.dtype), nll, correct)
 
 
-def _chunked_loss_bwd(chunk, seq_shards, batch_shards, logits_dtype, precision, residuals,
+def _chunked_loss_bwd(chunk, seq_shards, batch_shards, logits_dtype, precision, mesh, residuals,
                       cotangents):
     dhidden, dkernel, nll, correct = residuals  # gradients of loss_sum, per-token nll and hits
     g_loss, g_weight, g_correct = cotangents
@@ -224,11 +253,11 @@ _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
 
 
 def dense_lm_head_loss(hidden, head_kernel, targets, weights, *, chunk_size=1024, seq_shards=1,
-                       logits_dtype=jnp.float32, precision=None, batch_shards=1) -> LossSums:
+                       logits_dtype=jnp.float32, precision=None, batch_shards=1, mesh=None) -> LossSums:
     """Reference: the same sums with the full [B, S, V] logits materialised (plain autodiff).
 
-    chunk_size, seq_shards and batch_shards are accepted for a drop-in signature and ignored
-    except for validation of the first two.
+    chunk_size, seq_shards, batch_shards and mesh are accepted for a drop-in signature and
+    ignored except for validation of the first two.
     """
     _check_inputs(hidden, head_kernel, targets, weights, chunk_size, seq_shards)
     weights = weights.astype(jnp.float32)

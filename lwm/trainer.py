@@ -112,10 +112,8 @@ class Trainer:
 
     # ---- loss ---------------------------------------------------------------------------
     def _head_sums(self, hidden, kernel, targets, weights):
-        shape = mesh_shape(self.mesh)
         return lm_head_loss(hidden, kernel.astype(self.dtype), targets, weights,
-                            chunk_size=self.config.scan_loss_chunk_size, seq_shards=shape["sp"],
-                            batch_shards=shape["dp"] * shape["fsdp"])
+                            chunk_size=self.config.scan_loss_chunk_size, mesh=self.mesh)
 
     def loss_sums(self, params, batch, rng=None) -> dict:
         """Weighted sums of loss and accuracy for each head (see `lwm.loss.LossSums`)."""

@@ -138,7 +138,8 @@ def test_logits_dtype_rounds_logits():
     assert float(sums.loss_sum) != float(full.loss_sum)  # the rounding is really applied
 
 
-def test_sharded_mesh_matches_unsharded():
+@pytest.mark.parametrize("pass_mesh", [False, True], ids=["shard_counts", "mesh"])
+def test_sharded_mesh_matches_unsharded(pass_mesh):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 1, 4), ("dp", "fsdp", "tp", "sp"))
     h, kernel, targets, weights = make_inputs(seed=11, batch=2, seq=64, hidden=16, vocab=40)
     activation = NamedSharding(mesh, PS(("dp", "fsdp"), "sp", None))
@@ -147,8 +148,8 @@ def test_sharded_mesh_matches_unsharded():
 
     def loss(h, kernel, weights, targets):
         # 4 chunks per shard: the first starts the gradient sum, the other 3 run in a loop
-        sums = lm_head_loss(h, kernel, targets, weights, chunk_size=4, seq_shards=4, batch_shards=2,
-                            precision=HIGHEST)
+        sharding = dict(mesh=mesh) if pass_mesh else dict(seq_shards=4, batch_shards=2)
+        sums = lm_head_loss(h, kernel, targets, weights, chunk_size=4, precision=HIGHEST, **sharding)
         return sums.loss_sum, sums
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
@@ -160,10 +161,14 @@ def test_sharded_mesh_matches_unsharded():
         np.testing.assert_allclose(got, want, rtol=1e-5)
     for got, name in zip(grads, ("hidden", "kernel", "weights")):
         np.testing.assert_allclose(got, ref_grads[name], rtol=1e-4, atol=1e-5, err_msg=name)
-    assert grads[0].sharding.spec == PS("fsdp", "sp")  # dhidden stays sequence-sharded
+    assert grads[0].sharding.is_equivalent_to(activation, 3)  # dhidden stays sequence-sharded
+    hlo = step.lower(h, kernel, weights, targets).compile().as_text()
+    if pass_mesh:  # the head gradient is reduce-scattered, never all-reduced at full size
+        assert re.search(r"= f32\[2,40\]\S* reduce-scatter\(", hlo), "expected a reduce-scatter into [16/8, 40]"
+        assert not re.search(r"= f32\[16,40\]\S* all-reduce\(", hlo)
 
     # Every collective (head all-gather, partial-sum all-reduce) sits outside the chunk loops.
-    computations = hlo_computations(step.lower(h, kernel, weights, targets).compile().as_text())
+    computations = hlo_computations(hlo)
     assert any(COLLECTIVE.search(line) for body in computations.values() for line in body)
     loop_bodies = {name for body in computations.values() for line in body
                    for name in re.findall(r"body=%([\w.\-]+)", line)}
