@@ -142,25 +142,32 @@ def _chunk_logits(h_c, kernel, logits_dtype, precision):
     return logits.astype(logits_dtype).astype(jnp.float32)  # [B, shards, chunk, V]
 
 
-def _token_stats(logits, t_c):
-    """Per-token (logsumexp, target logit, correct) of float32 logits [..., V] and targets [...].
+class _ChunkStats(NamedTuple):
+    exp_shifted: jax.Array  # exp(logits - max) [..., V]
+    exp_sum: jax.Array  # its sum over V [...]
+    lse: jax.Array  # logsumexp(logits) [...]
+    target_logit: jax.Array  # logits[target], 0 for out-of-range targets [...]
+    correct: jax.Array  # 1.0 where target == argmax (the first maximum, as jnp.argmax), else 0
 
-    Written for few passes over the [..., V] logits, which cost as much as the head's matmuls
-    on a CPU: the target logit is gathered (not a one-hot sum), and `correct` (target == the
-    first argmax, as `jnp.argmax` would say) comes from the max the logsumexp needs plus a
-    count of earlier ties, instead of a variadic (value, index) reduction. Out-of-range
-    targets get target logit 0 and correct 0, never NaN."""
+
+def _chunk_stats(logits, t_c) -> _ChunkStats:
+    """Softmax statistics of float32 logits [..., V] for targets [...] in few passes over V.
+
+    Those passes cost as much as the head's matmuls on a CPU, so: the target logit is gathered
+    (not a one-hot sum); `correct` compares the target with the first index holding the row
+    max (a single int min, not jnp.argmax's (value, index) reduction, which is 10x slower);
+    and exp(logits - max) is kept so the gradient reuses it instead of a second exp.
+    Out-of-range targets get target logit 0 and correct 0, never NaN."""
     vocab = logits.shape[-1]
     valid = (t_c >= 0) & (t_c < vocab)
-    t_safe = jnp.where(valid, t_c, 0)
-    target_logit = jnp.take_along_axis(logits, t_safe[..., None], axis=-1, mode="clip")[..., 0]
+    target_logit = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[..., None], axis=-1, mode="clip")[..., 0]
     row_max = jnp.max(logits, axis=-1)
     vocab_ids = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    earlier_ties = jnp.sum(((logits == row_max[..., None]) & (vocab_ids < t_safe[..., None])).astype(jnp.float32),
-                           axis=-1)
-    correct = valid & (target_logit == row_max) & (earlier_ties == 0)
-    lse = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1))
-    return lse, jnp.where(valid, target_logit, 0.0), correct.astype(jnp.float32)
+    first_max = jnp.min(jnp.where(logits == row_max[..., None], vocab_ids, vocab), axis=-1)
+    exp_shifted = jnp.exp(logits - row_max[..., None])
+    exp_sum = jnp.sum(exp_shifted, axis=-1)
+    return _ChunkStats(exp_shifted, exp_sum, row_max + jnp.log(exp_sum), jnp.where(valid, target_logit, 0.0),
+                       (valid & (first_max == t_c)).astype(jnp.float32))
 
 
 def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precision):
@@ -168,7 +175,8 @@ def _per_token(hidden, kernel, targets, chunk, seq_shards, logits_dtype, precisi
     def step(_, xs):
         h_c, t_c = xs  # [B, shards, chunk, H], [B, shards, chunk]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, shards, chunk, V]
-        return None, _token_stats(logits, t_c)
+        stats = _chunk_stats(logits, t_c)
+        return None, (stats.lse, stats.target_logit, stats.correct)
 
     xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets))
     _, per_token = lax.scan(step, None, xs)
@@ -210,9 +218,11 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
 
     def chunk_grads(h_c, t_c, w_c):  # [B, x, c, H], [B, x, c], [B, x, c]
         logits = _chunk_logits(h_c, kernel, logits_dtype, precision)  # [B, x, c, V]
-        lse, target_logit, correct = _token_stats(logits, t_c)
+        stats = _chunk_stats(logits, t_c)
         onehot = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == t_c[..., None]
-        dlogits = (w_c[..., None] * (jnp.exp(logits - lse[..., None]) - onehot)).astype(compute_dtype)
+        # w * (softmax - onehot), the softmax from the kept exp(logits - max) / its sum
+        dlogits = ((w_c / stats.exp_sum)[..., None] * stats.exp_shifted
+                   - jnp.where(onehot, w_c[..., None], 0.0)).astype(compute_dtype)
         dh_c = jnp.einsum("bxcv,hv->bxch", dlogits, kernel.astype(compute_dtype),
                           precision=precision, preferred_element_type=jnp.float32)
         # Contract only the tokens each device holds: the partial sums stay on their devices
@@ -221,7 +231,7 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
         dkernel_c = jnp.einsum("pbxch,pbxcv->pxhv", h_c.astype(compute_dtype).reshape(*split, h),
                                dlogits.reshape(*split, -1), precision=precision,
                                preferred_element_type=jnp.float32)
-        return dkernel_c, (lse - target_logit, correct, dh_c.astype(hidden.dtype))
+        return dkernel_c, (stats.lse - stats.target_logit, stats.correct, dh_c.astype(hidden.dtype))
 
     def step(dkernel_partial, xs):
         dkernel_c, per_token_c = chunk_grads(*xs)
