@@ -129,7 +129,8 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
     q, q_seg, kv_seg, q_pos, kv_pos = _tie_masks_to(q, q_seg, kv_seg, q_pos, kv_pos)
     kinds = chunk_pair_kinds(q_seg, kv_seg, q_pos, kv_pos, causal, q_chunk, kv_chunk)  # [n_q, n_kv]
     qh = _head_major(q * jnp.asarray(scale, q.dtype), kv_heads)  # [b, hkv, g, sq, d], scaled once here
-    kh = _head_major(k, kv_heads)[:, :, 0]  # [b, hkv, sk, d]
+    # k is transposed once here: as [ck, d] tiles, XLA's CPU dots copy k^T on every chunk pair.
+    khT = jnp.swapaxes(_head_major(k, kv_heads)[:, :, 0], 2, 3)  # [b, hkv, d, sk]
     vh = _head_major(v, kv_heads)[:, :, 0]
 
     def one_query_chunk(i):
@@ -140,9 +141,9 @@ def blockwise_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale,
         def kv_step(j, carry):
             def attend(carry, masked):
                 acc, m, l = carry
-                k_j = lax.dynamic_slice_in_dim(kh, j * kv_chunk, kv_chunk, axis=2)  # [b, hkv, ck, d]
+                kT_j = lax.dynamic_slice_in_dim(khT, j * kv_chunk, kv_chunk, axis=3)  # [b, hkv, d, ck]
                 v_j = lax.dynamic_slice_in_dim(vh, j * kv_chunk, kv_chunk, axis=2)
-                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32)
+                s = jnp.einsum("bhgqd,bhdk->bhgqk", q_i, kT_j, preferred_element_type=jnp.float32)
                 mask = None
                 if masked:
                     kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
@@ -210,16 +211,18 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
         v_j = lax.dynamic_slice_in_dim(vh, j * kv_chunk, kv_chunk, axis=2)
         kv_pos_j = lax.dynamic_slice_in_dim(kv_pos, j * kv_chunk, kv_chunk)
         kv_seg_j = None if kv_seg is None else lax.dynamic_slice_in_dim(kv_seg, j * kv_chunk, kv_chunk, axis=1)
+        kT_j, vT_j = jnp.swapaxes(k_j, 2, 3), jnp.swapaxes(v_j, 2, 3)  # [b, hkv, d, ck], once per key chunk
 
         def q_step(i, carry):
-            def backprop(carry, masked):
-                dq, dkT_j, dvT_j = carry
-                start = i * q_chunk
+            start = i * q_chunk
+
+            def backprop(grads, masked):
+                dkT_j, dvT_j = grads
                 q_i = lax.dynamic_slice_in_dim(qh, start, q_chunk, axis=3)  # [b, hkv, g, cq, d]
                 do_i = lax.dynamic_slice_in_dim(doh, start, q_chunk, axis=3)
                 lse_i = lax.dynamic_slice_in_dim(lse4, start, q_chunk, axis=3)  # [b, hkv, g, cq]
                 delta_i = lax.dynamic_slice_in_dim(delta4, start, q_chunk, axis=3)
-                s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, preferred_element_type=jnp.float32)
+                s = jnp.einsum("bhgqd,bhdk->bhgqk", q_i, kT_j, preferred_element_type=jnp.float32)
                 p = jnp.exp(s - lse_i[..., None])  # [b, hkv, g, cq, ck]
                 if masked:
                     q_pos_i = lax.dynamic_slice_in_dim(q_pos, start, q_chunk)
@@ -231,18 +234,23 @@ def blockwise_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos
                 doT_i = lax.dynamic_slice_in_dim(doT, start, q_chunk, axis=4)
                 dvT_j = dvT_j + jnp.einsum("bhdgq,bhgqk->bhdk", doT_i, p.astype(do_i.dtype),
                                            preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bhgqd,bhdk->bhgqk", do_i, vT_j, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_i[..., None])  # d(loss)/d(scaled q.k)
                 dkT_j = dkT_j + jnp.einsum("bhdgq,bhgqk->bhdk", qT_i, ds.astype(q_i.dtype),
                                            preferred_element_type=jnp.float32)
                 dq_i = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
-                dq_old = lax.dynamic_slice_in_dim(dq, start, q_chunk, axis=3)
-                dq = lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=3)
-                return dq, dkT_j, dvT_j
+                return dq_i, dkT_j, dvT_j
 
-            branches = (lambda c: c, functools.partial(backprop, masked=True),
-                        functools.partial(backprop, masked=False))
-            return lax.switch(kinds[i, j], branches, carry)  # SKIP, MASKED, FULL
+            def skip(grads):
+                return (jnp.zeros((b, kv_heads, g, q_chunk, d), jnp.float32),) + grads
+
+            # Only this query chunk's dq goes through the switch: the whole [.., sq, d] dq buffer
+            # passed through a conditional would be copied on every step.
+            dq, dkT_j, dvT_j = carry
+            branches = (skip, functools.partial(backprop, masked=True), functools.partial(backprop, masked=False))
+            dq_i, dkT_j, dvT_j = lax.switch(kinds[i, j], branches, (dkT_j, dvT_j))  # SKIP, MASKED, FULL
+            dq_old = lax.dynamic_slice_in_dim(dq, start, q_chunk, axis=3)
+            return lax.dynamic_update_slice_in_dim(dq, dq_old + dq_i, start, axis=3), dkT_j, dvT_j
 
         zeros = jnp.zeros((b, kv_heads, d, kv_chunk), jnp.float32)
         dq, dkT_j, dvT_j = lax.fori_loop(0, n_q, q_step, (dq, zeros, zeros))
