@@ -44,6 +44,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as PS
 
 from lwm.mesh import BATCH_AXES, FSDP_SP, MESH_AXES, mesh_shape, with_sharding_constraint
+from lwm.vocab_parallel_loss import vocab_parallel_applies, vocab_parallel_grads
 
 
 class LossSums(NamedTuple):
@@ -72,9 +73,10 @@ def lm_head_loss(hidden, head_kernel, targets, weights, *, chunk_size=1024, seq_
         GSPMD all-reduce it after every chunk. On an unsharded batch keep it 1 (each partial
         costs H * V * 4 bytes).
     mesh: the ('dp', 'fsdp', 'tp', 'sp') mesh the arrays live on, if any. With it, seq_shards and
-        batch_shards come from the mesh, and the head gradient's partial sums are reduce-scattered
-        straight into the head kernel's sharding PS(('fsdp', 'sp'), 'tp') (without it GSPMD
-        all-reduces the whole [H, V] to every device and then slices it).
+        batch_shards come from the mesh and the gradient pass splits the vocabulary over sp x tp
+        (`lwm.vocab_parallel_loss`; when sp * tp divides V); otherwise its head gradient's
+        partial sums are reduce-scattered straight into the kernel's sharding PS(('fsdp', 'sp'),
+        'tp') (without a mesh GSPMD all-reduces the whole [H, V] to every device, then slices it).
     Differentiable w.r.t. hidden, head_kernel and weights. Peak extra memory per device is
     about 2-3 local chunks of logits (B_local * chunk * V * 4 bytes each) plus an [H, V]
     float32 gradient accumulator.
@@ -211,6 +213,11 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
     """Loss and, in the same pass over each chunk's logits, the gradients up to the scalar
     cotangent of loss_sum (the loss is the last node, so that is all the backward adds):
     three head matmuls per chunk and no recomputation, against four with a recomputing backward."""
+    if mesh is not None and vocab_parallel_applies(mesh, kernel.shape[1]):
+        nll, correct, dhidden, dkernel = vocab_parallel_grads(hidden, kernel, targets, weights, chunk=chunk,
+                                                              mesh=mesh, logits_dtype=logits_dtype, precision=precision)
+        sums = (jnp.sum(weights * nll), jnp.sum(weights), jnp.sum(weights * correct))
+        return sums, (dhidden, dkernel, nll, correct)
     compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
     b, _, h = hidden.shape
     if mesh is not None:  # gathered once, for the first chunk and the loop alike

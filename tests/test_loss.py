@@ -138,36 +138,63 @@ def test_logits_dtype_rounds_logits():
     assert float(sums.loss_sum) != float(full.loss_sum)  # the rounding is really applied
 
 
-@pytest.mark.parametrize("pass_mesh", [False, True], ids=["shard_counts", "mesh"])
-def test_sharded_mesh_matches_unsharded(pass_mesh):
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 1, 4), ("dp", "fsdp", "tp", "sp"))
-    h, kernel, targets, weights = make_inputs(seed=11, batch=2, seq=64, hidden=16, vocab=40)
+def sharded_head_step(mesh_shape, vocab, **sharding):
+    """A jitted value-and-grad of lm_head_loss on a (dp, fsdp, tp, sp) mesh of 8 devices, its
+    inputs, and the unsharded reference sums and gradients."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("dp", "fsdp", "tp", "sp"))
+    h, kernel, targets, weights = make_inputs(seed=11, batch=2, seq=64, hidden=16, vocab=vocab)
     activation = NamedSharding(mesh, PS(("dp", "fsdp"), "sp", None))
     tokens = NamedSharding(mesh, PS(("dp", "fsdp"), "sp"))
     head = NamedSharding(mesh, PS(("fsdp", "sp"), "tp"))
+    sharding = {k: (mesh if v == "mesh" else v) for k, v in sharding.items()}
 
     def loss(h, kernel, weights, targets):
-        # 4 chunks per shard: the first starts the gradient sum, the other 3 run in a loop
-        sharding = dict(mesh=mesh) if pass_mesh else dict(seq_shards=4, batch_shards=2)
+        # 64 / sp tokens per shard in chunks of 4: the first starts the gradient sum, the rest loop
         sums = lm_head_loss(h, kernel, targets, weights, chunk_size=4, precision=HIGHEST, **sharding)
         return sums.loss_sum, sums
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
                    in_shardings=(activation, head, tokens, tokens))
-    (_, sums), grads = step(h, kernel, weights, targets)
-    ref_sums, ref_grads = value_and_grads(lm_head_loss, h, kernel, targets, weights, chunk_size=8,
-                                          precision=HIGHEST)
+    ref = value_and_grads(lm_head_loss, h, kernel, targets, weights, chunk_size=8, precision=HIGHEST)
+    return step, (h, kernel, weights, targets), ref, activation
+
+
+def check_against_reference(step, args, ref, activation, kernel_grad_sharded=True):
+    (_, sums), grads = step(*args)
+    ref_sums, ref_grads = ref
     for got, want in zip(sums, ref_sums):
         np.testing.assert_allclose(got, want, rtol=1e-5)
     for got, name in zip(grads, ("hidden", "kernel", "weights")):
         np.testing.assert_allclose(got, ref_grads[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert grads[0].sharding.is_equivalent_to(activation, 3)  # dhidden stays sequence-sharded
-    hlo = step.lower(h, kernel, weights, targets).compile().as_text()
-    if pass_mesh:  # the head gradient is reduce-scattered, never all-reduced at full size
-        assert re.search(r"= f32\[2,40\]\S* reduce-scatter\(", hlo), "expected a reduce-scatter into [16/8, 40]"
-        assert not re.search(r"= f32\[16,40\]\S* all-reduce\(", hlo)
+    if kernel_grad_sharded:  # lands in the kernel's own sharding, ready for the optimizer
+        assert grads[1].sharding.is_equivalent_to(NamedSharding(activation.mesh, PS(("fsdp", "sp"), "tp")), 2)
+    return step.lower(*args).compile().as_text()
 
-    # Every collective (head all-gather, partial-sum all-reduce) sits outside the chunk loops.
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 1, 4), (1, 2, 2, 2), (2, 1, 1, 4), (1, 1, 1, 8)])
+def test_vocab_parallel_head_matches_unsharded(mesh_shape):
+    """With a mesh whose sp x tp divides the vocabulary, each device holds a vocabulary slice of
+    the kernel: the full [H, V] kernel is never gathered and its gradient never all-reduced."""
+    hlo = check_against_reference(*sharded_head_step(mesh_shape, vocab=40, mesh="mesh"))
+    assert not re.search(r"= f32\[16,40\]\S* (all-gather|all-reduce|reduce-scatter)\(", hlo)
+    assert re.search(r" all-to-all\(", hlo)  # the kernel slice and its gradient change sharding
+
+
+def test_mesh_without_vocab_split_reduce_scatters_the_gradient():
+    """Vocabulary 42 is not divisible by sp = 4: the whole kernel is gathered once and the head
+    gradient reduce-scattered into its sharding, never all-reduced at full size."""
+    hlo = check_against_reference(*sharded_head_step((1, 2, 1, 4), vocab=42, mesh="mesh"))
+    assert re.search(r"= f32\[2,42\]\S* reduce-scatter\(", hlo), "expected a reduce-scatter into [16/8, 42]"
+    assert not re.search(r"= f32\[16,42\]\S* all-reduce\(", hlo)
+    assert len(re.findall(r"= f32\[16,42\]\S* all-gather\(", hlo)) == 1
+
+
+def test_sharded_mesh_matches_unsharded():
+    """Given only shard counts (no mesh), GSPMD shards the plain path, and every collective
+    (head all-gather, partial-sum all-reduce) sits outside the chunk loops."""
+    hlo = check_against_reference(*sharded_head_step((1, 2, 1, 4), vocab=40, seq_shards=4, batch_shards=2),
+                                  kernel_grad_sharded=False)
     computations = hlo_computations(hlo)
     assert any(COLLECTIVE.search(line) for body in computations.values() for line in body)
     loop_bodies = {name for body in computations.values() for line in body

@@ -62,8 +62,15 @@ def test_sharded_step_matches_one_device(mesh_dim, layout):
     for key in ("loss", "acc", "gradient_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5)
     assert tree_max_rel_error(grads, ref_grads) <= 1e-4
-    # Adam's first step is lr * sign(g) where |g| >> eps, so params agree to rounding of lr-sized steps.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-2 * 1e-3, rtol=0), params, ref_params)
+    # Adam's first step is lr * g / (|g| + eps) = lr * sign(g) where |g| >> eps (1e-8), so params
+    # agree to rounding of lr-sized steps there. Where |g| ~ eps the step swings with the last
+    # bits of g (summation order), so those entries are only held to one step's size.
+    def check(a, b, g):
+        settled = np.abs(g) > 1e-6
+        np.testing.assert_allclose(a[settled], b[settled], atol=1e-2 * 1e-3, rtol=0)
+        np.testing.assert_allclose(a, b, atol=2 * 1e-2, rtol=0)
+
+    jax.tree.map(check, params, ref_params, ref_grads)
 
 
 def test_gradient_accumulation_is_exact():
