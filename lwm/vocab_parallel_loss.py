@@ -38,7 +38,9 @@ VOCAB_AXES = ("sp", "tp")  # the vocabulary slices: index tp * sp_size + sp
 def vocab_parallel_applies(mesh, vocab_size: int) -> bool:
     """Whether `vocab_parallel_grads` can run: a mesh whose sp * tp divides the vocabulary."""
     shape = mesh_shape(mesh)
-    return shape["sp"] * shape["tp"] > 1 and vocab_size % (shape["sp"] * shape["tp"]) == 0
+    slices = shape["sp"] * shape["tp"]
+    # token ids travel as float32 values, exact below 2^24
+    return slices > 1 and vocab_size % slices == 0 and vocab_size < 2 ** 24
 
 
 def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logits_dtype, precision):
@@ -65,11 +67,18 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
         offset = (lax.axis_index("tp") * sp + me) * vocab_slice  # first vocabulary id held here
 
         def chunk_grads(h_c, t_c, w_c):  # [b, c, H], [b, c], [b, c]
-            h_all = lax.all_gather(h_c, "sp", axis=1, tiled=True)  # [b, sp*c, H]
-            # targets travel bit-cast to float32 beside the weights: one gather for both
-            tw = lax.all_gather(jnp.stack([lax.bitcast_convert_type(t_c, jnp.float32), w_c]), "sp",
-                                axis=2, tiled=True)
-            t_all, w_all = lax.bitcast_convert_type(tw[0], jnp.int32), tw[1]
+            # Every collective is a rendezvous of all devices, so a chunk makes four: one gather
+            # (targets and weights ride along as extra float32 columns when hidden is float32),
+            # a pmax, one psum for everything else, and the psum_scatter of dh.
+            t_f = jnp.clip(t_c, -1, vocab).astype(jnp.float32)  # out-of-range ids stay out of range
+            if h_c.dtype == jnp.float32:
+                packed = lax.all_gather(jnp.concatenate([h_c, t_f[..., None], w_c[..., None]], axis=-1), "sp",
+                                        axis=1, tiled=True)
+                h_all, t_f, w_all = packed[..., :-2], packed[..., -2], packed[..., -1]
+            else:
+                h_all = lax.all_gather(h_c, "sp", axis=1, tiled=True)  # [b, sp*c, H]
+                t_f, w_all = lax.all_gather(jnp.stack([t_f, w_c]), "sp", axis=2, tiled=True)
+            t_all = t_f.astype(jnp.int32)
             logits = jnp.einsum("bch,hv->bcv", h_all.astype(compute_dtype), w_slice, precision=precision,
                                 preferred_element_type=jnp.float32)
             logits = logits.astype(logits_dtype).astype(jnp.float32)  # [b, sp*c, V/(sp tp)]
@@ -79,10 +88,16 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
             mine = (local_t >= 0) & (local_t < vocab_slice)
             picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, vocab_slice - 1)[..., None], axis=-1)[..., 0]
             ids = lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-            first_max = lax.pmin(jnp.min(jnp.where(logits == row_max[..., None], ids + offset, vocab), axis=-1),
-                                 VOCAB_AXES)
-            exp_sum, target_logit = lax.psum((jnp.sum(exp_shifted, axis=-1), jnp.where(mine, picked, 0.0)),
-                                             VOCAB_AXES)
+            # The first argmax: the lowest slice holding the row max reports its first index there.
+            # As a psum: slot k of a [n_slices] vector carries slice k's (index + 1), 0 if no max.
+            local_first = jnp.min(jnp.where(logits == row_max[..., None], ids, vocab_slice), axis=-1)
+            slot = lax.axis_index("tp") * sp + me
+            holds = jnp.where(local_first < vocab_slice, (offset + local_first + 1).astype(jnp.float32), 0.0)
+            slots = jnp.where(jnp.arange(sp * tp) == slot, holds[..., None], 0.0)  # [b, sp*c, sp*tp]
+            sums = lax.psum(jnp.concatenate([jnp.sum(exp_shifted, axis=-1)[..., None],
+                                             jnp.where(mine, picked, 0.0)[..., None], slots], axis=-1), VOCAB_AXES)
+            exp_sum, target_logit, slots = sums[..., 0], sums[..., 1], sums[..., 2:]
+            first_max = jnp.min(jnp.where(slots > 0, slots, jnp.inf), axis=-1) - 1  # slots rise with the id
             nll = row_max + jnp.log(exp_sum) - target_logit
             correct = (first_max == t_all).astype(jnp.float32)  # out-of-range targets never match
             dlogits = ((w_all / exp_sum)[..., None] * exp_shifted

@@ -181,6 +181,27 @@ def test_vocab_parallel_head_matches_unsharded(mesh_shape):
     assert re.search(r" all-to-all\(", hlo)  # the kernel slice and its gradient change sharding
 
 
+def test_vocab_parallel_accuracy_breaks_ties_across_slices():
+    """A row max tied between vocabulary slices on different devices counts only for the first."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 1, 8), ("dp", "fsdp", "tp", "sp"))
+    h, kernel, targets, weights = make_inputs(seed=4, batch=1, seq=64, hidden=16, vocab=40)  # slices of 5
+    h = np.abs(h)
+    kernel[:, 3] = np.abs(kernel[:, 3]) * 10  # the max everywhere, tied with columns 17 and 36
+    kernel[:, 17], kernel[:, 36] = kernel[:, 3], kernel[:, 3]
+    targets[0, :12] = [3, 17, 36, 3, 17, 36, 3, 3, 1, 17, 3, 36]
+    weights[0, :12] = 1.0
+    shard = lambda spec: NamedSharding(mesh, spec)
+    args = (jax.device_put(h, shard(PS(("dp", "fsdp"), "sp"))), jax.device_put(kernel, shard(PS(("fsdp", "sp"), "tp"))),
+            jax.device_put(targets, shard(PS(("dp", "fsdp"), "sp"))), jax.device_put(weights, shard(PS(("dp", "fsdp"), "sp"))))
+    grad = jax.jit(jax.grad(lambda h, k, t, w: lm_head_loss(h, k, t, w, chunk_size=4, mesh=mesh).correct_sum,
+                            argnums=3))  # the gradient pass is the vocabulary-parallel one
+    dense = dense_lm_head_loss(h, kernel, targets, weights)
+    got = np.asarray(grad(*args))  # d correct_sum / d weights = per-token correct
+    want = (np.asarray(h, np.float64) @ kernel.astype(np.float64)).argmax(-1) == targets
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert got[0, :12].sum() == 5 and float(dense.correct_sum) == float((weights * want).sum())
+
+
 def test_mesh_without_vocab_split_reduce_scatters_the_gradient():
     """Vocabulary 42 is not divisible by sp = 4: the whole kernel is gathered once and the head
     gradient reduce-scattered into its sharding, never all-reduced at full size."""
