@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "pallas")
 SEQUENCE_LAYOUTS = ("contiguous", "zigzag", "striped")
+SP_ATTENTION = ("auto", "ring", "all_gather")
 # jax.checkpoint_policies names usable in remat_* fields ('' = no rematerialisation).
 REMAT_POLICIES = (
     "", "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
@@ -58,7 +59,7 @@ STANDARD_CONFIGS = {
 RUNTIME_FIELDS = (
     "remat_block", "remat_attention", "remat_mlp", "scan_attention", "scan_mlp",
     "scan_query_chunk_size", "scan_key_chunk_size", "scan_mlp_chunk_size", "scan_layers",
-    "param_scan_axis", "attention_impl", "sequence_layout", "scan_loss_chunk_size",
+    "param_scan_axis", "attention_impl", "sequence_layout", "scan_loss_chunk_size", "sp_attention",
 )
 
 # Keys of a transformers LlamaConfig that map onto ours (used only when ours is absent).
@@ -100,6 +101,7 @@ class LLaMAConfig:
     theta: float = 10000.0  # RoPE base
     attention_impl: str = "auto"  # auto | dense | blockwise | pallas
     sequence_layout: str = "contiguous"  # order of tokens along sp: contiguous | zigzag | striped
+    sp_attention: str = "auto"  # k/v across sp shards: ring | all_gather | auto (all_gather when small)
     use_flash_attention: bool = False  # original flag; with attention_impl=auto it asks for a kernel
 
     def __post_init__(self):
@@ -136,6 +138,8 @@ class LLaMAConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.sequence_layout not in SEQUENCE_LAYOUTS:
             raise ValueError(f"sequence_layout={self.sequence_layout!r}; expected one of {SEQUENCE_LAYOUTS}")
+        if self.sp_attention not in SP_ATTENTION:
+            raise ValueError(f"sp_attention={self.sp_attention!r}; expected one of {SP_ATTENTION}")
         for name in ("remat_block", "remat_attention", "remat_mlp"):
             if getattr(self, name) not in REMAT_POLICIES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {REMAT_POLICIES}")

@@ -358,7 +358,8 @@ class Attention(LayerModule):
             layout = cfg.sequence_layout if layer_cache is None else "contiguous"
             attend = partial(ops.attention, causal=True, impl=cfg.resolved_attention_impl(),
                              query_chunk_size=cfg.scan_query_chunk_size,
-                             key_chunk_size=cfg.scan_key_chunk_size, mesh=self.mesh, layout=layout)
+                             key_chunk_size=cfg.scan_key_chunk_size, mesh=self.mesh, layout=layout,
+                             sp_attention=cfg.sp_attention)
             if cfg.remat_attention:
                 attend = jax.checkpoint(attend, policy=remat_policy(cfg.remat_attention))
             out = attend(q, k, v, segment_ids)

@@ -37,10 +37,11 @@ def test_flash_backward_blocks_differ_from_forward_blocks():
     assert_matches_reference(out, grads, *reference_output_and_grads(q, k, v, seg, d_out, True))
 
 
-@pytest.mark.parametrize("sp, layout", [(2, "zigzag"), (4, "striped"), (8, "contiguous")])
-def test_ring_with_pallas_block_kernel(sp, layout):
+@pytest.mark.parametrize("sp, layout, sp_attention", [(2, "zigzag", "ring"), (4, "striped", "ring"),
+                                                      (8, "contiguous", "ring"), (4, "zigzag", "all_gather")])
+def test_ring_with_pallas_block_kernel(sp, layout, sp_attention):
     case = sample_cases(seed=30 + sp, count=1, seqs=(64, 128), min_chunk=8, sp=sp)[0]
-    out, grads, (q, k, v, seg, d_out) = run_ring(case, sp, layout, impl="pallas")
+    out, grads, (q, k, v, seg, d_out) = run_ring(case, sp, layout, impl="pallas", sp_attention=sp_attention)
     assert_matches_reference(out, grads, *reference_output_and_grads(q, k, v, seg, d_out, case.causal),
                              f"{case} sp={sp} {layout}")
 

@@ -30,26 +30,29 @@ def ring_cases():
     return out
 
 
-def run_ring(case, sp, layout, tp=1, impl="blockwise"):
+def run_ring(case, sp, layout, tp=1, impl="blockwise", sp_attention="ring"):
     q, k, v, seg, d_out = make_inputs(case)
     mesh = make_mesh(sp, tp, batch_shards=case.batch if case.batch * tp * sp <= 8 else 1)
     stored = [None if x is None else to_layout(x, layout, sp) for x in (q, k, v, seg, d_out)]
     q_l, k_l, v_l, seg_l, d_out_l = stored
     fn = lambda q, k, v: attention(q, k, v, seg_l, causal=case.causal, impl=impl, mesh=mesh, layout=layout,
-                                   query_chunk_size=case.q_chunk, key_chunk_size=case.kv_chunk)
+                                   query_chunk_size=case.q_chunk, key_chunk_size=case.kv_chunk,
+                                   sp_attention=sp_attention)
     out, grads = output_and_grads(fn, q_l, k_l, v_l, d_out_l)
     # back to natural order, where the reference lives
     return from_layout(out, layout, sp), [from_layout(g, layout, sp) for g in grads], (q, k, v, seg, d_out)
 
 
+@pytest.mark.parametrize("sp_attention", ["ring", "all_gather"])
 @pytest.mark.parametrize("case, sp, layout, tp", ring_cases(), ids=lambda x: str(x))
-def test_ring_matches_reference(case, sp, layout, tp):
-    out, grads, (q, k, v, seg, d_out) = run_ring(case, sp, layout, tp)
+def test_ring_matches_reference(case, sp, layout, tp, sp_attention):
+    out, grads, (q, k, v, seg, d_out) = run_ring(case, sp, layout, tp, sp_attention=sp_attention)
     ref = reference_output_and_grads(q, k, v, seg, d_out, case.causal)
     assert_matches_reference(out, grads, *ref, f"{case} sp={sp} {layout}")
 
 
-def test_ring_with_tensor_parallel_heads_and_sharded_inputs():
+@pytest.mark.parametrize("sp_attention", ["ring", "all_gather"])
+def test_ring_with_tensor_parallel_heads_and_sharded_inputs(sp_attention):
     """tp=2 splits heads; inputs arrive sharded PS(('dp','fsdp'), 'sp', 'tp', None) under jit."""
     case = Case(batch=2, seq=128, kv_heads=2, group=2, head_dim=32, q_chunk=16, kv_chunk=32, causal=True,
                 segments=3, left_pad=5, seed=11)
@@ -58,7 +61,8 @@ def test_ring_with_tensor_parallel_heads_and_sharded_inputs():
     act = NamedSharding(mesh, PS(("dp", "fsdp"), "sp", "tp", None))
     q_l, k_l, v_l, d_l = (jax.device_put(to_layout(x, "zigzag", 2), act) for x in (q, k, v, d_out))
     seg_l = jax.device_put(to_layout(seg, "zigzag", 2), NamedSharding(mesh, PS(("dp", "fsdp"), "sp")))
-    fn = lambda q, k, v: attention(q, k, v, seg_l, mesh=mesh, layout="zigzag", query_chunk_size=16, key_chunk_size=32)
+    fn = lambda q, k, v: attention(q, k, v, seg_l, mesh=mesh, layout="zigzag", query_chunk_size=16, key_chunk_size=32,
+                                   sp_attention=sp_attention)
     out, grads = output_and_grads(fn, q_l, k_l, v_l, d_l)
     ref = reference_output_and_grads(q, k, v, seg, d_out, True)
     assert_matches_reference(from_layout(out, "zigzag", 2), [from_layout(g, "zigzag", 2) for g in grads], *ref)
@@ -163,3 +167,29 @@ def test_zigzag_chunks_stop_at_the_half_shard():
                                            key_chunk_size=1024))
     out = from_layout(np.asarray(fn(*stored)), "zigzag", 2)
     assert np.isfinite(out[:, :48]).all() and np.isnan(out[:, 48:]).all()
+
+
+def test_auto_gathers_kv_only_while_it_fits():
+    """sp_attention='auto' all-gathers one layer's k, v while they fit GATHER_KV_MAX_BYTES per
+    device and passes blocks around the ring beyond that; both give the reference result."""
+    from lwm.ops import ring
+
+    case = Case(batch=1, seq=128, kv_heads=2, group=1, head_dim=16, q_chunk=8, kv_chunk=8, causal=True,
+                segments=1, left_pad=0, seed=3)
+    q, k, v, seg, d_out = make_inputs(case)
+    mesh = make_mesh(sp=4)
+    assert ring.gather_kv_fits(k, mesh)
+    hlo = jax.jit(lambda q, k, v: attention(q, k, v, mesh=mesh, query_chunk_size=8, key_chunk_size=8)).lower(
+        q, k, v).compile().as_text()
+    assert "all-gather" in hlo and "collective-permute" not in hlo
+    original = ring.GATHER_KV_MAX_BYTES
+    try:
+        ring.GATHER_KV_MAX_BYTES = 2 * 128 * 2 * 16 * 4 - 1  # one byte short of k and v
+        assert not ring.gather_kv_fits(k, mesh)
+        fn = lambda q, k, v: attention(q, k, v, mesh=mesh, query_chunk_size=8, key_chunk_size=8)
+        hlo = jax.jit(fn).lower(q, k, v).compile().as_text()
+        assert "collective-permute" in hlo
+        out, grads = output_and_grads(fn, q, k, v, d_out)
+    finally:
+        ring.GATHER_KV_MAX_BYTES = original
+    assert_matches_reference(out, grads, *reference_output_and_grads(q, k, v, None, d_out, True))

@@ -5,7 +5,7 @@
 
 Configuration (the original LWM's reference measurements used the same): the `debug` model
 (hidden 256, 2 layers, 2 heads, vocabulary 32000, 17.3M parameters), fp32, batch 1, chunks
-of 512 for attention and MLP (128 for the LM head's loss), layers rematerialised with the
+of 512 for attention and MLP (64 per device for the LM head's loss), layers rematerialised with the
 'save_attention' policy (q, k, v and the attention's results kept, the rest recomputed), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
 over sp=8). Each length runs in its own process so its peak memory is its own; the process
 also times a jitted 2048^3 float32 matmul so FLOP rates compare with this machine as it is.
@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--seqs", default="2048,8192,32768,131072")
     parser.add_argument("--steps", default="", help="timed steps per length (default: 5,3,2,1 by length)")
     parser.add_argument("--chunk", type=int, default=512, help="attention and MLP chunk (the original's 512)")
-    parser.add_argument("--loss_chunk", type=int, default=128, help="sequence chunk of the blockwise LM head")
+    parser.add_argument("--loss_chunk", type=int, default=64, help="tokens per device per step of the blockwise LM head")
     parser.add_argument("--mesh_dim", default="1,1,1,8")
     parser.add_argument("--layout", default="zigzag", help="contiguous | zigzag | striped")
     parser.add_argument("--impl", default="blockwise")

@@ -31,7 +31,8 @@ from lwm.ops.common import check_qkv, fit_chunk
 from lwm.ops.decode import cached_attention
 from lwm.ops.layout import LAYOUTS, chunk_limit, from_layout, global_index, to_layout
 from lwm.ops.reference import reference_attention
-from lwm.ops.ring import ring_attention
+from lwm.config import SP_ATTENTION
+from lwm.ops.ring import gather_kv_fits, ring_attention
 
 IMPLS = ("auto", "dense", "blockwise", "pallas")
 
@@ -50,7 +51,7 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
 
 
 def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chunk_size=1024,
-              key_chunk_size=1024, mesh=None, layout="contiguous", softmax_scale=None):
+              key_chunk_size=1024, mesh=None, layout="contiguous", softmax_scale=None, sp_attention="auto"):
     """Masked (causal, segment) self-attention with grouped-query heads.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim], heads % kv_heads == 0;
@@ -58,6 +59,10 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     mesh: jax.sharding.Mesh with axes ('dp', 'fsdp', 'tp', 'sp') or None; activations are expected
     sharded PS(('dp','fsdp'), 'sp', 'tp', None). layout: how the sequence is stored relative to
     sp = mesh.shape['sp'] (see `lwm.ops.layout`); causal masking follows that global order.
+    sp_attention: how k, v reach the queries of other sp shards: "ring" (blocks passed around,
+    memory per device independent of the sequence), "all_gather" (gathered once per layer; fewer
+    collectives), "auto" (all_gather while one layer's k, v fit `ring.GATHER_KV_MAX_BYTES` per
+    device, else ring).
     Returns [batch, seq, heads, head_dim] in q's dtype.
 
     >>> out = attention(q, k, v, segment_ids, impl="blockwise", query_chunk_size=512,
@@ -95,6 +100,10 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     elif mesh is None:
         return blockwise_attention(q, k, v, segment_ids, causal=causal, query_chunk_size=query_chunk_size,
                                    key_chunk_size=key_chunk_size, softmax_scale=softmax_scale)
+    if sp_attention not in SP_ATTENTION:
+        raise ValueError(f"sp_attention={sp_attention!r}; expected one of {SP_ATTENTION}")
+    gather_kv = sp_attention == "all_gather" or (sp_attention == "auto" and gather_kv_fits(k, mesh))
     return ring_attention(q, k, v, segment_ids, mesh=mesh, causal=causal, layout=layout, block_impl=impl,
                           query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-                          softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
+                          softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
+                          gather_kv=gather_kv and sp > 1)

@@ -51,11 +51,12 @@ class RingConfig:
     key_chunk_size: int
     block_sizes: object = None  # pallas_flash.BlockSizes when block_impl == "pallas"
     interpret: bool = False  # Pallas interpret mode (CPU)
+    gather_kv: bool = False  # all-gather k, v once instead of passing blocks around the ring
 
 
 def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="contiguous",
                    block_impl="blockwise", query_chunk_size=1024, key_chunk_size=1024,
-                   softmax_scale=None, block_sizes=None, interpret=False):
+                   softmax_scale=None, block_sizes=None, interpret=False, gather_kv=False):
     """Attention with the sequence sharded over mesh axis 'sp' (a ring of ppermutes).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
@@ -63,6 +64,11 @@ def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="cont
     seq over 'sp', heads over 'tp'. Chunk sizes apply to the local length seq / sp: the chunk
     used is min(chunk, layout.chunk_limit) (seq/sp, or seq/(2*sp) for zigzag), which must
     divide the local length. Returns [batch, seq, heads, head_dim].
+
+    gather_kv=True trades the ring for one all-gather of k, v (and one reduce-scatter of dk, dv
+    in the backward): every device then holds the whole sequence's k, v for one layer, but makes
+    2 collectives per layer instead of 3 * sp - 2. For short sequences, where each ring step's
+    compute is too small to hide a rendezvous of all devices (see `gather_kv_fits`).
     """
     check_qkv(q, k, v, segment_ids)
     b, seq, h, d = q.shape
@@ -82,8 +88,8 @@ def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="cont
         scale=d ** -0.5 if softmax_scale is None else float(softmax_scale), block_impl=block_impl,
         query_chunk_size=fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size"),
         key_chunk_size=fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size"),
-        block_sizes=block_sizes, interpret=bool(interpret))
-    ring = _make_ring(config)
+        block_sizes=block_sizes, interpret=bool(interpret), gather_kv=bool(gather_kv))
+    ring = _make_gathered(config) if config.gather_kv else _make_ring(config)
     if segment_ids is None:
         fn, args, specs = (lambda q, k, v: ring(q, k, v, None)), (q, k, v), (QKV_SPEC,) * 3
     else:
@@ -208,6 +214,58 @@ def _make_ring(config):
     ring.defvjp(ring_fwd, ring_bwd)
     return ring
 
+
+
+# Gathered k/v: at most this many bytes of one layer's k and v per device for sp_attention="auto".
+GATHER_KV_MAX_BYTES = 32 * 2 ** 20
+
+
+def gather_kv_fits(k, mesh) -> bool:
+    """Whether one layer's whole-sequence k and v, per device, fit GATHER_KV_MAX_BYTES."""
+    b, seq, kv_heads, d = k.shape
+    per_device = 2 * b * seq * kv_heads * d * k.dtype.itemsize
+    per_device //= mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]] * mesh.shape[HEAD_AXIS]
+    return per_device <= GATHER_KV_MAX_BYTES
+
+
+@functools.lru_cache(maxsize=128)
+def _make_gathered(config):
+    """Like `_make_ring`, with k, v all-gathered over sp and one block kernel call per device."""
+    sp = config.sp
+    positions = global_index(config.layout, config.seq_len, sp).reshape(sp, -1)  # [sp, local]
+    block_fwd, block_bwd = _block_kernels(config)
+
+    def gather(k, v, seg):
+        """Whole-sequence k, v [b, seq, hkv, d] and segment ids, in the devices' (layout) order."""
+        kv = lax.all_gather(jnp.stack([k, v]), SEQ_AXIS, axis=2, tiled=True)
+        return kv[0], kv[1], None if seg is None else lax.all_gather(seg, SEQ_AXIS, axis=1, tiled=True)
+
+    def forward(q, k, v, seg):
+        k_all, v_all, seg_all = gather(k, v, seg)
+        me = lax.axis_index(SEQ_AXIS)
+        out, lse = block_fwd(q, k_all, v_all, seg, seg_all, jnp.asarray(positions)[me],
+                             jnp.asarray(positions.reshape(-1)))
+        return out.astype(q.dtype), lse
+
+    @jax.custom_vjp
+    def gathered(q, k, v, seg):
+        return forward(q, k, v, seg)[0]
+
+    def gathered_fwd(q, k, v, seg):
+        out, lse = name_residuals(*forward(q, k, v, seg))
+        return out, (q, k, v, seg, out, lse)  # k, v are gathered again in the backward
+
+    def gathered_bwd(residuals, d_out):
+        q, k, v, seg, out, lse = residuals
+        k_all, v_all, seg_all = gather(k, v, seg)
+        me = lax.axis_index(SEQ_AXIS)
+        dq, dk, dv = block_bwd(q, k_all, v_all, d_out, lse, output_delta(out, d_out), seg, seg_all,
+                               jnp.asarray(positions)[me], jnp.asarray(positions.reshape(-1)))
+        dkv = lax.psum_scatter(jnp.stack([dk, dv]), SEQ_AXIS, scatter_dimension=2, tiled=True)
+        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
+
+    gathered.defvjp(gathered_fwd, gathered_bwd)
+    return gathered
 
 
 def causal_work(layout: str, seq_len: int, sp: int, chunk: int):
