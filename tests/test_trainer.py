@@ -46,14 +46,15 @@ def one_step(mesh_dim, config, batch, opt=OPT, vision=False, devices=None):
     return grads, jax.device_get(state.params), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("mesh_dim, layout", [("1,2,2,2", "contiguous"), ("2,2,2,1", "contiguous"),
-                                              ("1,1,1,8", "zigzag")])
-def test_sharded_step_matches_one_device(mesh_dim, layout):
+@pytest.mark.parametrize("mesh_dim, layout, sp_attention", [("1,2,2,2", "contiguous", "auto"),
+                                                            ("2,2,2,1", "contiguous", "auto"),
+                                                            ("1,1,1,8", "zigzag", "ring")])
+def test_sharded_step_matches_one_device(mesh_dim, layout, sp_attention):
     config = tiny_config(num_key_value_heads=2, scan_query_chunk_size=4, scan_key_chunk_size=4,
                          scan_loss_chunk_size=4, scan_mlp_chunk_size=4)
     batch = random_batch(0)
     ref_grads, ref_params, ref_metrics = one_step("1,1,1,1", config, batch, devices=jax.devices()[:1])
-    sharded = config.replace(sequence_layout=layout)
+    sharded = config.replace(sequence_layout=layout, sp_attention=sp_attention)
     if layout != "contiguous":  # the data side reorders every [batch, seq] array once
         from lwm.ops.layout import to_layout
 

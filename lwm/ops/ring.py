@@ -116,6 +116,21 @@ def _block_kernels(config):
     return functools.partial(blockwise_block_fwd, **common), functools.partial(blockwise_block_bwd, **common)
 
 
+def _with_output_residuals(forward, backward):
+    """(q, k, v, seg) -> out with a custom VJP: forward -> (out, lse); the backward gets
+    (q, k, v, seg, out, lse), out and lse tagged for the save_attention remat policy."""
+    @jax.custom_vjp
+    def attend(q, k, v, seg):
+        return forward(q, k, v, seg)[0]
+
+    def attend_fwd(q, k, v, seg):
+        out, lse = name_residuals(*forward(q, k, v, seg))
+        return out, (q, k, v, seg, out, lse)
+
+    attend.defvjp(attend_fwd, backward)
+    return attend
+
+
 @functools.lru_cache(maxsize=128)
 def _make_ring(config):
     """The per-device ring function (q, k, v, segment_ids|None) -> out with its custom VJP."""
@@ -171,14 +186,6 @@ def _make_ring(config):
         out, lse = attend_block(sp - 1, out, lse, kv_last)
         return out.astype(q.dtype), lse
 
-    @jax.custom_vjp
-    def ring(q, k, v, seg):
-        return forward(q, k, v, seg)[0]
-
-    def ring_fwd(q, k, v, seg):
-        out, lse = name_residuals(*forward(q, k, v, seg))
-        return out, (q, k, v, seg, out, lse)
-
     def ring_bwd(residuals, d_out):
         q, k, v, seg, out, lse = residuals
         me = lax.axis_index(SEQ_AXIS)
@@ -211,8 +218,7 @@ def _make_ring(config):
         dkv = rotate(dkv)
         return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
-    ring.defvjp(ring_fwd, ring_bwd)
-    return ring
+    return _with_output_residuals(forward, ring_bwd)
 
 
 
@@ -247,15 +253,7 @@ def _make_gathered(config):
                              jnp.asarray(positions.reshape(-1)))
         return out.astype(q.dtype), lse
 
-    @jax.custom_vjp
-    def gathered(q, k, v, seg):
-        return forward(q, k, v, seg)[0]
-
-    def gathered_fwd(q, k, v, seg):
-        out, lse = name_residuals(*forward(q, k, v, seg))
-        return out, (q, k, v, seg, out, lse)  # k, v are gathered again in the backward
-
-    def gathered_bwd(residuals, d_out):
+    def gathered_bwd(residuals, d_out):  # k, v are gathered again rather than saved
         q, k, v, seg, out, lse = residuals
         k_all, v_all, seg_all = gather(k, v, seg)
         me = lax.axis_index(SEQ_AXIS)
@@ -264,8 +262,7 @@ def _make_gathered(config):
         dkv = lax.psum_scatter(jnp.stack([dk, dv]), SEQ_AXIS, scatter_dimension=2, tiled=True)
         return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None
 
-    gathered.defvjp(gathered_fwd, gathered_bwd)
-    return gathered
+    return _with_output_residuals(forward, gathered_bwd)
 
 
 def causal_work(layout: str, seq_len: int, sp: int, chunk: int):
