@@ -11,7 +11,7 @@ vocabulary-parallel cross-entropy, with the tokens gathered because they are seq
     per chunk (each device, c = chunk tokens per device, sp * c tokens in all):
       h_all   = all_gather_sp(h_c)                             [b, sp*c, H]
       logits  = h_all @ W_slice                                 [b, sp*c, V/(sp*tp)]
-      max     = pmax over the slices; sum exp, target logit:  psum; first argmax: pmin
+      per-slice max, sum exp, target logit, first argmax: one all_gather, combined locally
       dlogits = w * (softmax - onehot)                          (slice-local)
       dh      = psum_scatter_sp(dlogits @ W_slice^T)           [b, c, H], back on its owner
       dW_slice += h_all^T @ dlogits                             [H, V/(sp*tp)], never leaves
@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as PS
 
 from lwm.mesh import BATCH_AXES, FSDP_SP, mesh_shape
 
-VOCAB_AXES = ("sp", "tp")  # the vocabulary slices: index tp * sp_size + sp
+VOCAB_AXES = ("sp", "tp")  # the devices holding vocabulary slices (slice tp * sp_size + sp)
 
 
 def vocab_parallel_applies(mesh, vocab_size: int) -> bool:
@@ -67,9 +67,9 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
         offset = (lax.axis_index("tp") * sp + me) * vocab_slice  # first vocabulary id held here
 
         def chunk_grads(h_c, t_c, w_c):  # [b, c, H], [b, c], [b, c]
-            # Every collective is a rendezvous of all devices, so a chunk makes four: one gather
-            # (targets and weights ride along as extra float32 columns when hidden is float32),
-            # a pmax, one psum for everything else, and the psum_scatter of dh.
+            # Every collective is a rendezvous of all devices, so a chunk makes three: the tokens'
+            # gather (targets and weights ride along as extra float32 columns when hidden is
+            # float32), one gather of per-slice softmax statistics, and the psum_scatter of dh.
             t_f = jnp.clip(t_c, -1, vocab).astype(jnp.float32)  # out-of-range ids stay out of range
             if h_c.dtype == jnp.float32:
                 packed = lax.all_gather(jnp.concatenate([h_c, t_f[..., None], w_c[..., None]], axis=-1), "sp",
@@ -82,25 +82,27 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
             logits = jnp.einsum("bch,hv->bcv", h_all.astype(compute_dtype), w_slice, precision=precision,
                                 preferred_element_type=jnp.float32)
             logits = logits.astype(logits_dtype).astype(jnp.float32)  # [b, sp*c, V/(sp tp)]
-            row_max = lax.pmax(jnp.max(logits, axis=-1), VOCAB_AXES)
-            exp_shifted = jnp.exp(logits - row_max[..., None])
+            # Each slice reports (its max, sum exp(logits - its max), its share of the target
+            # logit, the id of its first max) in one gather; every device then combines all of
+            # them the same way: the row's max, logsumexp and first argmax (the lowest id
+            # holding the max, as jnp.argmax picks).
+            slice_max = jnp.max(logits, axis=-1)
+            exp_shifted = jnp.exp(logits - slice_max[..., None])
             local_t = t_all - offset
             mine = (local_t >= 0) & (local_t < vocab_slice)
             picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, vocab_slice - 1)[..., None], axis=-1)[..., 0]
             ids = lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-            # The first argmax: the lowest slice holding the row max reports its first index there.
-            # As a psum: slot k of a [n_slices] vector carries slice k's (index + 1), 0 if no max.
-            local_first = jnp.min(jnp.where(logits == row_max[..., None], ids, vocab_slice), axis=-1)
-            slot = lax.axis_index("tp") * sp + me
-            holds = jnp.where(local_first < vocab_slice, (offset + local_first + 1).astype(jnp.float32), 0.0)
-            slots = jnp.where(jnp.arange(sp * tp) == slot, holds[..., None], 0.0)  # [b, sp*c, sp*tp]
-            sums = lax.psum(jnp.concatenate([jnp.sum(exp_shifted, axis=-1)[..., None],
-                                             jnp.where(mine, picked, 0.0)[..., None], slots], axis=-1), VOCAB_AXES)
-            exp_sum, target_logit, slots = sums[..., 0], sums[..., 1], sums[..., 2:]
-            first_max = jnp.min(jnp.where(slots > 0, slots, jnp.inf), axis=-1) - 1  # slots rise with the id
+            slice_first = jnp.min(jnp.where(logits == slice_max[..., None], ids, vocab_slice), axis=-1) + offset
+            stats = lax.all_gather(jnp.stack([slice_max, jnp.sum(exp_shifted, axis=-1), jnp.where(mine, picked, 0.0),
+                                              slice_first.astype(jnp.float32)], axis=-1), VOCAB_AXES)
+            maxes, sums, target_logit = stats[..., 0], stats[..., 1], jnp.sum(stats[..., 2], axis=0)
+            row_max = jnp.max(maxes, axis=0)
+            exp_sum = jnp.sum(sums * jnp.exp(maxes - row_max), axis=0)
+            first_max = jnp.min(jnp.where(maxes == row_max, stats[..., 3], jnp.inf), axis=0)
             nll = row_max + jnp.log(exp_sum) - target_logit
             correct = (first_max == t_all).astype(jnp.float32)  # out-of-range targets never match
-            dlogits = ((w_all / exp_sum)[..., None] * exp_shifted
+            scale = w_all * jnp.exp(slice_max - row_max) / exp_sum  # softmax = exp_shifted * this / w
+            dlogits = (scale[..., None] * exp_shifted
                        - jnp.where(ids == local_t[..., None], w_all[..., None], 0.0)).astype(compute_dtype)
             dh = jnp.einsum("bcv,hv->bch", dlogits, w_slice, precision=precision, preferred_element_type=jnp.float32)
             dh = lax.psum_scatter(dh, "sp", scatter_dimension=1, tiled=True)  # [b, c, H]: my tokens
