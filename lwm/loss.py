@@ -44,7 +44,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as PS
 
 from lwm.mesh import BATCH_AXES, FSDP_SP, MESH_AXES, mesh_shape, with_sharding_constraint
-from lwm.vocab_parallel_loss import vocab_parallel_applies, vocab_parallel_grads
+from lwm.vocab_parallel_loss import sum_over_chunks, vocab_parallel_applies, vocab_parallel_grads
 
 
 class LossSums(NamedTuple):
@@ -240,18 +240,8 @@ def _chunked_loss_fwd(hidden, kernel, targets, weights, chunk, seq_shards, batch
                                preferred_element_type=jnp.float32)
         return dkernel_c, (stats.lse - stats.target_logit, stats.correct, dh_c.astype(hidden.dtype))
 
-    def step(dkernel_partial, xs):
-        dkernel_c, per_token_c = chunk_grads(*xs)
-        return dkernel_partial + dkernel_c, per_token_c
-
     xs = tuple(_to_chunks(x, seq_shards, chunk) for x in (hidden, targets, weights))
-    # The first chunk's gradient starts the sum: no zero-filled [H, V] accumulator to write
-    # and add (each such pass over the head's size costs more than a chunk's matmul on a CPU).
-    dkernel_partial, first = chunk_grads(*(x[0] for x in xs))
-    per_token = tuple(x[None] for x in first)
-    if xs[0].shape[0] > 1:
-        dkernel_partial, rest = lax.scan(step, dkernel_partial, tuple(x[1:] for x in xs))
-        per_token = tuple(jnp.concatenate([a, r]) for a, r in zip(per_token, rest))
+    dkernel_partial, per_token = sum_over_chunks(chunk_grads, xs)
     nll, correct, dhidden = (_from_chunks(x) for x in per_token)
     sums = (jnp.sum(weights * nll), jnp.sum(weights), jnp.sum(weights * correct))
     return sums, (dhidden, _sum_partials(dkernel_partial, mesh).astype(kernel.dtype), nll, correct)

@@ -35,6 +35,22 @@ from lwm.mesh import BATCH_AXES, FSDP_SP, mesh_shape
 VOCAB_AXES = ("sp", "tp")  # the devices holding vocabulary slices (slice tp * sp_size + sp)
 
 
+def sum_over_chunks(chunk_fn, xs):
+    """Run chunk_fn(*x) -> (partial, per_chunk) over the leading axis of xs: (sum of the
+    partials, per_chunk outputs stacked). The first chunk's partial starts the sum, so no
+    zero-filled accumulator (the head's whole size) is written and added; the rest loop."""
+    total, first = chunk_fn(*(x[0] for x in xs))
+    stacked = tuple(x[None] for x in first)
+    if xs[0].shape[0] > 1:
+        def step(total, x):
+            partial, out = chunk_fn(*x)
+            return total + partial, out
+
+        total, rest = lax.scan(step, total, tuple(x[1:] for x in xs))
+        stacked = tuple(jnp.concatenate([a, r]) for a, r in zip(stacked, rest))
+    return total, stacked
+
+
 def vocab_parallel_applies(mesh, vocab_size: int) -> bool:
     """Whether `vocab_parallel_grads` can run: a mesh whose sp * tp divides the vocabulary."""
     shape = mesh_shape(mesh)
@@ -115,16 +131,7 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
 
         n = s_local // chunk
         xs = tuple(x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1) for x in (hidden, targets, weights))
-        # The first chunk's gradient starts the sum (no zero-filled accumulator to write and add).
-        dw, first = chunk_grads(*(x[0] for x in xs))
-        per_token = tuple(x[None] for x in first)
-        if n > 1:
-            def step(dw, x):
-                dw_c, out = chunk_grads(*x)
-                return dw + dw_c, out
-
-            dw, rest = lax.scan(step, dw, tuple(x[1:] for x in xs))
-            per_token = tuple(jnp.concatenate([a, r]) for a, r in zip(per_token, rest))
+        dw, per_token = sum_over_chunks(chunk_grads, xs)
         nll, correct, dhidden = (x.swapaxes(0, 1).reshape(b, s_local, *x.shape[3:]) for x in per_token)
         # [H, V / (sp tp)] -> sum over the batch shards -> [H / (fsdp sp), V / tp]
         if shape["fsdp"] > 1:

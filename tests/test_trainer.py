@@ -65,11 +65,11 @@ def test_sharded_step_matches_one_device(mesh_dim, layout, sp_attention):
     assert tree_max_rel_error(grads, ref_grads) <= 1e-4
     # Adam's first step is lr * g / (|g| + eps) = lr * sign(g) where |g| >> eps (1e-8), so params
     # agree to rounding of lr-sized steps there. Where |g| ~ eps the step swings with the last
-    # bits of g (summation order), so those entries are only held to one step's size.
+    # bits of g (summation order), so those entries are left out; they must stay rare.
     def check(a, b, g):
-        settled = np.abs(g) > 1e-6
+        settled = (np.abs(g) > 1e-6) | (g == 0)  # exact zeros (unused embedding rows) give no step
+        assert settled.mean() > 0.98, f"{(~settled).sum()} of {g.size} gradient entries at the eps scale"
         np.testing.assert_allclose(a[settled], b[settled], atol=1e-2 * 1e-3, rtol=0)
-        np.testing.assert_allclose(a, b, atol=2 * 1e-2, rtol=0)
 
     jax.tree.map(check, params, ref_params, ref_grads)
 

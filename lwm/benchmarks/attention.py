@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from lwm.benchmarks import matmul_gflops
 from lwm.mesh import cpu_xla_flags
 
 COLUMNS = {
@@ -161,23 +162,6 @@ def probe_fit(column, args):
                 fit_bytes=None if best is None else best[1])
 
 
-def matmul_rate(size=2048, repeats=5):
-    """FLOP/s of a jitted size^3 fp32 matmul on this machine (median of `repeats`)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, a))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, a))
-        times.append(time.perf_counter() - t0)
-    return 2 * size ** 3 / statistics.median(times)
-
-
 # ----------------------------------------------------------------------------- parent process
 
 
@@ -271,7 +255,7 @@ def main(argv=None):
     lengths = [int(x) for x in args.lengths.split(",")]
     lengths += [lengths[-1] * 2 ** (i + 1) for i in range(args.beyond)]
     report = dict(heads=args.heads, head_dim=args.head_dim, chunk=args.chunk, columns=columns, lengths=lengths,
-                  fit_gib=args.fit_gib, fit_max_length=args.fit_max_length, matmul_flops=matmul_rate(),
+                  fit_gib=args.fit_gib, fit_max_length=args.fit_max_length, matmul_flops=matmul_gflops() * 1e9,
                   results={}, fits={}, cpu_count=os.cpu_count())
     print(f"matmul 2048^3 fp32: {report['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
 

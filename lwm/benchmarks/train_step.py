@@ -23,27 +23,12 @@ import statistics
 import subprocess
 import sys
 import time
+from lwm.benchmarks import matmul_gflops
 from lwm.mesh import cpu_xla_flags
 
 ORIGINAL = {  # the original LWM on this machine (issue 7): step s, tokens/s, peak GB
     2048: (1.98, 1034, 2.3), 8192: (11.1, 738, 5.9), 32768: (92.2, 355, 19.4), 131072: None,
 }
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layout: str, impl: str,

@@ -221,7 +221,6 @@ def _make_ring(config):
     return _with_output_residuals(forward, ring_bwd)
 
 
-
 # Gathered k/v: at most this many bytes of one layer's k and v per device for sp_attention="auto".
 GATHER_KV_MAX_BYTES = 32 * 2 ** 20
 
