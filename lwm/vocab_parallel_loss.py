@@ -12,9 +12,13 @@ vocabulary-parallel cross-entropy, with the tokens gathered because they are seq
       h_all   = all_gather_sp(h_c)                             [b, sp*c, H]
       logits  = h_all @ W_slice                                 [b, sp*c, V/(sp*tp)]
       per-slice max, sum exp, target logit, first argmax: one all_gather, combined locally
-      dlogits = w * (softmax - onehot)                          (slice-local)
-      dh      = psum_scatter_sp(dlogits @ W_slice^T)           [b, c, H], back on its owner
-      dW_slice += h_all^T @ dlogits                             [H, V/(sp*tp)], never leaves
+      dlogits = w * (softmax - onehot) = scale * E - w * onehot, E = exp(logits - slice max),
+                never materialised: the row scale and the one-hot part are applied on the
+                [sp*c, H] side
+      dh      = psum_scatter_sp(scale * (E @ W_slice^T) - w * W_slice^T[target])
+                                                                [b, c, H], back on its owner
+      dW_slice += (scale * h_all)^T @ E, then -w * h_all scattered into the target columns
+                                                                [H, V/(sp*tp)], never leaves
     after the loop: dW_slice -> the kernel's PS(('fsdp', 'sp'), 'tp') sharding (one all-to-all).
 
 Same FLOPs and the same per-chunk logits size (b * c * V / tp floats) as the plain path; what
@@ -79,6 +83,7 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
         if shape["fsdp"] > 1:
             w_slice = lax.all_gather(w_slice, "fsdp", axis=0, tiled=True)
         w_slice = w_slice.astype(compute_dtype)
+        w_slice_t = jnp.transpose(w_slice)  # [V/(sp tp), H], once: dh's matmul and its target rows read it
         me = lax.axis_index("sp")
         offset = (lax.axis_index("tp") * sp + me) * vocab_slice  # first vocabulary id held here
 
@@ -107,8 +112,11 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
             local_t = t_all - offset
             mine = (local_t >= 0) & (local_t < vocab_slice)
             picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, vocab_slice - 1)[..., None], axis=-1)[..., 0]
-            ids = lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-            slice_first = jnp.min(jnp.where(logits == slice_max[..., None], ids, vocab_slice), axis=-1) + offset
+            # The first index holding the max, as a float max (ids are exact in float32): XLA's
+            # CPU backend runs a float max reduction twice as fast as an integer min.
+            neg_ids = -lax.broadcasted_iota(jnp.float32, logits.shape, 2)
+            slice_first = offset - jnp.max(jnp.where(logits == slice_max[..., None], neg_ids, -float(vocab_slice)),
+                                           axis=-1).astype(jnp.int32)
             stats = lax.all_gather(jnp.stack([slice_max, jnp.sum(exp_shifted, axis=-1), jnp.where(mine, picked, 0.0),
                                               slice_first.astype(jnp.float32)], axis=-1), VOCAB_AXES)
             maxes, sums, target_logit = stats[..., 0], stats[..., 1], jnp.sum(stats[..., 2], axis=0)
@@ -118,14 +126,24 @@ def vocab_parallel_grads(hidden, kernel, targets, weights, *, chunk, mesh, logit
             nll = row_max + jnp.log(exp_sum) - target_logit
             correct = (first_max == t_all).astype(jnp.float32)  # out-of-range targets never match
             scale = w_all * jnp.exp(slice_max - row_max) / exp_sum  # softmax = exp_shifted * this / w
-            dlogits = (scale[..., None] * exp_shifted
-                       - jnp.where(ids == local_t[..., None], w_all[..., None], 0.0)).astype(compute_dtype)
-            dh = jnp.einsum("bcv,hv->bch", dlogits, w_slice, precision=precision, preferred_element_type=jnp.float32)
+            # dlogits = scale * exp_shifted - w * onehot(target) is never written out: the row scale
+            # goes onto dh's rows and h's rows (each [sp*c, H], not [sp*c, V/(sp tp)]), and the
+            # one-hot part is a gather of W's target rows for dh and a scatter into dW's target columns.
+            e_c = exp_shifted.astype(compute_dtype)
+            rows = jnp.clip(local_t, 0, vocab_slice - 1)
+            target_w = jnp.where(mine, w_all, 0.0)
+            dh = scale[..., None] * jnp.einsum("bcv,vh->bch", e_c, w_slice_t, precision=precision,
+                                               preferred_element_type=jnp.float32)
+            dh = dh - target_w[..., None] * jnp.take(w_slice_t, rows, axis=0).astype(jnp.float32)
             dh = lax.psum_scatter(dh, "sp", scatter_dimension=1, tiled=True)  # [b, c, H]: my tokens
             if tp > 1:
                 dh = lax.psum(dh, "tp")
-            dw = jnp.einsum("bch,bcv->hv", h_all.astype(compute_dtype), dlogits, precision=precision,
+            h_all = h_all.astype(jnp.float32)
+            # (h * scale)^T as [H, b*sp*c] rows: a plain matmul, not a transposed-operand one
+            scaled_h_t = jnp.transpose((h_all * scale[..., None]).astype(compute_dtype), (2, 0, 1)).reshape(h, -1)
+            dw = jnp.einsum("hn,nv->hv", scaled_h_t, e_c.reshape(-1, vocab_slice), precision=precision,
                             preferred_element_type=jnp.float32)
+            dw = dw.at[:, rows.reshape(-1)].add(-(target_w[..., None] * h_all).reshape(-1, h).T)
             mine_only = lambda x: lax.dynamic_slice_in_dim(x, me * h_c.shape[1], h_c.shape[1], axis=1)
             return dw, (mine_only(nll), mine_only(correct), dh.astype(hidden.dtype))
 

@@ -181,6 +181,29 @@ def test_vocab_parallel_head_matches_unsharded(mesh_shape):
     assert re.search(r" all-to-all\(", hlo)  # the kernel slice and its gradient change sharding
 
 
+def test_vocab_parallel_head_in_bf16_matches_float64_of_rounded_inputs():
+    """The bf16 vocabulary-parallel head rounds exp(logits - max) and scale * h to bf16 (its
+    dlogits are never materialised): its gradients stay within the plain bf16 head's bound."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 2, 4), ("dp", "fsdp", "tp", "sp"))
+    h, kernel, targets, weights = make_inputs(seed=9, batch=2, seq=64, hidden=16, vocab=40)
+    h16, k16 = jnp.asarray(h, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+    (ref_loss, _, ref_correct), ref_grads = numpy_reference(
+        np.asarray(h16, np.float32), np.asarray(k16, np.float32), targets, weights)
+    shard = lambda spec: NamedSharding(mesh, spec)
+    tokens = shard(PS(("dp", "fsdp"), "sp"))
+    sums, grads = value_and_grads(
+        lm_head_loss, jax.device_put(h16, tokens), jax.device_put(k16, shard(PS(("fsdp", "sp"), "tp"))),
+        jax.device_put(targets, tokens), jax.device_put(weights, tokens), chunk_size=4, mesh=mesh)
+    np.testing.assert_allclose(sums.loss_sum, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(sums.correct_sum, ref_correct, rtol=1e-5)
+    assert grads["hidden"].dtype == jnp.bfloat16 and grads["kernel"].dtype == jnp.bfloat16
+    for name in ("hidden", "kernel"):
+        ref = ref_grads[name]
+        err = np.abs(np.asarray(grads[name], np.float64) - ref).max()
+        assert err <= 2 ** -6 * np.abs(ref).max(), (name, err)
+    np.testing.assert_allclose(grads["weights"], ref_grads["weights"], rtol=1e-4, atol=1e-5)
+
+
 def test_vocab_parallel_accuracy_breaks_ties_across_slices():
     """A row max tied between vocabulary slices on different devices counts only for the first."""
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 1, 8), ("dp", "fsdp", "tp", "sp"))
