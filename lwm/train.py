@@ -14,6 +14,11 @@ run reproduces the uninterrupted one step for step.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables at start-up only
+    from lwm.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+
 import logging
 import math
 import os

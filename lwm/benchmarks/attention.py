@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from lwm.benchmarks import matmul_gflops
+from lwm.host_memory import env_with_huge_pages
 from lwm.mesh import cpu_xla_flags
 
 COLUMNS = {
@@ -166,7 +167,7 @@ def probe_fit(column, args):
 
 
 def _spawn(args, extra, timeout):
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(SP, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
+    env = dict(env_with_huge_pages(), XLA_FLAGS=cpu_xla_flags(SP, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "lwm.benchmarks.attention", *extra, *_child_flags(args)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

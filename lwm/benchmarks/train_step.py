@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from lwm.benchmarks import matmul_gflops
+from lwm.host_memory import env_with_huge_pages
 from lwm.mesh import cpu_xla_flags
 
 ORIGINAL = {  # the original LWM on this machine (issue 7): step s, tokens/s, peak GB
@@ -75,7 +76,8 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
     return dict(seq=seq, step_s=step_s, step_times=times, compile_s=compile_s, tokens_per_s=seq / step_s,
                 model_gflops=flops / step_s / 1e9, matmul_gflops=matmul, flop_ratio=flops / step_s / 1e9 / matmul,
                 peak_bytes=peak, bytes_per_token=peak / seq, loss=losses[-1], mesh=mesh_dim, layout=layout,
-                impl=config.resolved_attention_impl(), remat_block=remat_block, params=config.num_params())
+                impl=config.resolved_attention_impl(), remat_block=remat_block, params=config.num_params(),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def main():
@@ -100,7 +102,7 @@ def main():
     seqs = [int(s) for s in args.seqs.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [
         5 if s <= 4096 else 3 if s <= 16384 else 2 if s <= 65536 else 1 for s in seqs]
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
+    env = dict(env_with_huge_pages(), XLA_FLAGS=cpu_xla_flags(8, collective_timeout_s=3600), JAX_PLATFORMS="cpu")
     results = []
     for seq, n in zip(seqs, steps):
         cmd = [sys.executable, "-m", "lwm.benchmarks.train_step", f"--child={seq}", f"--steps={n}",
