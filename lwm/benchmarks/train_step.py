@@ -5,12 +5,14 @@
 
 Configuration (the original LWM's reference measurements used the same): the `debug` model
 (hidden 256, 2 layers, 2 heads, vocabulary 32000, 17.3M parameters), fp32, batch 1, chunks
-of 512 for attention and MLP (64 per device for the LM head's loss), layers rematerialised with the
-'save_attention' policy (q, k, v and the attention's results kept, the rest recomputed), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention
-over sp=8). Each length runs in its own process so its peak memory is its own; the process
-also times a jitted 2048^3 float32 matmul (median of 10, before and after the steps; the
-higher rate is used) so FLOP rates compare with this machine as it is.
-Printed: step time (median), tokens/s, model TFLOP/s and its ratio to the matmul rate, peak
+of 512 for attention and MLP (64 per device for the LM head's loss), layers rematerialised
+with the 'save_attention' policy (q, k, v and the attention's results kept, the rest
+recomputed), mesh `1,1,1,8` on 8 virtual CPU devices (ring attention over sp=8). Each length
+runs in its own process so its peak memory is its own. The process also times a jitted
+2048^3 float32 matmul: 5 before the steps, 3 after each step, 5 after the last; the median of
+them is the machine's matmul rate during those same minutes, so FLOP rates compare with this
+machine as it is (shared machines drift by 30% within a run).
+Printed: step time (median), tokens/s, model GFLOP/s and its ratio to the matmul rate, peak
 process memory (ru_maxrss) and bytes per token.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from lwm.benchmarks import matmul_gflops
+from lwm.benchmarks import MatmulReference
 from lwm.host_memory import env_with_huge_pages
 from lwm.mesh import cpu_xla_flags
 
@@ -41,7 +43,7 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
     from lwm.mesh import batch_to_global, build_mesh
     from lwm.trainer import Trainer
 
-    matmul = matmul_gflops()
+    matmul = MatmulReference().sample(5)
     config = load_config("debug").replace(
         max_sequence_length=seq, scan_query_chunk_size=chunk, scan_key_chunk_size=chunk, scan_mlp_chunk_size=chunk,
         scan_loss_chunk_size=loss_chunk, sequence_layout=layout, attention_impl=impl, remat_block=remat_block,
@@ -67,14 +69,16 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter() - t)
+        matmul.sample(3)
     step_s = statistics.median(times[1:]) if steps > 0 else times[0]
-    # The machine's matmul rate drifts during a run; the higher of the rates measured before and
-    # after the steps keeps the ratio conservative.
-    matmul = max(matmul, matmul_gflops())
+    # The machine's speed drifts during a run (other tenants): the reference matmuls are timed
+    # between the steps, so that both medians describe the same minutes.
+    matmul.sample(5)
     flops = trainer.flops_per_token(seq) * seq
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(seq=seq, step_s=step_s, step_times=times, compile_s=compile_s, tokens_per_s=seq / step_s,
-                model_gflops=flops / step_s / 1e9, matmul_gflops=matmul, flop_ratio=flops / step_s / 1e9 / matmul,
+                model_gflops=flops / step_s / 1e9, matmul_gflops=matmul.gflops,
+                flop_ratio=flops / step_s / 1e9 / matmul.gflops, matmul_rates=matmul.rates,
                 peak_bytes=peak, bytes_per_token=peak / seq, loss=losses[-1], mesh=mesh_dim, layout=layout,
                 impl=config.resolved_attention_impl(), remat_block=remat_block, params=config.num_params(),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
