@@ -32,6 +32,9 @@ from lwm.mesh import cpu_xla_flags
 ORIGINAL = {  # the original LWM on this machine (issue 7): step s, tokens/s, peak GB
     2048: (1.98, 1034, 2.3), 8192: (11.1, 738, 5.9), 32768: (92.2, 355, 19.4), 131072: None,
 }
+# The float32 matmul rate of the machine those numbers come from (issue 7). On a machine with a
+# different rate, raw tokens/s do not compare; tokens/s per matmul GFLOP/s do ("vs orig/mm").
+ORIGINAL_MATMUL_GFLOPS = 193.0
 
 
 def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layout: str, impl: str,
@@ -126,7 +129,8 @@ def main():
         print(format_row(results[-1]), flush=True)
     print(format_table(results))
     with open(args.output, "w") as f:
-        json.dump(dict(config=vars(args), results=results, original=ORIGINAL), f, indent=2)
+        json.dump(dict(config=vars(args), results=results, original=ORIGINAL,
+                       original_matmul_gflops=ORIGINAL_MATMUL_GFLOPS), f, indent=2)
     print(f"wrote {args.output}")
 
 
@@ -135,13 +139,15 @@ def format_row(r: dict) -> str:
         return f"{r['seq']:>8} | {r['error']}"
     orig = ORIGINAL.get(r["seq"])
     speedup = f"{r['tokens_per_s'] / orig[1]:.2f}x" if orig else "-"
-    return (f"{r['seq']:>8} | {r['step_s']:8.2f} s | {r['tokens_per_s']:8.0f} | {speedup:>7} | "
+    per_matmul = (f"{r['tokens_per_s'] / r['matmul_gflops'] / (orig[1] / ORIGINAL_MATMUL_GFLOPS):.2f}x"
+                  if orig else "-")
+    return (f"{r['seq']:>8} | {r['step_s']:8.2f} s | {r['tokens_per_s']:8.0f} | {speedup:>7} | {per_matmul:>10} | "
             f"{r['model_gflops']:6.1f} | {r['matmul_gflops']:6.1f} | {r['flop_ratio']:5.2f} | "
             f"{r['peak_bytes'] / 2**30:6.2f} GiB | {r['bytes_per_token'] / 1024:8.1f} KB")
 
 
 def format_table(results) -> str:
-    head = (f"{'seq':>8} | {'step':>10} | {'tok/s':>8} | {'vs orig':>7} | {'GF/s':>6} | {'mm GF/s':>6} | "
+    head = (f"{'seq':>8} | {'step':>10} | {'tok/s':>8} | {'vs orig':>7} | {'vs orig/mm':>10} | {'GF/s':>6} | {'mm GF/s':>6} | "
             f"{'ratio':>5} | {'peak mem':>10} | {'per token':>11}")
     return "\n".join([head, "-" * len(head)] + [format_row(r) for r in results])
 
