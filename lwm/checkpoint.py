@@ -268,6 +268,15 @@ def load_checkpoint(spec: str, params_target=None, params_shard_fns: Mapping | N
     return None, load_flax_params(path, params_target, params_shard_fns, float_dtype=float_dtype)
 
 
+def saved_step(path: str) -> int | None:
+    """The `step` of a streaming train state, read without loading the rest (training writes
+    it first; a file without one reads to the end and gives None)."""
+    for key, value in iter_streaming(path):
+        if key == ("step",):
+            return int(value)
+    return None
+
+
 def flat_fns(fns) -> dict:
     """A tree of per-leaf functions as a flat {key_path: fn} dict."""
     return flatten_dict(state_dict(fns), keep_empty_nodes=False)

@@ -362,9 +362,20 @@ def build_config(
        remat_*, chunk sizes, kernel choice) from `--llama.*`; without it, all of `--llama.*`.
     2. `--update_llama_config` literals.  3. bos/eos from the tokenizer, and vocab_size grown
     to the tokenizer's size if smaller.  4. mesh_dim recorded.
+
+    With `load_llama_config`, a model field set through `--llama.*` to anything but its flag
+    default is an error: the original ignored it silently (a context-extension stage that set
+    `--llama.theta` trained at the loaded theta). Flags carry no "was set" bit here, so a
+    value equal to the default passes, which is harmless since it would change nothing.
     """
     flags = {k: v for k, v in dict(llama_flags).items() if k in cls.field_names()}
     if load_llama_config:
+        defaults = cls.get_default_config()
+        for k, v in flags.items():
+            if k not in RUNTIME_FIELDS and v != defaults[k]:
+                raise ValueError(f"--llama.{k}={v!r} is ignored when --load_llama_config is given (only run-time "
+                                 f"fields are taken from --llama.*); use --update_llama_config=\"dict({k}={v!r})\" "
+                                 "instead")
         config = load_config(load_llama_config, cls)
         config = config.replace(**{k: flags[k] for k in RUNTIME_FIELDS if k in flags})
     else:

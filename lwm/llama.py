@@ -146,6 +146,24 @@ def rotary_sin_cos(position_ids, head_dim: int, theta: float, max_length: int):
     return sin, cos
 
 
+def check_positions(position_ids, config: LLaMAConfig) -> None:
+    """Raise unless every position is in [0, max_sequence_length).
+
+    Inside jit the RoPE table lookup cannot fail: a position past the table silently reuses
+    an earlier angle (out-of-range gathers clamp). Call this where positions are concrete:
+    on the host batch before it enters a jitted step (any [batch, seq] int array).
+    """
+    positions = np.asarray(position_ids)
+    if positions.size == 0:
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0:
+        raise ValueError(f"position {low} is negative; positions count from 0")
+    if high >= config.max_sequence_length:
+        raise ValueError(f"position {high} is beyond max_sequence_length {config.max_sequence_length} (RoPE has no "
+                         "angles past it); raise max_sequence_length via --update_llama_config")
+
+
 def apply_rotary(x, sin, cos):
     """Rotate interleaved pairs of x [batch, seq, heads, head_dim] by the angles (sin, cos)."""
     b, s, h, d = x.shape
@@ -468,6 +486,8 @@ def prepare_inputs(config: LLaMAConfig, mesh, input_ids, attention_mask, segment
     if attention_mask is not None:
         attention_mask = attention_mask.astype(jnp.int32)
         segment_ids = attention_mask if segment_ids is None else segment_ids * attention_mask
+    if position_ids is not None and _is_host_checkable(position_ids):
+        check_positions(position_ids, config)
     if position_ids is None:
         if cache is None and config.sequence_layout != "contiguous" and attention_mask is None:
             from lwm.ops.layout import global_index
@@ -482,6 +502,13 @@ def prepare_inputs(config: LLaMAConfig, mesh, input_ids, attention_mask, segment
         mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(bool), (0, cache.index))
         cache = cache.replace(mask=mask)
     return segment_ids, position_ids, cache
+
+
+def _is_host_checkable(x) -> bool:
+    """A concrete array whose values this process can read (not a tracer, not a multi-host shard)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
 def finish_cache(cache: KVCache | None, new_caches, seq_len: int, mesh) -> KVCache | None:

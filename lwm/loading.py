@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import jax
+from absl import app
 from jax.sharding import Mesh, NamedSharding
 
 from lwm.checkpoint import flat_fns, float_dtype_by_name, load_checkpoint
@@ -77,7 +78,10 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
     tok = load_tokenizer(tokenizer)
     cls = VideoLLaMAConfig if vision else LLaMAConfig
     flags = llama_flags if llama_flags is not None else cls.get_default_config()
-    config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls)
+    try:
+        config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls)
+    except ValueError as e:  # a bad --llama.* / --update_llama_config: one line, not a traceback
+        raise app.UsageError(str(e)) from None
     config.check_mesh(dict(mesh.shape))
     model = model_class(config)(config, dtype=compute_dtype(dtype), mesh=mesh)
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))

@@ -13,8 +13,10 @@ differ only in how needles are placed and asked:
 The haystack is the text of consecutive lines of a JSONL file (`{"text": ...}` a line), one
 stretch per round, tokenized by the model's own tokenizer and cut to the context length; 200
 tokens of that budget are left for the prompt and the answer. Prompts are batched by
-`max_tokens_per_batch`, padded to the mesh's data dimension, decoded greedily, and a
-response is correct when it contains the number. Results are appended to `output_file` (a
+`max_tokens_per_batch`, padded to the mesh's data dimension, decoded greedily, and scored
+twice: `correct`, the original's (the response contains the number), and `correct_strict`
+(the response's first numbers are the needles, see `score_strict`); summaries and plots use
+the strict score unless told otherwise. Results are appended to `output_file` (a
 JSON list, rewritten atomically after every batch) and cases already there are skipped on a
 restart. Each case's city and number come from a generator seeded by (seed, case), so a
 resumed run asks exactly what a fresh run would.
@@ -32,6 +34,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Sequence
@@ -284,8 +287,27 @@ def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_in
 
 
 def score(response: str, answers: Sequence[str]) -> list[bool]:
-    """Per answer: does the response contain it?"""
+    """Per answer: does the response contain it? (The original's score, kept for comparability:
+    it also counts '12345678' for 1234567 and a list of every number in the haystack.)"""
     return [a in response for a in answers]
+
+
+# A number: a maximal run of digits, or digits grouped in threes by commas ('1,234,567').
+# Anything else separates numbers: '1111111, 2222222' and '1111111,22' are two numbers each.
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)|\d+")
+
+
+def numbers_in(response: str) -> list[int]:
+    """The numbers of a response in order: 'is 1,234,567 (or 89)' -> [1234567, 89]."""
+    return [int(m.replace(",", "")) for m in NUMBER.findall(response)]
+
+
+def score_strict(response: str, answers: Sequence[str]) -> list[bool]:
+    """Per answer: is it among the response's first len(answers) numbers (compared as whole
+    numbers)? One needle asked: the first number must be it; R asked: each counts when it is
+    among the first R numbers, so listing every number of the haystack does not score."""
+    first = numbers_in(response)[:len(answers)]
+    return [int(a) in first for a in answers]
 
 
 # ---- results file ----------------------------------------------------------------------------
@@ -355,15 +377,20 @@ def answer_budget(requested: int, prompt_length: int, config, mesh) -> int:
     return min(requested, room)
 
 
-def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True) -> list[dict]:
-    """Run every case not yet in settings.output_file; returns all results (old and new)."""
+def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True, sampler=None) -> list[dict]:
+    """Run every case not yet in settings.output_file; returns all results (old and new).
+
+    `sampler` (default: a `Sampler` of the loaded model) is anything with Sampler's
+    `generate(ids, mask, rng, sampling)` and `data_dim`, e.g. a scripted model in tests.
+    """
     import jax
     from tqdm import tqdm
 
     from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
 
     tokenizer, config, mesh = loaded.tokenizer, loaded.config, loaded.mesh
-    sampler = Sampler(loaded.model, loaded.params, mesh=mesh)
+    if sampler is None:
+        sampler = Sampler(loaded.model, loaded.params, mesh=mesh)
     block = block_size(config, mesh)
     max_new = settings.max_new_tokens or block
     greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
@@ -383,14 +410,19 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True) -> 
             cases = [single_case(tokenizer, haystacks[i], length, depth, i, settings.seed, period_ids)
                      for depth in settings.depth_percents for i in range(settings.n_rounds)]
         per_length[length] = [c for c in cases if c.key not in done]
-    write = jax.process_index() == 0
-    bar = tqdm(total=sum(len(c) for c in per_length.values()), desc="needle cases", disable=not progress)
+    # Every context length's prompts and answer budget first, so a length past
+    # max_sequence_length fails before any decoding rather than after hours of it.
+    planned = []
     for length, cases in per_length.items():
         if not cases:
             continue
         encoded = [tokenizer.encode(c.prompt, add_bos=True) for c in cases]
         prompt_length = padded_prompt_length(max(len(e) for e in encoded), config, mesh)
-        sampling = dataclasses.replace(greedy, max_new_tokens=answer_budget(max_new, prompt_length, config, mesh))
+        budget = answer_budget(max_new, prompt_length, config, mesh)
+        planned.append((cases, encoded, prompt_length, dataclasses.replace(greedy, max_new_tokens=budget)))
+    write = jax.process_index() == 0
+    bar = tqdm(total=sum(len(c) for c in per_length.values()), desc="needle cases", disable=not progress)
+    for cases, encoded, prompt_length, sampling in planned:
         rows = batch_size_for(settings.max_tokens_per_batch, prompt_length, block, sampler.data_dim, len(cases))
         for start in range(0, len(cases), rows):
             batch_cases = cases[start:start + rows]
@@ -400,9 +432,10 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True) -> 
             out = sampler.generate(ids, mask, jax.random.key(settings.seed), sampling)
             for case, tokens, n in zip(batch_cases, out.tokens, out.lengths):
                 response = tokenizer.decode(tokens[:n])
-                correct = score(response, case.answers)
+                correct, strict = score(response, case.answers), score_strict(response, case.answers)
                 results.append({**case.record, "response": response,
-                                "correct": correct if settings.multi else correct[0]})
+                                "correct": correct if settings.multi else correct[0],
+                                "correct_strict": strict if settings.multi else strict[0]})
             if write:
                 save_results(settings.output_file, results)
             bar.update(len(batch_cases))
@@ -417,54 +450,90 @@ def is_multi(results: Sequence[dict]) -> bool:
     return bool(results) and "needles_info" in results[0]
 
 
-def needle_accuracy(result: dict) -> float:
-    """Fraction of the asked numbers the response contains."""
-    correct = result["correct"]
+SCORES = ("strict", "substring")  # `score_strict` (the default in summaries) | `score`, the original's
+
+
+def result_correct(result: dict, scoring: str = "strict"):
+    """A result's correctness (a bool; multi: one per asked needle) under `scoring`.
+
+    'substring' is the stored `correct`. 'strict' is `correct_strict`, recomputed from the
+    stored response and answer for results written before it existed; a result with neither
+    falls back to `correct` (`summary_table` says how many did).
+    """
+    if scoring not in SCORES:
+        raise ValueError(f"scoring={scoring!r}; expected one of {SCORES}")
+    if scoring == "substring":
+        return result["correct"]
+    if "correct_strict" in result:
+        return result["correct_strict"]
+    if "response" not in result or "answer" not in result:
+        return result["correct"]
+    answers = result["answer"]
+    strict = score_strict(result["response"], answers if isinstance(answers, list) else [answers])
+    return strict if isinstance(answers, list) else strict[0]
+
+
+def strict_fallbacks(results: Sequence[dict]) -> int:
+    """How many results the strict score cannot rescore (no correct_strict, response or answer)."""
+    return sum("correct_strict" not in r and ("response" not in r or "answer" not in r) for r in results)
+
+
+def needle_accuracy(result: dict, scoring: str = "strict") -> float:
+    """Fraction of the asked needles found (under `scoring`)."""
+    correct = result_correct(result, scoring)
     return float(np.mean(correct)) if isinstance(correct, list) else float(bool(correct))
 
 
-def accuracy_grid(results: Sequence[dict]) -> tuple[list[int], list[float], np.ndarray]:
+def accuracy_grid(results: Sequence[dict], scoring: str = "strict") -> tuple[list[int], list[float], np.ndarray]:
     """Single-needle results -> (context lengths, depths, mean accuracy [depth, length]; nan if none)."""
     lengths = sorted({int(r["context_length"]) for r in results})
     depths = sorted({float(r["depth_percent"]) for r in results})
     sums, counts = np.zeros((len(depths), len(lengths))), np.zeros((len(depths), len(lengths)))
     for r in results:
         i, j = depths.index(float(r["depth_percent"])), lengths.index(int(r["context_length"]))
-        sums[i, j] += needle_accuracy(r)
+        sums[i, j] += needle_accuracy(r, scoring)
         counts[i, j] += 1
     with np.errstate(invalid="ignore"):
         return lengths, depths, sums / counts
 
 
-def multi_accuracy_table(results: Sequence[dict]) -> dict[tuple[int, int], dict[int, float]]:
+def multi_accuracy_table(results: Sequence[dict], scoring: str = "strict") -> dict[tuple[int, int], dict[int, float]]:
     """Multi-needle results -> {(N, R): {context length: mean per-needle accuracy}}."""
     groups: dict = defaultdict(lambda: defaultdict(list))
     for r in results:
         n = int(r.get("n_needles_total", len(r["needles_info"])))
         k = int(r.get("n_needles_retrieve", len(r["correct"])))
-        groups[(n, k)][int(r["context_length"])].append(needle_accuracy(r))
+        groups[(n, k)][int(r["context_length"])].append(needle_accuracy(r, scoring))
     return {nr: {length: float(np.mean(v)) for length, v in sorted(by_len.items())}
             for nr, by_len in sorted(groups.items())}
 
 
-def summary_table(results: Sequence[dict]) -> str:
-    """A markdown table of accuracy (single: depth x context length; multi: (N, R) x context length)."""
+def summary_table(results: Sequence[dict], scoring: str = "strict") -> str:
+    """A markdown table of accuracy (single: depth x context length; multi: (N, R) x context
+    length) under `scoring`, with a line naming the score and any results it could not apply to."""
     if not results:
         return "(no results)"
     if is_multi(results):
-        table = multi_accuracy_table(results)
+        table = multi_accuracy_table(results, scoring)
         lengths = sorted({length for by_len in table.values() for length in by_len})
         lines = ["| N, R | " + " | ".join(str(x) for x in lengths) + " | mean |",
                  "|---" * (len(lengths) + 2) + "|"]
         for (n, k), by_len in table.items():
             cells = [f"{by_len[x]:.2f}" if x in by_len else "-" for x in lengths]
             lines.append(f"| {n}, {k} | " + " | ".join(cells) + f" | {np.mean(list(by_len.values())):.2f} |")
-        return "\n".join(lines)
-    lengths, depths, grid = accuracy_grid(results)
-    lines = ["| depth % \\ context | " + " | ".join(str(x) for x in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    for depth, row in zip(depths, grid):
-        lines.append(f"| {depth:g} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in row) + " |")
-    lines.append(f"overall accuracy {np.mean([needle_accuracy(r) for r in results]):.3f} over {len(results)} cases")
+    else:
+        lengths, depths, grid = accuracy_grid(results, scoring)
+        lines = ["| depth % \\ context | " + " | ".join(str(x) for x in lengths) + " |",
+                 "|---" * (len(lengths) + 1) + "|"]
+        for depth, row in zip(depths, grid):
+            lines.append(f"| {depth:g} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in row) + " |")
+        lines.append(f"overall accuracy {np.mean([needle_accuracy(r, scoring) for r in results]):.3f} over "
+                     f"{len(results)} cases")
+    lines.append(f"score: {scoring}")
+    fallbacks = strict_fallbacks(results) if scoring == "strict" else 0
+    if fallbacks:
+        lines.append(f"{fallbacks} of {len(results)} results have no response to score strictly: their substring "
+                     "score ('correct') is counted")
     return "\n".join(lines)
 
 
@@ -472,9 +541,9 @@ def _length_label(n: int) -> str:
     return f"{n / 1000:g}K" if n >= 1000 else str(n)
 
 
-def plot_needle_results(results: Sequence[dict], path: str, title: str = "") -> str:
+def plot_needle_results(results: Sequence[dict], path: str, title: str = "", scoring: str = "strict") -> str:
     """Write a PNG: single-needle accuracy over (context length x depth), as in the LWM paper;
-    multi-needle accuracy over (N, R) and per context length. Returns the path."""
+    multi-needle accuracy over (N, R) and per context length; both under `scoring`. Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,7 +553,7 @@ def plot_needle_results(results: Sequence[dict], path: str, title: str = "") -> 
         raise ValueError(f"no results to plot into {path}")
     cmap = matplotlib.colors.LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
     if not is_multi(results):
-        lengths, depths, grid = accuracy_grid(results)
+        lengths, depths, grid = accuracy_grid(results, scoring)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(lengths) + 3), max(3.5, 0.35 * len(depths) + 2)))
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [_length_label(x) for x in lengths], rotation=45 if len(lengths) > 8 else 0)
@@ -497,9 +566,9 @@ def plot_needle_results(results: Sequence[dict], path: str, title: str = "") -> 
                     if not np.isnan(grid[i, j]):
                         ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
         fig.colorbar(image, ax=ax, label="accuracy")
-        ax.set_title(title or f"Needle in a haystack: accuracy {np.nanmean(grid):.2f}")
+        ax.set_title(title or f"Needle in a haystack: accuracy {np.nanmean(grid):.2f} ({scoring} score)")
     else:
-        table = multi_accuracy_table(results)
+        table = multi_accuracy_table(results, scoring)
         ns = sorted({n for n, _ in table})
         rs = sorted({k for _, k in table})
         grid = np.full((len(ns), len(rs)), np.nan)
@@ -516,7 +585,7 @@ def plot_needle_results(results: Sequence[dict], path: str, title: str = "") -> 
                 if not np.isnan(grid[i, j]):
                     left.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
         fig.colorbar(image, ax=left, label="accuracy (per needle)")
-        left.set_title("multi-needle accuracy")
+        left.set_title(f"multi-needle accuracy ({scoring} score)")
         for (n, k), by_len in table.items():
             right.plot(list(by_len), list(by_len.values()), marker="o", label=f"N={n}, R={k}")
         right.set_ylim(-0.05, 1.05)
@@ -553,6 +622,7 @@ def flag_defaults(multi: bool) -> dict[str, Any]:
     flags.update(
         max_new_tokens=0,  # ours: tokens generated per prompt (0 = the attention block size, as the original)
         plot=True,  # ours: write a heatmap PNG next to output_file at the end
+        score="strict",  # ours: the score of the summary and heatmap: strict | substring (the original's)
         checkpointer=StreamingCheckpointer.get_default_config(), **model_flag_defaults())
     return flags
 
@@ -564,6 +634,8 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
     from lwm.distributed import JaxDistributedConfig
     from lwm.loading import load_model_from_flags
 
+    if flags.score not in SCORES:
+        raise ValueError(f"--score={flags.score!r}; expected one of {SCORES}")
     JaxDistributedConfig.initialize(flags.jax_distributed)
     settings = NeedleSettings(
         haystack_file=flags.haystack_file, output_file=flags.output_file,
@@ -577,7 +649,8 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
           f"{settings.n_rounds} rounds" + (f", {settings.n_needles_total} needles, {settings.n_needles_retrieve} "
                                             f"asked" if multi else ""), flush=True)
     results = run_needle_eval(settings, loaded)
-    print(summary_table(results), flush=True)
+    print(summary_table(results, flags.score), flush=True)
     if flags.plot and results and jax.process_index() == 0:
-        print(f"heatmap: {plot_needle_results(results, plot_path_for(settings.output_file))}", flush=True)
+        path = plot_needle_results(results, plot_path_for(settings.output_file), scoring=flags.score)
+        print(f"heatmap: {path}", flush=True)
     return results

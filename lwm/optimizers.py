@@ -17,8 +17,11 @@ those of the original LWM/EasyLM optimizer factory, and so are the update rules:
   warmup steps give 0.01 flat for 10k steps, then 1/sqrt(t)), second-moment decay
   beta2(t) = 1 - (t + 1)^(-b2), and decoupled weight decay (weight_decay / 1e-4) * lr(t)^2 * param.
 
-Both are clipped by global norm first. Gradient accumulation is the trainer's job (a scan over
-micro-batches inside the step); `accumulate_gradient_steps` is carried here only as a flag.
+Both are clipped by global norm first. `accumulate_gradient_steps=k > 1` wraps the optimizer in
+`optax.MultiSteps(optimizer, k)`, as the original does: every train step takes a whole batch, the
+gradients of k consecutive steps are averaged, and the parameters change once every k steps
+(an effective batch of k x batch_size). The schedules count updates, not train steps: the
+learning rate at train step s is schedule(s // k) (`update_count`).
 
 A `trainable_mask` freezes parameters: frozen ones get exactly zero updates and no optimizer
 state (`optax.multi_transform` with `set_to_zero`), e.g. to train only the vision embedding
@@ -67,7 +70,7 @@ class OptimizerFactory:
     def get_default_config(updates=None) -> ConfigDict:
         config = ConfigDict()
         config.type = "adamw"  # 'adamw' or 'palm'
-        config.accumulate_gradient_steps = 1  # micro-batches per step (done by the trainer)
+        config.accumulate_gradient_steps = 1  # train steps (batches) per update: optax.MultiSteps
         config.palm_optimizer = PalmOptimizerFactory.get_default_config()
         config.adamw_optimizer = AdamWOptimizerFactory.get_default_config()
         return _updated(config, updates, "optimizer")
@@ -94,6 +97,10 @@ class OptimizerFactory:
                                                                   weight_decay_mask)
         if trainable_mask is not None:
             optimizer = freeze_untrainable(optimizer, trainable_mask)
+        k = int(config.accumulate_gradient_steps)
+        if k > 1:
+            optimizer = optax.MultiSteps(optimizer, k).gradient_transformation()
+        info["accumulate_gradient_steps"] = k
         return optimizer, info
 
 
@@ -271,6 +278,31 @@ def freeze_untrainable(optimizer, trainable_mask) -> optax.GradientTransformatio
     else:
         labels = labels_from(trainable_mask)
     return optax.multi_transform({"trainable": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def update_count(step, accumulate_gradient_steps: int):
+    """Optimizer updates made before train step `step` (what the schedules are evaluated at)."""
+    return step // accumulate_gradient_steps
+
+
+def at_train_step(opt_state, step, accumulate_gradient_steps: int = 1):
+    """A fresh optimizer state moved to train step `step`: every schedule counter (optax's
+    `count` fields) at the number of updates made so far, and MultiSteps' counters at the
+    same place in the accumulation cycle, so a run restarted without its saved optimizer
+    state continues the learning-rate schedule instead of warming up again. Moments (and
+    gradients accumulated in an unfinished cycle) stay zero: they were not saved.
+    """
+    k = int(accumulate_gradient_steps)
+    updates = update_count(step, k)
+    position = {"count": updates, "gradient_step": updates, "mini_step": step % k}
+
+    def move(path, leaf):
+        name = getattr(path[-1], "name", None) if path else None
+        if name in position and jnp.issubdtype(jnp.result_type(leaf), jnp.integer) and jnp.ndim(leaf) == 0:
+            return jnp.full_like(leaf, position[name])
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(move, opt_state)
 
 
 def param_path(key_path) -> str:

@@ -25,17 +25,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from tqdm import tqdm
 
-from lwm.checkpoint import StreamingCheckpointer, load_pickle, save_pickle
+from lwm.checkpoint import StreamingCheckpointer, load_pickle, save_pickle, saved_step
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.loading import compute_dtype
+from lwm.llama import check_positions
 from lwm.logger import MetricsLogger
 from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
@@ -70,6 +70,8 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     jax_distributed=JaxDistributedConfig.get_default_config(),
     autoresume=False,
     trainable_params="",  # comma-separated regexes: train only matching params (e.g. 'vte,vision_head')
+    loss_averaging="per_row",  # per_row (the original: mean over rows of each row's mean) or per_token
+    micro_batches=1,  # split each batch into this many micro-batches inside the step (memory, same gradient)
     peak_tflops_per_device=0.0,  # for the MFU estimate; 0 = report model TFLOP/s only
 )
 
@@ -130,11 +132,16 @@ def main(argv):
 
     mesh = build_mesh(FLAGS.mesh_dim)
     tokenizer = load_tokenizer(FLAGS.tokenizer)
-    config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config, tokenizer,
-                          FLAGS.mesh_dim, VideoLLaMAConfig if vision else LLaMAConfig)
+    try:
+        config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config, tokenizer,
+                              FLAGS.mesh_dim, VideoLLaMAConfig if vision else LLaMAConfig)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     dtype = compute_dtype(FLAGS.dtype)
+    check_start_checkpoint(FLAGS.load_checkpoint, FLAGS.total_steps)
     trainer = Trainer(config, mesh, FLAGS.optimizer, dtype=dtype, seed=FLAGS.seed, vision=vision,
-                      trainable_params=FLAGS.trainable_params)
+                      trainable_params=FLAGS.trainable_params, loss_averaging=FLAGS.loss_averaging,
+                      micro_batches=FLAGS.micro_batches)
     if is_main:
         log.info("model config: %s", config.to_json_string())
         log.info("parameters (%.2fM):\n%s", config.num_params() / 1e6,
@@ -144,6 +151,10 @@ def main(argv):
     batch_shards = mesh.shape["dp"] * mesh.shape["fsdp"]
     if global_batch % batch_shards:
         raise app.UsageError(f"batch_size={global_batch} is not divisible by the mesh's dp * fsdp = {batch_shards}")
+    if global_batch % (batch_shards * FLAGS.micro_batches):
+        raise app.UsageError(f"batch_size={global_batch} does not split into micro_batches={FLAGS.micro_batches} "
+                             f"that each divide over the mesh's dp * fsdp = {batch_shards}; use a micro_batches "
+                             f"that divides {global_batch // batch_shards}")
     if seq_length % mesh.shape["sp"]:
         raise app.UsageError(f"seq_length={seq_length} is not divisible by the mesh's sp = {mesh.shape['sp']}")
     if seq_length > config.max_sequence_length:
@@ -161,6 +172,7 @@ def main(argv):
     start_step = int(jax.device_get(state.step))
 
     def to_global(batch, n):
+        check_positions(batch["positions"], config)  # RoPE has no angles past max_sequence_length
         if config.sequence_layout != "contiguous":
             from lwm.ops.layout import to_layout
 
@@ -232,6 +244,22 @@ def main(argv):
         print(f"run folder: {logger.output_dir}")
 
 
+def check_start_checkpoint(spec: str, total_steps: int) -> None:
+    """Refuse a full train state that is already at or past total_steps: the run would train
+    nothing and save the loaded weights as if it had."""
+    if not spec.startswith("trainstate::"):
+        return
+    path = spec.split("::", 1)[1]
+    if not os.path.isfile(path):
+        raise app.UsageError(f"--load_checkpoint: checkpoint file not found: {path}")
+    step = saved_step(path)
+    if step is not None and step >= total_steps:
+        raise app.UsageError(
+            f"--load_checkpoint={spec} is a train state at step {step} and --total_steps={total_steps} leaves "
+            f"nothing to train; to start a new stage from its weights use --load_checkpoint=trainstate_params::"
+            f"{path} (fresh optimizer, step 0), or raise --total_steps above {step} to continue it")
+
+
 def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset, dataset_file: str):
     """The starting train state and dataset position: autoresume, --load_checkpoint, or fresh."""
     latest = checkpointer.latest() if FLAGS.autoresume else None
@@ -243,12 +271,20 @@ def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset
                 raise RuntimeError(f"{checkpointer.checkpoint_dir}: streaming_train_state is at step "
                                    f"{int(state.step)} but metadata.pkl says {latest['step']} (a save was "
                                    "interrupted between the two files); resume from a milestone instead")
-            state = state.replace(step=jnp.asarray(latest["step"], jnp.int32))
+            log.warning("resuming at step %d without optimizer state (it was not saved: "
+                        "--checkpointer.save_optimizer_state=False): Adam moments start fresh; the "
+                        "learning-rate schedule continues from step %d", latest["step"], latest["step"])
+            if latest["step"] % trainer.accumulate_steps:
+                log.warning("the first update after resuming averages %d of %d batches' gradients "
+                            "(the rest of the accumulation cycle was not saved)",
+                            trainer.accumulate_steps - latest["step"] % trainer.accumulate_steps,
+                            trainer.accumulate_steps)
+            state = trainer.state_from_params(state.params, latest["step"])
         own = os.path.join(checkpointer.checkpoint_dir, dataset_file)
         dataset_state = load_pickle(own) if os.path.exists(own) else latest["dataset_state"]
         if dataset_state is not None:
             dataset.load_state_dict(dataset_state)
-        logging.getLogger("lwm.train").info("resumed from %s at step %d", spec, latest["step"])
+        log.info("resumed from %s at step %d", spec, latest["step"])
         return state, latest["step"]
     if FLAGS.load_checkpoint:
         state = trainer.load_state(FLAGS.load_checkpoint)

@@ -30,7 +30,10 @@ def main(argv):
     kind, path = FLAGS.load_checkpoint.split("::", 1) if "::" in FLAGS.load_checkpoint else ("params", FLAGS.load_checkpoint)
     if kind not in ("params", "trainstate", "trainstate_params"):
         raise app.UsageError(f"--load_checkpoint type {kind!r}: expected params::, trainstate:: or trainstate_params::")
-    config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config)
+    try:
+        config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     convert_lwm_to_hf(path, config, FLAGS.output_dir, tokenizer=FLAGS.tokenizer or None, dtype=FLAGS.dtype)
     print(f"wrote {FLAGS.output_dir}")
 

@@ -7,7 +7,9 @@
         --n_document_depth_intervals=3 --n_rounds=2 --max_tokens_per_batch=2000000
 
 Results go to --output_file (resumed on restart); a heatmap PNG of accuracy over
-(context length x depth) is written next to it (results.json -> results.png).
+(context length x depth) is written next to it (results.json -> results.png). Each result
+holds the original's score `correct` and the strict `correct_strict`; the summary and the
+heatmap use the strict one (`--score=substring` for the original's).
 """
 from absl import app
 

@@ -7,7 +7,10 @@
         --n_needles_total=4 --n_needles_retrieve=2 --n_rounds=10
 
 Results (each needle scored) go to --output_file (resumed on restart); a plot of accuracy over
-(N, R) and context length is written next to it (multi.json -> multi.png).
+(N, R) and context length is written next to it (multi.json -> multi.png). Each result holds
+the original's score `correct` and the strict `correct_strict` (a needle counts when it is among
+the response's first R numbers); the summary and plot use the strict one (`--score=substring`
+for the original's).
 """
 from absl import app
 

@@ -2,15 +2,17 @@
 
     python scripts/plot_needle.py results.json                      # -> results.png
     python scripts/plot_needle.py multi_4_2.json multi_4_4.json --output=multi.png
+    python scripts/plot_needle.py results.json --score=substring    # the original's score
 
 Single-needle results give accuracy over (context length x depth), as in the LWM paper's
 figure; multi-needle results (several files, one per (N, R) run, may be combined) give
-accuracy over (N, R) and per context length.
+accuracy over (N, R) and per context length. Accuracy is the strict score (`--score=substring`
+for the original's); results written before it existed are rescored from their responses.
 """
 import argparse
 import sys
 
-from lwm.needle import load_results, plot_needle_results, plot_path_for, summary_table
+from lwm.needle import SCORES, load_results, plot_needle_results, plot_path_for, summary_table
 
 
 def main(argv=None) -> int:
@@ -18,6 +20,9 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="+", help="results JSON file(s) written by scripts/eval_needle*.py")
     parser.add_argument("--output", default="", help="PNG path (default: the first results file with .png)")
     parser.add_argument("--title", default="", help="plot title")
+    parser.add_argument("--score", default="strict", choices=SCORES,
+                        help="strict: the first numbers of a response must be the needles (default); substring: "
+                             "the original's, the response contains the number")
     args = parser.parse_args(argv)
     results = []
     for path in args.results:
@@ -28,8 +33,9 @@ def main(argv=None) -> int:
     kinds = {"needles_info" in r for r in results}
     if len(kinds) > 1:
         parser.error("the files mix single-needle and multi-needle results; plot them separately")
-    print(summary_table(results))
-    print(f"wrote {plot_needle_results(results, args.output or plot_path_for(args.results[0]), args.title)}")
+    print(summary_table(results, args.score))
+    path = plot_needle_results(results, args.output or plot_path_for(args.results[0]), args.title, args.score)
+    print(f"wrote {path}")
     return 0
 
 

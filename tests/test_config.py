@@ -114,7 +114,6 @@ def test_pickle_source_and_errors(tmp_path):
 def test_build_config_follows_the_original_order(tokenizer):
     flags = LLaMAConfig.get_default_config()
     flags.scan_query_chunk_size = 256
-    flags.hidden_size = 999  # ignored: a standard size is loaded, only runtime fields come from flags
     c = build_config("debug", flags, "dict(theta=1e7, scan_key_chunk_size=512)", tokenizer, "1,-1,1,1")
     assert (c.hidden_size, c.scan_query_chunk_size, c.scan_key_chunk_size, c.theta) == (256, 256, 512, 1e7)
     assert (c.bos_token_id, c.eos_token_id, c.mesh_dim) == (1, 2, "1,-1,1,1")
@@ -125,6 +124,61 @@ def test_build_config_follows_the_original_order(tokenizer):
     # update strings are applied last and are strict about names
     with pytest.raises(ValueError, match="unknown"):
         build_config("debug", LLaMAConfig.get_default_config(), "dict(not_a_field=1)")
+
+
+def test_model_flags_with_a_loaded_config_are_an_error(tokenizer):
+    """--llama.theta with --load_llama_config used to be dropped silently (trained at the loaded theta)."""
+    from lwm.flags import define_flags_with_default, parse_flags_for_test
+
+    flags, _ = define_flags_with_default(cfgtest_llama=LLaMAConfig.get_default_config())
+    parse_flags_for_test(["--cfgtest_llama.theta=5e7", "--cfgtest_llama.scan_query_chunk_size=256"])
+    with pytest.raises(ValueError) as error:
+        build_config("debug", flags.cfgtest_llama, "", tokenizer)
+    message = str(error.value)
+    assert "\n" not in message and "--llama.theta=50000000.0" in message
+    assert '--update_llama_config="dict(theta=50000000.0)"' in message
+    # the advice given works: the same value through the update string reaches the config
+    assert build_config("debug", LLaMAConfig.get_default_config(), "dict(theta=50000000.0)").theta == 5e7
+    for field, value in (("max_sequence_length", 131072), ("hidden_size", 999), ("num_key_value_heads", 1)):
+        llama = LLaMAConfig.get_default_config({field: value})
+        with pytest.raises(ValueError, match=rf"--llama\.{field}={value}.*dict\({field}={value}\)"):
+            build_config("debug", llama, "")
+    llama = VideoLLaMAConfig.get_default_config({"sample_mode": "vision"})
+    with pytest.raises(ValueError, match="--llama.sample_mode='vision'"):
+        build_config("debug", llama, "", cls=VideoLLaMAConfig)
+
+
+def test_runtime_and_default_flags_pass_with_a_loaded_config():
+    flags = LLaMAConfig.get_default_config(dict(scan_query_chunk_size=128, scan_key_chunk_size=64,
+                                                attention_impl="dense", remat_block="nothing_saveable"))
+    flags.theta = LLaMAConfig().theta  # set to its default: changes nothing, so it is no error
+    c = build_config("7b", flags, "")
+    assert (c.scan_query_chunk_size, c.scan_key_chunk_size, c.attention_impl, c.remat_block) == (
+        128, 64, "dense", "nothing_saveable")
+    assert (c.hidden_size, c.max_sequence_length, c.theta) == (4096, 4096, 10000.0)  # the size's own fields
+    # a size whose fields differ from the flag defaults: unset --llama.* flags do not fight them
+    c = build_config("debug", LLaMAConfig.get_default_config(), "")
+    assert (c.hidden_size, c.max_sequence_length) == (256, 2048)
+
+
+def test_model_flags_without_a_loaded_config_are_the_config():
+    flags = LLaMAConfig.get_default_config(dict(theta=5e7, max_sequence_length=8192, hidden_size=64,
+                                                num_attention_heads=4))
+    c = build_config("", flags, "")
+    assert (c.theta, c.max_sequence_length, c.hidden_size) == (5e7, 8192, 64)
+
+
+def test_entry_point_reports_an_ignored_model_flag_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "lwm.chat", "--load_llama_config=debug", "--llama.theta=5e7",
+                          "--tokenizer=builtin", "--prompt=hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "--llama.theta=50000000.0" in last and "--update_llama_config" in last
 
 
 def test_auto_attention_impl():

@@ -214,3 +214,18 @@ def test_prompt_padding_and_bad_inputs(text_model, text_sampler):
                               SamplingParams(max_new_tokens=4, cfg_scale=2.0))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(max_new_tokens=4, top_p=0.0)
+
+
+def test_generation_past_max_sequence_length_fails_before_any_work(text_model):
+    """The last cache slot holds position max_sequence_length - 1; one token more is an error up front."""
+    config, params = text_model
+    sampler = Sampler(LLaMAForCausalLM(config), params)
+    ids, mask = prompts()  # 13 columns, padded to 16
+    one_too_many = SamplingParams(max_new_tokens=config.max_sequence_length - 16 + 1, temperature=0.0)
+    for call in (lambda: sampler.generate(ids, mask, 0, one_too_many),
+                 lambda: sampler.prefill(ids, mask, 0, one_too_many),
+                 lambda: next(sampler.stream(ids, mask, 0, one_too_many))):
+        with pytest.raises(ValueError, match="needs 257 cache slots, more than max_sequence_length=256; .*"
+                                             r"raise max_sequence_length \(--update_llama_config\)"):
+            call()
+    assert sampler._compiled == {}  # nothing was compiled, let alone run

@@ -9,7 +9,7 @@ from flax.traverse_util import flatten_dict
 
 from lwm.checkpoint import load_streaming
 from lwm.hf_conversion import convert_hf_to_lwm
-from lwm.llama import LLaMAForCausalLM, init_cache, init_params, rotary_sin_cos
+from lwm.llama import LLaMAForCausalLM, check_positions, init_cache, init_params, rotary_sin_cos
 from lwm.mesh import build_mesh, match_partition_rules, partition_rules, shard_tree
 from tests.helpers import max_rel_error, random_ids, tiny_config, tree_max_rel_error, unstack_layers
 
@@ -181,6 +181,46 @@ def test_rotary_angles_are_exact_at_long_range():
     angles = np.asarray(positions, np.float64)[..., None] * freqs
     np.testing.assert_allclose(sin, np.sin(angles), atol=2e-6)
     np.testing.assert_allclose(cos, np.cos(angles), atol=2e-6)
+
+
+def test_explicit_positions_match_hf_up_to_the_last_one(tmp_path):
+    """Explicit, gapped position_ids up to max_sequence_length - 1 against HF's forward (gaps, since
+    RoPE sees only differences: a shifted contiguous window would match even if positions were ignored)."""
+    model, path = hf_model(tmp_path, kv_heads=2, theta=5e5)
+    config = convert_hf_to_lwm(str(path), str(tmp_path / "params"), str(tmp_path / "config.json"))
+    config = config.replace(scan_query_chunk_size=8, scan_key_chunk_size=8, scan_mlp_chunk_size=8)
+    params = load_streaming(str(tmp_path / "params"))
+    ids = random_ids(7, (2, 32), 256)
+    rng = np.random.default_rng(0)
+    positions = np.stack([np.append(np.sort(rng.choice(127, 31, replace=False)), 127),  # 127 = max - 1
+                          np.arange(0, 64, 2)]).astype(np.int32)
+    ours = LLaMAForCausalLM(config).apply({"params": params}, ids, position_ids=positions).logits
+    with torch.no_grad():
+        ref = model(torch.tensor(np.asarray(ids), dtype=torch.long), position_ids=torch.tensor(positions)).logits
+    assert max_rel_error(ours, ref.numpy()) <= 1e-4
+
+
+def test_positions_past_max_sequence_length_are_an_error():
+    """Inside jit the RoPE table lookup clamps; a concrete position past the range must raise instead."""
+    config = tiny_config(max_sequence_length=128)
+    params = init_params(config, jax.random.key(0))
+    model = LLaMAForCausalLM(config)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    for beyond in (128, 5000):  # just past the range, and past the 1024-position table (which would clamp)
+        positions = np.arange(beyond - 7, beyond + 1, dtype=np.int32)[None]
+        with pytest.raises(ValueError, match=rf"position {beyond} is beyond max_sequence_length 128 .*"
+                                             "raise max_sequence_length via --update_llama_config"):
+            model.apply({"params": params}, ids, position_ids=positions)
+        with pytest.raises(ValueError, match=f"position {beyond} is beyond max_sequence_length 128"):
+            model.apply({"params": params}, ids, position_ids=jnp.asarray(positions))  # a concrete jax array
+    with pytest.raises(ValueError, match="position -1 is negative"):
+        model.apply({"params": params}, ids, position_ids=np.arange(-1, 7)[None])
+    # the host-side check the trainer calls on a numpy batch
+    batch = np.tile(np.arange(128, dtype=np.int32), (4, 1))
+    check_positions(batch, config)
+    batch[2, 5] = 128
+    with pytest.raises(ValueError, match="position 128 is beyond max_sequence_length 128"):
+        check_positions(batch, config)
 
 
 @pytest.mark.parametrize("mesh_dim", ["1,1,1,8", "1,2,2,2", "2,2,2,1", "1,1,2,4"])

@@ -1,7 +1,9 @@
 """Needle evals: insertion at sentence breaks and depths, scoring, resume, multi-needle cases,
 plots, haystack data, and an end-to-end run of scripts/eval_needle.py on a tiny random model."""
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,9 +11,9 @@ import numpy as np
 import pytest
 
 from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, accuracy_grid, batch_size_for,
-                        insert_needles, load_results, multi_accuracy_table, multi_case, period_token_ids,
+                        insert_needles, load_results, multi_accuracy_table, multi_case, numbers_in, period_token_ids,
                         plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
-                        sentence_break_at_or_before, single_case, summary_table)
+                        score_strict, sentence_break_at_or_before, single_case, summary_table)
 from tests.helpers import run_script_with_fake_python
 from lwm.mesh import cpu_xla_flags
 
@@ -77,6 +79,23 @@ def test_scoring_and_case_determinism(tokenizer):
     assert case.record["question"] == f"What are the special magic numbers for {a}, and {b}?"
 
 
+def test_strict_scoring_by_hand():
+    listing = "The numbers are 1111111, 2222222, 3333333, 4444444."
+    # the original's substring score is fooled by a list, a longer number and listing everything
+    assert score(listing, ["3333333"]) == [True] and score("12345678", ["1234567"]) == [True]
+    assert score(listing, ["3333333", "4444444"]) == [True, True]
+    assert score_strict(listing, ["3333333"]) == [False]  # the first number given is 1111111
+    assert score_strict("12345678", ["1234567"]) == [False]  # a different whole number
+    assert score_strict(listing, ["3333333", "4444444"]) == [False, False]  # first two are 1111111, 2222222
+    assert score_strict(listing, ["2222222", "4444444"]) == [True, False]
+    # correct answers, in the forms a model gives them
+    assert score_strict("The special magic Paris number is: 1234567.", ["1234567"]) == [True]
+    assert score_strict("1,234,567", ["1234567"]) == [True] and score_strict("1234567\n", ["1234567"]) == [True]
+    assert score_strict("Oslo: 2222222 and Lima: 1111111. Also 3333333", ["1111111", "2222222"]) == [True, True]
+    assert score_strict("", ["1234567"]) == [False] and score_strict("no digits", ["1234567"]) == [False]
+    assert numbers_in("1111111,2222222 1,234,567 12,34 7.5") == [1111111, 2222222, 1234567, 12, 34, 7, 5]
+
+
 def test_settings_grid_batching_and_bad_input(tmp_path, tokenizer):
     s = NeedleSettings(haystack_file="x", context_lengths_min=1000, context_lengths_max=32000,
                        n_context_length_intervals=3, n_document_depth_intervals=3)
@@ -101,19 +120,31 @@ def test_settings_grid_batching_and_bad_input(tmp_path, tokenizer):
         read_haystacks(str(small), tokenizer, 1, 500)
 
 
-def fake_result(length, depth, seed, correct):
+def fake_result(length, depth, seed, correct, correct_strict=None):
     return dict(context_length=length, depth_percent=depth, seed=seed, answer="1234567", response="PRESET",
-                correct=correct)
+                correct=correct, correct_strict=correct if correct_strict is None else correct_strict)
 
 
 def test_summary_and_plots(tmp_path):
-    results = [fake_result(1000, 0.0, 0, True), fake_result(1000, 0.0, 1, False), fake_result(2000, 100.0, 0, True)]
+    results = [fake_result(1000, 0.0, 0, True), fake_result(1000, 0.0, 1, False, True),
+               fake_result(2000, 100.0, 0, True, False)]
     lengths, depths, grid = accuracy_grid(results)
     assert lengths == [1000, 2000] and depths == [0.0, 100.0]
-    np.testing.assert_array_equal(grid, [[0.5, np.nan], [np.nan, 1.0]])
-    assert "| 0 | 0.50 | - |" in summary_table(results)
+    np.testing.assert_array_equal(grid, [[1.0, np.nan], [np.nan, 0.0]])  # strict by default
+    np.testing.assert_array_equal(accuracy_grid(results, "substring")[2], [[0.5, np.nan], [np.nan, 1.0]])
+    assert "| 0 | 1.00 | - |" in summary_table(results) and "score: strict" in summary_table(results)
+    assert "| 0 | 0.50 | - |" in summary_table(results, "substring")
     png = plot_needle_results(results, str(tmp_path / "single.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a file written before the strict score: rescored from its responses
+    old = [dict(context_length=1000, depth_percent=0.0, seed=i, answer="1234567", response=response, correct=True)
+           for i, response in enumerate(["It is 1234567.", "1111111, 1234567", "12345678"])]
+    assert accuracy_grid(old)[2][0, 0] == 1 / 3 and accuracy_grid(old, "substring")[2][0, 0] == 1.0
+    save_results(str(tmp_path / "old.json"), old)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_needle.py"), str(tmp_path / "old.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| 0 | 0.33 |" in out.stdout and "no response to score strictly" not in out.stdout
     multi = [dict(context_length=1000, needles_info={"A": ["1", 0], "B": ["2", 50]}, correct=[True, False],
                   seed=0, n_needles_total=2, n_needles_retrieve=2),
              dict(context_length=2000, needles_info={"A": ["1", 0], "B": ["2", 50]}, correct=[True, True],
@@ -130,6 +161,8 @@ def test_summary_and_plots(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert os.path.getsize(tmp_path / "m.png") > 1000
+    # no correct_strict and no response to rescore: their substring score counts, and the table says so
+    assert "3 of 3 results have no response to score strictly" in out.stdout
 
 
 def test_create_needle_data(tmp_path):
@@ -207,6 +240,80 @@ def test_multi_needle_run(tmp_path, haystack_file, tiny_loaded):
     assert os.path.getsize(plot_needle_results(results, str(tmp_path / "multi.png"))) > 1000
 
 
+class ScriptedSampler:
+    """Stands in for the model's sampler: decodes each prompt and answers with answer(needles, asked),
+    where needles maps every city in the haystack to its number and asked lists the questioned cities."""
+
+    data_dim = 2
+
+    def __init__(self, tokenizer, answer):
+        self.tokenizer, self.answer, self.calls = tokenizer, answer, 0
+
+    def generate(self, ids, mask, rng, sampling):
+        from lwm.generation import GenerationOutput
+
+        self.calls += 1
+        rows = []
+        for row, row_mask in zip(np.asarray(ids), np.asarray(mask)):
+            prompt = self.tokenizer.decode(row[row_mask.astype(bool)])
+            needles = dict(re.findall(r"The special magic (.+?) number is: (\d+)", prompt))
+            asked = re.search(r"What is the special magic (.+?) number\?|What is the special magic number for (.+?)\?|"
+                              r"What are the special magic numbers for (.+?)\?", prompt)
+            cities = [c.removeprefix("and ") for c in next(g for g in asked.groups() if g).split(", ")]
+            rows.append(self.tokenizer.encode(self.answer(needles, cities))[:sampling.max_new_tokens])
+        tokens = np.full((len(rows), sampling.max_new_tokens), sampling.pad_token_id, np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = r
+        return GenerationOutput(tokens=tokens, lengths=np.array([len(r) for r in rows], np.int32))
+
+
+def test_eval_with_a_model_that_finds_the_needles(tmp_path, haystack_file, tiny_loaded):
+    """Correct answers score True under both scores; listing every number only under the original's."""
+    tok = tiny_loaded.tokenizer
+    single = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "single.json"),
+                            context_lengths_min=300, context_lengths_max=400, n_context_length_intervals=2,
+                            n_document_depth_intervals=3, n_rounds=2, max_new_tokens=32)
+    finder = ScriptedSampler(tok, lambda needles, asked: f"The special magic {asked[0]} number is {needles[asked[0]]}.")
+    results = run_needle_eval(single, tiny_loaded, progress=False, sampler=finder)
+    assert len(results) == 12 and finder.calls > 0
+    for r in results:
+        city = re.search(r"magic (.+) number", r["needle"]).group(1)
+        assert r["response"] == f"The special magic {city} number is {r['answer']}."
+        assert r["correct"] is True and r["correct_strict"] is True
+    assert summary_table(results).splitlines()[-2] == "overall accuracy 1.000 over 12 cases"
+
+    multi = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "multi.json"),
+                           context_lengths_min=400, context_lengths_max=400, n_context_length_intervals=1,
+                           n_document_depth_intervals=4, n_rounds=3, multi=True, n_needles_total=4,
+                           n_needles_retrieve=2, max_new_tokens=64)
+    finder = ScriptedSampler(tok, lambda needles, asked: ", ".join(f"{c}: {needles[c]}" for c in asked))
+    results = run_needle_eval(multi, tiny_loaded, progress=False, sampler=finder)
+    assert len(results) == 3 and all(r["correct"] == r["correct_strict"] == [True, True] for r in results)
+
+    # every number of the haystack, the unasked ones first: contains every answer, but not as the first R
+    lister = ScriptedSampler(tok, lambda needles, asked: ", ".join(
+        [needles[c] for c in needles if c not in asked] + [needles[c] for c in asked]))
+    results = run_needle_eval(dataclasses.replace(multi, output_file=str(tmp_path / "lister.json")), tiny_loaded,
+                              progress=False, sampler=lister)
+    assert len(results) == 3
+    for r in results:
+        listed = [int(x) for x in r["response"].split(", ")]
+        assert len(listed) == 4 and set(listed) == {int(n) for n, _ in r["needles_info"].values()}
+        assert r["correct"] == [True, True] and r["correct_strict"] == [False, False]
+    assert multi_accuracy_table(results) == {(4, 2): {400: 0.0}}
+    assert multi_accuracy_table(results, "substring") == {(4, 2): {400: 1.0}}
+
+
+def test_needle_eval_past_max_sequence_length_fails_before_decoding(tmp_path, haystack_file, tiny_loaded):
+    sampler = ScriptedSampler(tiny_loaded.tokenizer, lambda needles, asked: needles[asked[0]])
+    settings = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "r.json"),
+                              context_lengths_min=300, context_lengths_max=2000, n_context_length_intervals=2,
+                              n_document_depth_intervals=1, n_rounds=1, max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_sequence_length=1024"):
+        run_needle_eval(settings, tiny_loaded, progress=False, sampler=sampler)
+    assert sampler.calls == 0 and not os.path.exists(tmp_path / "r.json")  # not even the 300-token cases ran
+
+
 def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
     """scripts/eval_needle.py on a 2 x 2 grid: results JSON, heatmap PNG, summary table."""
     output = tmp_path / "results.json"
@@ -215,7 +322,7 @@ def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
            "--llama.scan_mlp_chunk_size=64", "--tokenizer=builtin", f"--haystack_file={haystack_file}",
            f"--output_file={output}", "--context_lengths_min=300", "--context_lengths_max=500",
            "--n_context_length_intervals=2", "--n_document_depth_intervals=2", "--n_rounds=1",
-           "--max_new_tokens=8", "--max_tokens_per_batch=5000"]
+           "--max_new_tokens=8", "--max_tokens_per_batch=5000", "--score=substring"]
     env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -223,8 +330,9 @@ def test_eval_needle_script_end_to_end(tmp_path, haystack_file):
     assert sorted(result_key(r, False) for r in results) == [(300, 0.0, 0), (300, 100.0, 0), (500, 0.0, 0),
                                                              (500, 100.0, 0)]
     assert all(r["correct"] == (r["answer"] in r["response"]) for r in results)
+    assert all(isinstance(r["correct_strict"], bool) for r in results)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| depth % \\ context | 300 | 500 |" in run.stdout
+    assert "| depth % \\ context | 300 | 500 |" in run.stdout and "score: substring" in run.stdout
 
 
 @pytest.mark.parametrize("script,multi", [("run_eval_needle.sh", False), ("run_eval_needle_multi.sh", True)])
