@@ -40,7 +40,7 @@ from lwm.logger import MetricsLogger
 from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
 from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from lwm.trainer import Trainer
+from lwm.trainer import LOSS_AVERAGING, Trainer
 
 log = logging.getLogger("lwm.train")
 
@@ -70,19 +70,35 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     jax_distributed=JaxDistributedConfig.get_default_config(),
     autoresume=False,
     trainable_params="",  # comma-separated regexes: train only matching params (e.g. 'vte,vision_head')
-    loss_averaging="per_row",  # per_row (the original: mean over rows of each row's mean) or per_token
+    loss_averaging="auto",  # per_row (the original's), per_token, or auto: per_token for packed data, else per_row
     micro_batches=1,  # split each batch into this many micro-batches inside the step (memory, same gradient)
     peak_tflops_per_device=0.0,  # for the MFU estimate; 0 = report model TFLOP/s only
 )
 
 
-def dataset_shape(config) -> tuple[int, int]:
-    """(global batch size, sequence length) of a DatasetFactory config."""
+def dataset_options(config):
+    """The options group of a DatasetFactory config's type (json_dataset, ...)."""
     sub = {"json": "json_dataset", "json_vision": "json_vision_dataset",
            "huggingface": "huggingface_dataset"}.get(config.type)
     if sub is None:
         raise ValueError(f"unknown dataset type {config.type!r}; expected json, json_vision or huggingface")
-    return int(config[sub].batch_size), int(config[sub].seq_length)
+    return config[sub]
+
+
+def dataset_shape(config) -> tuple[int, int]:
+    """(global batch size, sequence length) of a DatasetFactory config."""
+    options = dataset_options(config)
+    return int(options.batch_size), int(options.seq_length)
+
+
+def resolve_loss_averaging(choice: str, dataset_config) -> str:
+    """`auto`: the original's per-row mean, except for packed rows, whose loss weights already
+    give every example the same total weight, so a per-token sum is the mean over examples."""
+    if choice != "auto":
+        return choice
+    options = dataset_options(dataset_config)
+    packed = options.mode == "packed" if dataset_config.type == "json_vision" else options.packed
+    return "per_token" if packed else "per_row"
 
 
 def shared_experiment_id(logger_config) -> str:
@@ -139,10 +155,16 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     dtype = compute_dtype(FLAGS.dtype)
     check_start_checkpoint(FLAGS.load_checkpoint, FLAGS.total_steps)
+    if FLAGS.loss_averaging not in ("auto", *LOSS_AVERAGING):
+        raise app.UsageError(f"--loss_averaging must be auto, {' or '.join(LOSS_AVERAGING)}; got {FLAGS.loss_averaging!r}")
+    if FLAGS.micro_batches < 1:
+        raise app.UsageError(f"--micro_batches must be >= 1, got {FLAGS.micro_batches}")
     trainer = Trainer(config, mesh, FLAGS.optimizer, dtype=dtype, seed=FLAGS.seed, vision=vision,
-                      trainable_params=FLAGS.trainable_params, loss_averaging=FLAGS.loss_averaging,
+                      trainable_params=FLAGS.trainable_params,
+                      loss_averaging=resolve_loss_averaging(FLAGS.loss_averaging, FLAGS.train_dataset),
                       micro_batches=FLAGS.micro_batches)
     if is_main:
+        log.info("loss averaging: %s", trainer.loss_averaging)
         log.info("model config: %s", config.to_json_string())
         log.info("parameters (%.2fM):\n%s", config.num_params() / 1e6,
                  sharding_table(trainer.state_shapes.params, trainer.state_specs.params, mesh))

@@ -21,9 +21,9 @@ UPDATE = ("dict(vocab_size=32000,hidden_size=64,intermediate_size=128,num_hidden
           "scan_mlp_chunk_size=32,scan_loss_chunk_size=32)")
 
 
-def env(devices=8):
+def env(devices=8, wandb="disabled"):
     e = dict(os.environ, XLA_FLAGS=cpu_xla_flags(devices), JAX_PLATFORMS="cpu",
-             WANDB_MODE="disabled", PYTHONPATH=ROOT)
+             WANDB_MODE=wandb, PYTHONPATH=ROOT)
     return e
 
 
@@ -52,29 +52,68 @@ def losses(path):
     return out
 
 
-def run(args, devices=8, check=True, timeout=600):
-    proc = subprocess.run(args, env=env(devices), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(args, devices=8, check=True, timeout=600, wandb="disabled"):
+    proc = subprocess.run(args, env=env(devices, wandb), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
 def test_text_run_writes_checkpoints_and_metrics(corpus, tmp_path):
-    run(train_args(corpus, tmp_path, 4, ["--save_model_freq=2", "--save_milestone_freq=4", "--eval_steps=1",
+    """Six steps with wandb offline: checkpoints, metrics, the schedule's learning rate at every
+    step (init 0, warmup 2 steps to 1e-2, then cosine to 1e-3 at step 10, computed here by hand)
+    and a falling loss."""
+    run(train_args(corpus, tmp_path, 6, ["--save_model_freq=2", "--save_milestone_freq=4", "--eval_steps=1",
+                                         "--optimizer.adamw_optimizer.lr=1e-2",
+                                         "--optimizer.adamw_optimizer.lr_decay_steps=10",
                                          "--eval_dataset.type=json", "--eval_dataset.text_processor.fields=text",
                                          f"--eval_dataset.json_dataset.path={corpus}",
                                          "--eval_dataset.json_dataset.seq_length=64",
-                                         "--eval_dataset.json_dataset.batch_size=4"]))
+                                         "--eval_dataset.json_dataset.batch_size=4"]), wandb="offline")
     folder = tmp_path / "run"
     names = set(os.listdir(folder))
     assert {"streaming_params", "metadata.pkl", "dataset.pkl", "streaming_params_4", "metadata_4.pkl",
-            "dataset_4.pkl", "metrics.jsonl"} <= names
+            "dataset_4.pkl", "metrics.jsonl", "wandb"} <= names
+    assert any(name.endswith(".wandb") for _, _, files in os.walk(folder / "wandb") for name in files)
     records = read_metrics(folder / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "acc", "learning_rate", "gradient_norm", "param_norm", "tokens_per_second",
                 "model_tflops_per_second", "eval_loss", "dataset_total_tokens"):
         assert np.isfinite(records[-1][key]), key
+    # the rate of the update made at step s (schedule at s - 1 updates made)
+    cosine = [1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * (t - 2) / 8)) for t in range(2, 6)]
+    np.testing.assert_allclose([r["learning_rate"] for r in records], [0.0, 5e-3, *cosine], rtol=1e-6)
     assert records[0]["loss"] > 10.0  # ln(32000) = 10.37 at initialisation
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+
+
+def test_resume_without_optimizer_state_keeps_the_schedule(corpus, tmp_path):
+    """The default checkpoint (params only): the resumed run's first update uses the schedule's
+    rate at step 3 (warmup 10 from 0), not a restarted warmup whose rate 0 leaves the params as
+    loaded. param_norm is logged after each update, so it must change from step 3 to step 4."""
+    args = ["--save_model_freq=3", "--checkpointer.float_dtype=fp32", "--autoresume=True",
+            "--optimizer.adamw_optimizer.lr_warmup_steps=10"]
+    run(train_args(corpus, tmp_path, 3, args))
+    proc = run(train_args(corpus, tmp_path, 5, args))
+    assert "without optimizer state" in proc.stderr
+    records = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    np.testing.assert_allclose([records[s]["learning_rate"] for s in (4, 5)], [3e-4, 4e-4], rtol=1e-6)
+    assert abs(records[4]["param_norm"] - records[3]["param_norm"]) > 1e-4 * records[3]["param_norm"]
+
+
+def test_refusals_come_before_any_work(corpus, tmp_path):
+    """A train state already at total_steps, and a model flag that --load_llama_config would
+    ignore: one line each, naming what to use instead."""
+    run(train_args(corpus, tmp_path, 2, ["--save_model_freq=2", "--checkpointer.save_optimizer_state=True"]))
+    state = tmp_path / "run" / "streaming_train_state"
+    proc = run(train_args(corpus, tmp_path / "next", 2, [f"--load_checkpoint=trainstate::{state}"]), check=False)
+    assert proc.returncode != 0
+    assert f"trainstate_params::{state}" in proc.stderr and "at step 2" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    proc = run(train_args(corpus, tmp_path / "theta", 2, ["--load_llama_config=debug", "--llama.theta=1000000"]),
+               check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--update_llama_config=\"dict(theta=" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_vision_text_run(tmp_path, tokenizer):
@@ -132,9 +171,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(corpus, tmp_path):
+def test_two_processes_match_one(tmp_path):
+    """Two processes, each reading its own lines (the sharded loader: process k reads lines k,
+    k+2, ...), against one process reading every line. In pad mode each line is one row, so
+    the two global batches hold the same rows in another order, and the loss (a mean over
+    rows) and the updates agree."""
+    corpus = tmp_path / "train.jsonl"
+    write_corpus_jsonl(str(corpus), builtin_corpus_documents()[:16])
     steps = 3
-    common = ["--use_data_sharded_loader=False", "--mesh_dim=1,-1,1,1", "--train_dataset.json_dataset.batch_size=8"]
+    common = ["--mesh_dim=1,-1,1,1", "--train_dataset.json_dataset.batch_size=8",
+              "--train_dataset.json_dataset.pad=True"]
     run(train_args(corpus, tmp_path / "single", steps, common))
     port = free_port()
     procs = []
@@ -148,11 +194,14 @@ def test_two_processes_match_one(corpus, tmp_path):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-6000:]
-    single = losses(tmp_path / "single" / "run" / "metrics.jsonl")
-    multi = losses(tmp_path / "multi" / "run" / "metrics.jsonl")
-    assert sorted(multi) == [1, 2, 3]
-    for step in multi:
-        assert abs(multi[step] - single[step]) <= 1e-5 * abs(single[step]), (step, multi[step], single[step])
+    single = read_metrics(tmp_path / "single" / "run" / "metrics.jsonl")
+    multi = read_metrics(tmp_path / "multi" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in multi] == [1, 2, 3]
+    for a, b in zip(multi, single):
+        for key in ("loss", "param_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (a["step"], key, a[key], b[key])
+        # process 0 (which logs) read only even lines: its last is the one before the single run's
+        assert a["dataset_example_index"] == b["dataset_example_index"] - 1, (a["step"], a, b)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
