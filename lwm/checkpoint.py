@@ -11,15 +11,17 @@ its sharding as it is read, lets a host that cannot hold two copies of a model l
     trainstate_params::PATH  only the params of a train-state file
     flax_params::PATH        one flax msgpack blob of the params tree (non-streaming)
 
-A training run's folder holds `streaming_params` (or `streaming_train_state` with
-save_optimizer_state), `metadata.pkl` and `dataset.pkl`, plus `_<step>` copies for
-milestones. Every file is written to a temporary name, flushed, fsynced and renamed, so a
-killed save never damages the previous checkpoint.
+A training run's folder holds `streaming_params` and/or `streaming_train_state`,
+`metadata.pkl` and `dataset.pkl`, plus `_<step>` copies for milestones. Every file is
+written to a temporary name, flushed, fsynced and renamed, and a save's files are committed
+together (`StreamingCheckpointer`), so a killed save never damages the previous checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import time
 from typing import Iterator, Mapping
 
 import flax
@@ -33,6 +35,7 @@ from ml_collections import ConfigDict
 
 from lwm.mesh import gather_array
 
+log = logging.getLogger("lwm.checkpoint")
 LOAD_TYPES = ("params", "trainstate", "trainstate_params", "flax_params")
 FLOAT_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "fp64": jnp.float64,
                 "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -73,16 +76,29 @@ class AtomicWriter:
         return self.file
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.file.close()
-            os.unlink(self.tmp)
-            return False
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        if exc_type is None:
+            try:
+                self.file.flush()  # a full disk often shows here, not at write()
+                os.fsync(self.file.fileno())
+                self.file.close()
+            except BaseException:
+                self._discard()
+                raise
+            os.replace(self.tmp, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        else:
+            self._discard()
         return False
+
+    def _discard(self) -> None:
+        try:
+            self.file.close()  # may fail again flushing the buffer to a full disk
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -289,15 +305,37 @@ def train_state_dict(step, params, opt_state) -> dict:
 
 # ---- the run folder ------------------------------------------------------------------------
 
+COMMIT_RECORD = "checkpoint.commit"  # present only between a save's commit point and its last rename
+STAGED = ".saving-"  # a staged file is `<final name>.saving-<step>`
+
+
+class CheckpointWriteError(OSError):
+    """A save could not be written (disk full, quota, I/O error); the previous save is intact."""
+
 
 class StreamingCheckpointer:
-    """Writes a run's checkpoints into `checkpoint_dir` in the original layout."""
+    """Writes a run's checkpoints into `checkpoint_dir` in the original layout, a save at a time.
+
+    A save commits as a whole or not at all. Its files are first written under staged names
+    (`streaming_train_state.saving-<step>`, ... each flushed, fsynced and renamed into place);
+    then one atomic write of `checkpoint.commit` (the list of staged -> final names) is the
+    commit point; then the staged files are renamed over the old ones and the record removed.
+    A run killed before the commit point leaves the previous save as it was (the staged files
+    are deleted at the next start); one killed after it is rolled forward at the next start
+    (`recover`). What a complete save leaves behind is the original's layout and formats.
+
+    The resumable state, `streaming_train_state`, holds the float32 parameters and optimizer
+    state exactly (with `exact_resume`, also when `save_optimizer_state=False`, beside the
+    exported `streaming_params`); `float_dtype` applies to `streaming_params` and milestone
+    parameters only.
+    """
 
     @staticmethod
     def get_default_config(updates=None) -> ConfigDict:
         config = ConfigDict()
-        config.float_dtype = "bf16"  # floats are cast to this on save
-        config.save_optimizer_state = False  # streaming_train_state (resumable) vs streaming_params
+        config.float_dtype = "bf16"  # exported parameters (streaming_params, milestones) are cast to this
+        config.save_optimizer_state = False  # the original's switch: streaming_train_state instead of streaming_params
+        config.exact_resume = True  # also keep an exact float32 streaming_train_state for --autoresume
         if updates is not None:
             config.update(ConfigDict(updates).copy_and_resolve_references())
         return config
@@ -311,36 +349,113 @@ class StreamingCheckpointer:
     def _path(self, name: str) -> str:
         return os.path.join(self.checkpoint_dir, name)
 
+    def files_of_save(self, milestone: bool) -> list[str]:
+        """The parameter/state files one save writes (before dataset and metadata files)."""
+        suffix = "_{step}" if milestone else ""
+        if self.config.save_optimizer_state:
+            return ["streaming_train_state" + suffix]
+        if self.config.exact_resume and not milestone:
+            return ["streaming_train_state", "streaming_params"]
+        return ["streaming_params" + suffix]
+
     def save_all(self, step: int, params, opt_state, gather_fns=None, metadata=None,
                  dataset_state=None, milestone: bool = False) -> str:
-        """Save params (or the whole train state), then dataset.pkl, then metadata.pkl.
+        """Save the train state and/or params, this process's dataset state and the metadata
+        as one commit (see the class docstring). Every process calls it.
 
-        metadata.pkl is written last and records the step: it marks a complete checkpoint.
+        dataset_state: this process's loader state; process 0's becomes `dataset.pkl`, and with
+        several processes each one's also `dataset.process<i>.pkl`.
         gather_fns: a tree like the train state dict (see `train_state_dict`) of per-leaf gathers.
+        Raises CheckpointWriteError naming the file and the cause when a write fails.
         """
-        float_dtype = float_dtype_by_name(self.config.float_dtype)
         suffix = f"_{step}" if milestone else ""
-        if self.config.save_optimizer_state:
-            name = "streaming_train_state"
-            tree = train_state_dict(step, params, opt_state)
-            fns = None if gather_fns is None else flat_fns(gather_fns)
-        else:
-            name = "streaming_params"
-            tree = params
-            fns = None if gather_fns is None else flat_fns(gather_fns["params"]["params"])
-        path = self._path(name + suffix)
         if not self.enable:
-            return path
-        save_streaming(path, tree, float_dtype, fns)
-        if jax.process_index() == 0:
-            if dataset_state is not None:
-                save_pickle(dataset_state, self._path(f"dataset{suffix}.pkl"))
-            metadata = dict(metadata or {}, step=int(step))
-            save_pickle(metadata, self._path(f"metadata{suffix}.pkl"))
-        return path
+            return self._path(self.files_of_save(milestone)[0].format(step=step))
+        log.info("checkpoint step %d: saving", step)
+        start, staged, main = time.time(), [], jax.process_index() == 0
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+
+        def stage(name, write):
+            final = self._path(name)
+            staged.append((f"{final}{STAGED}{step}", final))
+            write(staged[-1][0])
+
+        try:
+            for name in self.files_of_save(milestone):
+                if name.startswith("streaming_train_state"):  # exact: no cast
+                    tree, fns, dtype = train_state_dict(step, params, opt_state), gather_fns, None
+                else:
+                    tree, dtype = params, float_dtype_by_name(self.config.float_dtype)
+                    fns = None if gather_fns is None else gather_fns["params"]["params"]
+                fns = None if fns is None else flat_fns(fns)
+                stage(name.format(step=step), lambda path: save_streaming(path, tree, dtype, fns))
+            if dataset_state is not None and jax.process_count() > 1:
+                stage(f"dataset.process{jax.process_index()}{suffix}.pkl",
+                      lambda path: save_pickle(dataset_state, path))
+            if main:
+                if dataset_state is not None:
+                    stage(f"dataset{suffix}.pkl", lambda path: save_pickle(dataset_state, path))
+                stage(f"metadata{suffix}.pkl", lambda path: save_pickle(dict(metadata or {}, step=int(step)), path))
+        except OSError as e:
+            for tmp, _ in staged:
+                _remove(tmp)
+            raise CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing {e.filename or staged[-1][0]} "
+                                       f"failed: {e.strerror or e}; the previous checkpoint is intact (free space, "
+                                       "then restart with --autoresume=True)") from None
+        log.info("checkpoint step %d: staged", step)
+        _sync_processes(f"lwm-checkpoint-staged-{step}{suffix}")
+        if main:
+            names = [(os.path.basename(t), os.path.basename(f)) for t, f in staged]
+            if jax.process_count() > 1 and dataset_state is not None:
+                names += [(f"dataset.process{i}{suffix}.pkl{STAGED}{step}", f"dataset.process{i}{suffix}.pkl")
+                          for i in range(1, jax.process_count())]
+            try:
+                save_pickle({"step": int(step), "files": names}, self._path(COMMIT_RECORD))
+            except OSError as e:
+                for tmp, _ in names:
+                    _remove(self._path(tmp))
+                raise CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing the commit record "
+                                           f"{self._path(COMMIT_RECORD)} failed: {e.strerror or e}; the previous "
+                                           "checkpoint is intact") from None
+            log.info("checkpoint step %d: committed", step)
+            self._apply_commit(names)
+        _sync_processes(f"lwm-checkpoint-done-{step}{suffix}")
+        log.info("checkpoint step %d: saved in %.2f s", step, time.time() - start)
+        return self._path(self.files_of_save(milestone)[0].format(step=step))
+
+    def _apply_commit(self, names) -> None:
+        for tmp, final in names:
+            if os.path.exists(self._path(tmp)):
+                os.replace(self._path(tmp), self._path(final))
+        _fsync_dir(self.checkpoint_dir)
+        os.unlink(self._path(COMMIT_RECORD))
+        _fsync_dir(self.checkpoint_dir)
+
+    def recover(self) -> str | None:
+        """Bring the folder to its last committed save: finish a save killed after its commit
+        point, and delete the files of saves killed before theirs. Process 0 only; returns what
+        it did, for the log, or None when there was nothing to do."""
+        if jax.process_index() != 0 or not os.path.isdir(self.checkpoint_dir):
+            return None
+        done = []
+        record = self._path(COMMIT_RECORD)
+        if os.path.exists(record):
+            try:
+                commit = load_pickle(record)
+            except (OSError, EOFError, pickle.UnpicklingError):  # a torn record cannot exist (atomic write)
+                raise ValueError(f"{record} is unreadable; remove it to resume from the files beside it") from None
+            self._apply_commit(commit["files"])
+            done.append(f"finished the interrupted save of step {commit['step']}")
+        stale = [n for n in os.listdir(self.checkpoint_dir) if STAGED in n or ".tmp." in n]
+        for name in stale:
+            _remove(self._path(name))
+        if stale:
+            done.append(f"removed {len(stale)} file(s) of a save that did not commit ({', '.join(sorted(stale))})")
+        return "; ".join(done) or None
 
     def latest(self) -> dict | None:
-        """What autoresume needs from this folder, or None when nothing was saved yet."""
+        """What autoresume needs from this folder (after `recover`), or None when nothing was
+        saved yet. The exact train state is preferred to exported params."""
         meta_path = self._path("metadata.pkl")
         if not os.path.exists(meta_path):
             return None
@@ -353,3 +468,17 @@ class StreamingCheckpointer:
         dataset_path = self._path("dataset.pkl")
         out["dataset_state"] = load_pickle(dataset_path) if os.path.exists(dataset_path) else None
         return out
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -6,11 +6,11 @@
         --train_dataset.json_dataset.path=data.jsonl --train_dataset.json_dataset.seq_length=2048 \\
         --train_dataset.json_dataset.batch_size=8 --total_steps=100 --logger.output_dir=runs
 
-The run folder is `logger.output_dir/<experiment_id>`: checkpoints (spec section 4),
-`metrics.jsonl` and the wandb files. `--autoresume=True` continues a run from that folder
-(use `--logger.append_uuid=False` so the folder name is stable); with
-`--checkpointer.save_optimizer_state=True` and `--checkpointer.float_dtype=fp32` the resumed
-run reproduces the uninterrupted one step for step.
+The run folder is `logger.output_dir/<experiment_id>`: checkpoints in the original's layout
+(docs/train.md), `metrics.jsonl` and the wandb files. `--autoresume=True` continues a run
+from that folder (use `--logger.append_uuid=False` so the folder name is stable): every save
+keeps an exact float32 train state and commits as a whole, so a run killed at any moment
+and restarted logs the same losses as one that never stopped.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import numpy as np
 from absl import app
 from tqdm import tqdm
 
-from lwm.checkpoint import StreamingCheckpointer, load_pickle, save_pickle, saved_step
+from lwm.checkpoint import CheckpointWriteError, StreamingCheckpointer, load_pickle, saved_step
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
@@ -204,13 +204,13 @@ def main(argv):
     def save(state, milestone=False):
         nonlocal last_saved
         step = int(jax.device_get(state.step))
-        dataset_state = dataset.get_state_dict()
-        checkpointer.save_all(step, state.params, state.opt_state, dataset_state=dataset_state if is_main else None,
-                              metadata=dict(flags=variant, llama_config=config.to_dict(), modality=FLAGS.modality),
-                              milestone=milestone)
-        if jax.process_count() > 1:  # every process keeps its own reading position
-            save_pickle(dataset_state, os.path.join(logger.output_dir, dataset_file.replace(".pkl", f"_{step}.pkl")
-                                                    if milestone else dataset_file))
+        try:
+            checkpointer.save_all(step, state.params, state.opt_state, dataset_state=dataset.get_state_dict(),
+                                  metadata=dict(flags=variant, llama_config=config.to_dict(), modality=FLAGS.modality),
+                                  milestone=milestone)
+        except CheckpointWriteError as e:  # disk full, quota, I/O: one line, the last good save kept
+            log.error("%s", e)
+            raise SystemExit(1) from None
         last_saved = step
 
     flops_per_step = trainer.flops_per_token(seq_length) * global_batch * seq_length
@@ -284,6 +284,13 @@ def check_start_checkpoint(spec: str, total_steps: int) -> None:
 
 def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset, dataset_file: str):
     """The starting train state and dataset position: autoresume, --load_checkpoint, or fresh."""
+    repaired = checkpointer.recover()
+    if repaired:
+        log.info("%s: %s", checkpointer.checkpoint_dir, repaired)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lwm-checkpoint-recovered")
     latest = checkpointer.latest() if FLAGS.autoresume else None
     if latest is not None and "checkpoint" in latest:
         spec = latest["checkpoint"]

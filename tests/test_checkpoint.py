@@ -10,8 +10,10 @@ import optax
 import pytest
 from flax.serialization import msgpack_serialize, to_bytes
 
-from lwm.checkpoint import (AtomicWriter, StreamingCheckpointer, flat_fns, iter_streaming, load_checkpoint,
-                            load_streaming, save_streaming, train_state_dict)
+import lwm.checkpoint as checkpoint_module
+from lwm.checkpoint import (COMMIT_RECORD, AtomicWriter, CheckpointWriteError, StreamingCheckpointer, flat_fns,
+                            iter_streaming, load_checkpoint, load_pickle, load_streaming, save_streaming,
+                            train_state_dict)
 from lwm.mesh import build_mesh, make_shard_and_gather_fns, match_partition_rules, partition_rules
 
 
@@ -176,7 +178,117 @@ def test_run_folder_layout(tmp_path):
     assert latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state"
     with open(tmp_path / "metadata_10.pkl", "rb") as f:
         assert pickle.load(f)["step"] == 10
-    params_only = StreamingCheckpointer(dict(float_dtype="bf16"), str(tmp_path / "b"))
-    params_only.save_all(1, params, opt_state)
-    assert os.path.exists(tmp_path / "b" / "streaming_params")
+    # The defaults: exported params in bf16 beside an exact float32 train state, which resumes.
+    default = StreamingCheckpointer(None, str(tmp_path / "b"))
+    default.save_all(1, params, opt_state)
     assert load_streaming(str(tmp_path / "b" / "streaming_params"))["lm_head"]["kernel"].dtype == jnp.bfloat16
+    state = load_streaming(str(tmp_path / "b" / "streaming_train_state"))
+    np.testing.assert_array_equal(state["params"]["params"]["lm_head"]["kernel"], params["lm_head"]["kernel"])
+    assert default.latest()["checkpoint"] == f"trainstate::{tmp_path}/b/streaming_train_state"
+    default.save_all(2, params, opt_state, milestone=True)  # milestones: exported params only
+    assert {"streaming_params_2", "metadata_2.pkl"} <= set(os.listdir(tmp_path / "b"))
+    assert "streaming_train_state_2" not in os.listdir(tmp_path / "b")
+    # The original's behaviour, on request: one bf16 params file.
+    original = StreamingCheckpointer(dict(exact_resume=False), str(tmp_path / "c"))
+    original.save_all(1, params, opt_state)
+    assert sorted(os.listdir(tmp_path / "c")) == ["metadata.pkl", "streaming_params"]
+
+
+def saved_folder(tmp_path, steps=(1,)):
+    params = jax.tree.map(jnp.asarray, small_params())
+    opt_state = optax.adam(1e-3).init(params)
+    ckpt = StreamingCheckpointer(None, str(tmp_path))
+    for step in steps:
+        scaled = jax.tree.map(lambda x: x * step, params)
+        ckpt.save_all(step, scaled, opt_state, metadata={"note": step}, dataset_state={"loc": step})
+    return ckpt, params, opt_state
+
+
+def folder_step(ckpt):
+    """The step every file of the folder agrees on (asserting that they do)."""
+    latest = ckpt.latest()
+    state = load_streaming(latest["checkpoint"].split("::")[1])
+    exported = load_streaming(os.path.join(ckpt.checkpoint_dir, "streaming_params"))
+    step = latest["step"]
+    assert int(state["step"]) == step and latest["dataset_state"] == {"loc": step}
+    base = small_params()["lm_head"]["kernel"]
+    np.testing.assert_allclose(state["params"]["params"]["lm_head"]["kernel"], base * step, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(exported["lm_head"]["kernel"], np.float32), base * step, rtol=1e-2)
+    return step
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (not even `except Exception`)."""
+
+
+@pytest.mark.parametrize("kill_after", range(5))
+def test_a_save_killed_anywhere_leaves_the_last_committed_one(tmp_path, monkeypatch, kill_after):
+    """Kill the save of step 2 after each of its file writes (4 staged files, then the commit
+    record): recovery brings the folder to step 1 before the commit point and to
+    step 2 after it, every file agreeing, and no staged file left."""
+    ckpt, params, opt_state = saved_folder(tmp_path)
+    calls = {"n": 0}
+    real_save = checkpoint_module.save_pickle
+
+    def counting(real):
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] > kill_after:
+                raise Killed()
+            return out
+        return wrapped
+
+    # counted: the staged writes (train state, params, dataset, metadata), then the commit record
+    monkeypatch.setattr(checkpoint_module, "save_streaming", counting(checkpoint_module.save_streaming))
+    monkeypatch.setattr(checkpoint_module, "save_pickle", counting(real_save))
+    scaled = jax.tree.map(lambda x: x * 2, params)
+    with pytest.raises(Killed):
+        ckpt.save_all(2, scaled, opt_state, metadata={"note": 2}, dataset_state={"loc": 2})
+    monkeypatch.undo()
+    committed = os.path.exists(tmp_path / COMMIT_RECORD)
+    assert committed == (kill_after == 4)
+    message = ckpt.recover()
+    assert message is not None
+    assert folder_step(ckpt) == (2 if committed else 1)
+    assert [n for n in os.listdir(tmp_path) if ".saving-" in n or ".tmp." in n or n == COMMIT_RECORD] == []
+    assert ckpt.recover() is None  # nothing left to do
+
+
+def test_a_kill_between_the_renames_is_rolled_forward(tmp_path, monkeypatch):
+    ckpt, params, opt_state = saved_folder(tmp_path)
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):  # the commit's renames are staged -> final; let two of four happen
+        if str(src).endswith(".saving-2"):
+            if len(renamed) == 2:
+                raise Killed()
+            renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    with pytest.raises(Killed):
+        ckpt.save_all(2, jax.tree.map(lambda x: x * 2, params), opt_state, dataset_state={"loc": 2})
+    monkeypatch.undo()
+    assert "finished the interrupted save of step 2" in ckpt.recover()
+    assert folder_step(ckpt) == 2
+
+
+def test_a_full_disk_keeps_the_previous_save(tmp_path, monkeypatch):
+    import errno
+
+    ckpt, params, opt_state = saved_folder(tmp_path, steps=(1,))
+    real = checkpoint_module.save_streaming
+
+    def full_disk(path, *args, **kwargs):
+        if path.endswith(".saving-2") and "streaming_params" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_streaming", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step 2 not saved: writing .*streaming_params"
+                                                   r"\.saving-2 failed: No space left on device; the previous"):
+        ckpt.save_all(2, params, opt_state, dataset_state={"loc": 2})
+    assert sorted(os.listdir(tmp_path)) == ["dataset.pkl", "metadata.pkl", "streaming_params",
+                                            "streaming_train_state"]
+    assert folder_step(ckpt) == 1
