@@ -22,6 +22,7 @@ class JaxDistributedConfig:
         config.num_processes = 1
         config.process_id = 0
         config.local_device_ids = ""  # comma-separated, '' = all
+        config.heartbeat_timeout_seconds = 100  # a process silent this long is dead: the others stop with an error
         if updates is not None:
             config.update(ConfigDict(updates).copy_and_resolve_references())
         return config
@@ -35,6 +36,7 @@ class JaxDistributedConfig:
         if config.coordinator_address:
             kwargs.update(coordinator_address=config.coordinator_address,
                           num_processes=int(config.num_processes), process_id=int(config.process_id))
+        kwargs["heartbeat_timeout_seconds"] = int(config.heartbeat_timeout_seconds)
         if config.local_device_ids:
             kwargs["local_device_ids"] = [int(x) for x in str(config.local_device_ids).split(",") if x.strip()]
         jax.distributed.initialize(**kwargs)

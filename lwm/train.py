@@ -22,6 +22,7 @@ if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables
 import logging
 import math
 import os
+import sys
 import time
 
 import jax
@@ -135,6 +136,24 @@ def check_finite(metrics: dict, step: int, last_saved: int | None) -> None:
 def main(argv):
     del argv
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    try:
+        train()
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: another process died (or its host). Waiting would hang until the
+        # coordination service's own timeout; say what happened and leave at once, skipping
+        # jax's shutdown barrier, which would wait for the dead peer.
+        log.error("a collective with another process failed (%s); another process has probably stopped, so this "
+                  "one stops too. Restart every process with --autoresume=True to continue from the last save.",
+                  str(e).splitlines()[0][:300])
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def train():
+    """The whole run, after jax.distributed is up."""
     if FLAGS.modality not in ("text", "vision,text"):
         raise app.UsageError(f"--modality must be 'text' or 'vision,text', got {FLAGS.modality!r}")
     vision = FLAGS.modality == "vision,text"

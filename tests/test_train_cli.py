@@ -187,43 +187,93 @@ def test_sigkill_anywhere_and_autoresume_reproduce_the_uninterrupted_run(corpus,
     assert [n for n in os.listdir(folder) if ".saving-" in n or ".tmp." in n or n.endswith(".commit")] == []
 
 
+def test_a_full_disk_stops_the_run_and_keeps_the_last_save(corpus, tmp_path):
+    """Files capped at 24 MB (RLIMIT_FSIZE; the exact train state is about 48 MB): the save of
+    step 3 fails with one error naming the file and the cause, the step-2 save stays whole
+    and resumable, and the run resumed without the cap logs step 3's loss again, unchanged."""
+    from lwm.checkpoint import load_pickle
+
+    args = ["--save_model_freq=1", "--autoresume=True"]
+    run(train_args(corpus, tmp_path, 2, args))
+    folder = tmp_path / "run"
+
+    capped = ["bash", "-c", 'ulimit -f 24576 && exec "$@"', "bash", *train_args(corpus, tmp_path, 4, args)]  # KiB
+    proc = subprocess.run(capped, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"checkpoint step 3 not saved: writing {folder}/streaming_train_state.saving-3 failed: File too large; "
+            "the previous checkpoint is intact") in proc.stderr, proc.stderr[-3000:]
+    assert load_pickle(str(folder / "metadata.pkl"))["step"] == 2
+    assert sorted(n for n in os.listdir(folder) if n != "metrics.jsonl") == [
+        "dataset.pkl", "metadata.pkl", "streaming_params", "streaming_train_state"]
+    run(train_args(corpus, tmp_path, 4, args))
+    logged = all_losses(folder / "metrics.jsonl")
+    assert [s for s, _ in logged] == [1, 2, 3, 3, 4]
+    assert logged[2][1] == logged[3][1]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def start_two_processes(corpus, out, steps, extra, stderr=subprocess.PIPE):
+    port = free_port()
+    return [subprocess.Popen(train_args(corpus, out, steps, extra + [
+        "--jax_distributed.initialize_jax_distributed=True", f"--jax_distributed.coordinator_address=127.0.0.1:{port}",
+        "--jax_distributed.num_processes=2", f"--jax_distributed.process_id={pid}",
+        "--jax_distributed.heartbeat_timeout_seconds=20"]), env=env(4), cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=stderr, text=True) for pid in range(2)]
+
+
+def finish(procs):
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-6000:]
+
+
+def test_two_processes_match_one_and_survive_a_dead_peer(tmp_path):
     """Two processes, each reading its own lines (the sharded loader: process k reads lines k,
     k+2, ...), against one process reading every line. In pad mode each line is one row, so
     the two global batches hold the same rows in another order, and the loss (a mean over
-    rows) and the updates agree."""
+    rows) and the updates agree. Then a second two-process run loses process 1 (SIGKILL after
+    the step-2 save): process 0 stops with a clear error at once instead of hanging in a
+    collective, and both restarted with --autoresume=True log exactly the uninterrupted
+    two-process run's losses."""
     corpus = tmp_path / "train.jsonl"
     write_corpus_jsonl(str(corpus), builtin_corpus_documents()[:16])
-    steps = 3
+    steps = 4
     common = ["--mesh_dim=1,-1,1,1", "--train_dataset.json_dataset.batch_size=8",
-              "--train_dataset.json_dataset.pad=True"]
+              "--train_dataset.json_dataset.pad=True", "--save_model_freq=1", "--autoresume=True"]
     run(train_args(corpus, tmp_path / "single", steps, common))
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        args = train_args(corpus, tmp_path / "multi", steps, common + [
-            "--jax_distributed.initialize_jax_distributed=True",
-            f"--jax_distributed.coordinator_address=127.0.0.1:{port}", "--jax_distributed.num_processes=2",
-            f"--jax_distributed.process_id={pid}"])
-        procs.append(subprocess.Popen(args, env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-6000:]
+    finish(start_two_processes(corpus, tmp_path / "multi", steps, common))
     single = read_metrics(tmp_path / "single" / "run" / "metrics.jsonl")
     multi = read_metrics(tmp_path / "multi" / "run" / "metrics.jsonl")
-    assert [r["step"] for r in multi] == [1, 2, 3]
+    assert [r["step"] for r in multi] == [1, 2, 3, 4]
     for a, b in zip(multi, single):
         for key in ("loss", "param_norm"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (a["step"], key, a[key], b[key])
         # process 0 (which logs) read only even lines: its last is the one before the single run's
         assert a["dataset_example_index"] == b["dataset_example_index"] - 1, (a["step"], a, b)
+
+    first, second = start_two_processes(corpus, tmp_path / "killed", steps, common)
+    for line in first.stderr:
+        if "checkpoint step 2: saved in" in line:
+            second.send_signal(signal.SIGKILL)
+            break
+    second.wait(timeout=60)
+    killed_at = time.time()
+    err = first.stderr.read()
+    first.wait(timeout=120)
+    assert first.returncode != 0 and time.time() - killed_at < 60
+    assert "another process has probably stopped" in err and "--autoresume=True" in err, err[-3000:]
+    finish(start_two_processes(corpus, tmp_path / "killed", steps, common))
+    uninterrupted = dict(all_losses(tmp_path / "multi" / "run" / "metrics.jsonl"))
+    resumed = all_losses(tmp_path / "killed" / "run" / "metrics.jsonl")
+    assert sorted({s for s, _ in resumed}) == [1, 2, 3, 4]
+    for step, loss in resumed:
+        assert loss == uninterrupted[step], (step, loss, uninterrupted[step])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
