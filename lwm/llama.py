@@ -1,4 +1,4 @@
-"""The LLaMA text model (flax linen) with LWM's parameter tree (spec section 3).
+"""The LLaMA text model (flax linen) with LWM's parameter tree (docs/compatibility.md).
 
     transformer/wte/embedding                         [vocab, hidden]
     transformer/h/scan_decoder/attention/wq/kernel    [layers, hidden, heads*head_dim]   (scanned)
@@ -212,7 +212,7 @@ def _sharded_lookup(tables, ids, which, mesh):
     32000 x 256 table otherwise); the backward pass is the same collectives reversed.
     """
     sizes = mesh_shape(mesh)
-    slices = sizes["fsdp"] * sizes["sp"]  # hidden slices, ordered fsdp-major as in the spec
+    slices = sizes["fsdp"] * sizes["sp"]  # hidden slices, ordered fsdp-major as PS(('fsdp','sp')) lays them out
 
     def gather_tokens(x):  # [batch_l, seq_l] -> [fsdp*batch_l, sp*seq_l]
         return jax.lax.all_gather(jax.lax.all_gather(x, "fsdp", axis=0, tiled=True), "sp", axis=1, tiled=True)

@@ -79,10 +79,16 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
     cls = VideoLLaMAConfig if vision else LLaMAConfig
     flags = llama_flags if llama_flags is not None else cls.get_default_config()
     try:
-        config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls)
+        # With a checkpoint its shapes win (the original's eval never grew vocab_size); random
+        # weights grow it so that any token of the tokenizer has a row.
+        config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls,
+                              grow_vocab=not load_checkpoint_spec)
     except ValueError as e:  # a bad --llama.* / --update_llama_config: one line, not a traceback
         raise app.UsageError(str(e)) from None
     config.check_mesh(dict(mesh.shape))
+    if config.vocab_size < tok.vocab_size:
+        log.warning("vocab_size %d < the tokenizer's %d: prompts with ids >= %d are refused", config.vocab_size,
+                    tok.vocab_size, config.vocab_size)
     model = model_class(config)(config, dtype=compute_dtype(dtype), mesh=mesh)
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))
     specs = match_partition_rules(partition_rules(config.scan_layers, config.param_scan_axis), shapes)

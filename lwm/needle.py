@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack evals (spec section 9), single- and multi-needle, and their plots.
+"""Needle-in-a-haystack evals (docs/needle.md), single- and multi-needle, and their plots.
 
 One implementation serves `scripts/eval_needle.py` and `scripts/eval_needle_multi.py`; they
 differ only in how needles are placed and asked:
@@ -84,6 +84,7 @@ class NeedleSettings:
     n_needles_total: int = 4  # multi only: needles inserted
     n_needles_retrieve: int = 4  # multi only: needles asked for
     max_new_tokens: int = 0  # 0: the attention block size, as the original
+    prompt_buffer_tokens: int = FINAL_CONTEXT_BUFFER  # context tokens kept for the prompt text and answer
 
     def __post_init__(self):
         if not self.haystack_file:
@@ -95,9 +96,11 @@ class NeedleSettings:
         for name in ("n_context_length_intervals", "n_document_depth_intervals", "n_rounds", "max_tokens_per_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.context_lengths_min <= FINAL_CONTEXT_BUFFER:
+        if self.prompt_buffer_tokens < 0:
+            raise ValueError(f"prompt_buffer_tokens must be >= 0, got {self.prompt_buffer_tokens}")
+        if self.context_lengths_min <= self.prompt_buffer_tokens:
             raise ValueError(f"context_lengths_min={self.context_lengths_min} leaves no haystack: it must exceed "
-                             f"the {FINAL_CONTEXT_BUFFER} tokens kept for the prompt and answer")
+                             f"the prompt_buffer_tokens={self.prompt_buffer_tokens} kept for the prompt and answer")
         if self.multi:
             if not 0 < self.n_needles_retrieve <= self.n_needles_total:
                 raise ValueError(f"need 0 < n_needles_retrieve <= n_needles_total, got {self.n_needles_retrieve} "
@@ -251,12 +254,12 @@ def result_key(result: dict, multi: bool) -> tuple:
 
 
 def single_case(tokenizer, haystack: Sequence[int], context_length: int, depth: float, round_index: int,
-                seed: int, period_ids) -> NeedleCase:
+                seed: int, period_ids, buffer: int = FINAL_CONTEXT_BUFFER) -> NeedleCase:
     rng = random.Random(f"needle:{seed}:{context_length}:{depth}:{round_index}")
     city, number = rng.choice(CITIES), random_number(rng)
     needle = NEEDLE.format(city=city, number=number)
     tokens = insert_needles(haystack[:context_length], [(tokenizer.encode(needle), depth)], context_length,
-                            period_ids)
+                            period_ids, buffer)
     question = QUESTION.format(city=city)
     prompt = PROMPT.format(context=tokenizer.decode(tokens), question=question)
     record = dict(context_length=int(context_length), depth_percent=float(depth), needle=needle, question=question,
@@ -273,7 +276,8 @@ def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_in
     asked = rng.sample(cities, r)
     info = {c: (random_number(rng), d) for c, d in zip(cities, depths)}
     needles = [(tokenizer.encode(NEEDLE.format(city=c, number=info[c][0])), info[c][1]) for c in cities]
-    tokens = insert_needles(haystack[:context_length], needles, context_length, period_ids)
+    tokens = insert_needles(haystack[:context_length], needles, context_length, period_ids,
+                            settings.prompt_buffer_tokens)
     if r == 1:
         question = MULTI_QUESTION_ONE.format(city=asked[0])
     else:
@@ -407,7 +411,8 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True, sam
             cases = [multi_case(tokenizer, haystacks[i], length, i, settings, period_ids)
                      for i in range(settings.n_rounds)]
         else:
-            cases = [single_case(tokenizer, haystacks[i], length, depth, i, settings.seed, period_ids)
+            cases = [single_case(tokenizer, haystacks[i], length, depth, i, settings.seed, period_ids,
+                                 settings.prompt_buffer_tokens)
                      for depth in settings.depth_percents for i in range(settings.n_rounds)]
         per_length[length] = [c for c in cases if c.key not in done]
     # Every context length's prompts and answer budget first, so a length past
@@ -610,7 +615,7 @@ def plot_path_for(output_file: str) -> str:
 
 
 def flag_defaults(multi: bool) -> dict[str, Any]:
-    """The eval scripts' flags and defaults (spec section 1; the original's names)."""
+    """The eval scripts' flags and defaults: the original's names (docs/needle.md, "Flags")."""
     from lwm.checkpoint import StreamingCheckpointer
     from lwm.loading import model_flag_defaults
 
@@ -621,6 +626,7 @@ def flag_defaults(multi: bool) -> dict[str, Any]:
         flags.update(n_needles_total=4, n_needles_retrieve=4)
     flags.update(
         max_new_tokens=0,  # ours: tokens generated per prompt (0 = the attention block size, as the original)
+        prompt_buffer_tokens=FINAL_CONTEXT_BUFFER,  # ours: context tokens kept for prompt text and answer
         plot=True,  # ours: write a heatmap PNG next to output_file at the end
         score="strict",  # ours: the score of the summary and heatmap: strict | substring (the original's)
         checkpointer=StreamingCheckpointer.get_default_config(), **model_flag_defaults())
@@ -643,7 +649,8 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
         context_lengths_max=flags.context_lengths_max, n_context_length_intervals=flags.n_context_length_intervals,
         n_document_depth_intervals=flags.n_document_depth_intervals, n_rounds=flags.n_rounds, seed=flags.seed,
         multi=multi, n_needles_total=flags.n_needles_total if multi else 1,
-        n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens)
+        n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens,
+        prompt_buffer_tokens=flags.prompt_buffer_tokens)
     loaded = load_model_from_flags(flags)
     print(f"needle eval: context lengths {settings.context_lengths}, depths {settings.depth_percents}, "
           f"{settings.n_rounds} rounds" + (f", {settings.n_needles_total} needles, {settings.n_needles_retrieve} "

@@ -7,7 +7,7 @@
     Question: What is the video about?
     Answer: ...
 
-The input is read as LWM read it (spec section 11, `lwm.vision_io.read_vision`): a png/jpg is
+The input is read as LWM read it (`lwm.vision_io.read_vision`): a png/jpg is
 one frame; a video keeps at most `max_n_frames` frames picked with
 `np.linspace(0, n - 1, k).astype(int)`; each frame is resized (short side 256), center-cropped
 and scaled to [-1, 1], then turned into 16 x 16 VQGAN codes. The token stream is the one the

@@ -6,7 +6,7 @@
         --load_checkpoint=params::LWM-Chat-1M/params --tokenizer=LWM-Chat-1M/tokenizer.model
 
 `--output_file` picks the kind: `.png` / `.jpg` is one image (`--n_frames=1`), `.mp4` a video
-of `--n_frames` > 1 frames at 4 fps. Token streams (spec sections 8 and 11):
+of `--n_frames` > 1 frames at 4 fps. Token streams (LWM's; docs/vision_inference.md):
 
 * Prompts are tokenized as a batch to 128 tokens: BOS, then the text's tokens (cut from the
   left when longer), left-padded. With classifier-free guidance (cfg_scale != 1) the batch is

@@ -1,6 +1,6 @@
 """Reading images and videos as VQGAN-ready frames, and writing frames back out.
 
-Preprocessing is LWM's (spec section 11), so the codes match what the released models saw:
+Preprocessing is LWM's vision chat's, so the codes match what the released models saw:
 pick at most `max_n_frames` frames uniformly (`np.linspace(0, n - 1, k).astype(int)`), resize
 each so its short side is `size` (PIL, bicubic), center-crop to size x size, scale to [-1, 1].
 

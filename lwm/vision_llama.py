@@ -1,6 +1,6 @@
 """The video-language model: the text model plus vision-token embeddings and a vision head.
 
-Parameter tree (spec section 3): the text model's tree plus
+Parameter tree (LWM's; docs/compatibility.md): the text model's tree plus
     transformer/vte/embedding   [vision_vocab, hidden]
     vision_head/kernel          [hidden, vision_vocab]      (unless tie_vision_embeddings)
 

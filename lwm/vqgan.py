@@ -1,6 +1,6 @@
 """The VQGAN image tokenizer: 256x256 RGB frames <-> 16x16 grids of codes in [0, 8192).
 
-Architecture and parameter names follow LWM's released VQGAN (spec section 10), so its
+Architecture and parameter names follow LWM's released VQGAN (docs/vision_data.md, "The VQGAN checkpoint"), so its
 pickled params load unchanged:
 
     from lwm.vqgan import VQGAN
@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import pickle
-import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 from tqdm.auto import tqdm
+
+from lwm.checkpoint import AtomicWriter
 
 GROUPNORM_GROUPS = 32  # flax nn.GroupNorm's default, the one LWM's weights were trained with
 
@@ -403,20 +404,22 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def check_params_tree(params: Mapping, config: VQGANConfig, source: str = "params") -> None:
-    """Raise a ValueError listing every missing, unexpected and mis-shaped leaf."""
+    """Raise a one-line ValueError counting missing, unexpected and mis-shaped leaves, naming a few."""
     expected = _leaf_shapes(config)
     got = _flatten(params)
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    misshaped = [(k, expected[k], tuple(np.shape(got[k])))
+    missing = [f"missing leaf {k}: expected shape {expected[k]}" for k in sorted(set(expected) - set(got))]
+    unexpected = [f"unexpected leaf {k}: shape {tuple(np.shape(got[k]))}" for k in sorted(set(got) - set(expected))]
+    misshaped = [f"mis-shaped leaf {k}: expected {expected[k]} got {tuple(np.shape(got[k]))}"
                  for k in sorted(set(expected) & set(got)) if tuple(np.shape(got[k])) != expected[k]]
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{source}: VQGAN params do not match the config {config}"]
-    lines += [f"  missing leaf {k}: expected shape {expected[k]}" for k in missing]
-    lines += [f"  unexpected leaf {k}: shape {tuple(np.shape(got[k]))}" for k in unexpected]
-    lines += [f"  mis-shaped leaf {k}: expected {e} got {g}" for k, e, g in misshaped]
-    raise ValueError("\n".join(lines))
+    counts = ", ".join(f"{len(v)} {name}" for name, v in
+                       (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if v)
+    # A released-VQGAN-sized config against a tiny checkpoint mismatches every leaf: name a few.
+    examples = "; ".join((misshaped[:2] + missing[:2] + unexpected[:2])[:4])
+    raise ValueError(f"{source}: VQGAN params do not match the config ({counts} leaves; e.g. {examples}); "
+                     "a VQGAN other than LWM's needs its config: pass --vqgan_config (a JSON file or string of "
+                     "VQGANConfig fields)")
 
 
 def _as_plain_dict(tree) -> dict:
@@ -449,19 +452,8 @@ def load_vqgan_params(path: str, config: VQGANConfig = VQGANConfig()) -> dict:
 def save_vqgan_params(path: str, params: Mapping) -> None:
     """Pickle params (numpy leaves, no outer 'params' key) atomically: temp file, then rename."""
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _as_plain_dict(params))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(params, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with AtomicWriter(path) as f:
+        pickle.dump(params, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # ----------------------------------------------------------------------------- the tokenizer

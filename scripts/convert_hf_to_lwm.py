@@ -1,7 +1,7 @@
 """Convert a Hugging Face Llama folder to LWM streaming params and a config JSON.
 
-    python scripts/convert_hf_to_lwm.py --hf_model=/path/hf_model \
-        --output_checkpoint=/path/streaming_params --output_config=/path/config.json \
+    python scripts/convert_hf_to_lwm.py --hf_model=/path/hf_model \\
+        --output_checkpoint=/path/streaming_params --output_config=/path/config.json \\
         --scan_layers=True --float_dtype=bf16
 
 Then: `--load_checkpoint='params::/path/streaming_params' --load_llama_config='json::/path/config.json'`.

@@ -1,7 +1,7 @@
 """Convert LWM streaming params to a Hugging Face `LlamaForCausalLM` folder.
 
-    python scripts/convert_lwm_to_hf.py --load_checkpoint='params::/path/streaming_params' \
-        --load_llama_config='7b' --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \
+    python scripts/convert_lwm_to_hf.py --load_checkpoint='params::/path/streaming_params' \\
+        --load_llama_config='7b' --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \\
         --output_dir=/path/hf_model --tokenizer=/path/tokenizer.model
 
 Scanned and unscanned checkpoints are both accepted (detected from the keys);

@@ -1,9 +1,9 @@
-"""Single-needle needle-in-a-haystack eval (spec sections 1 and 9); `lwm/needle.py` does the work.
+"""Single-needle needle-in-a-haystack eval with the original's flags (docs/needle.md); `lwm/needle.py` does the work.
 
-    python scripts/eval_needle.py --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \
-        --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \
-        --tokenizer=LargeWorldModel/LWM-Text-1M --haystack_file=pg19.jsonl --output_file=results.json \
-        --context_lengths_min=1000 --context_lengths_max=32000 --n_context_length_intervals=3 \
+    python scripts/eval_needle.py --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \\
+        --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \\
+        --tokenizer=LargeWorldModel/LWM-Text-1M --haystack_file=pg19.jsonl --output_file=results.json \\
+        --context_lengths_min=1000 --context_lengths_max=32000 --n_context_length_intervals=3 \\
         --n_document_depth_intervals=3 --n_rounds=2 --max_tokens_per_batch=2000000
 
 Results go to --output_file (resumed on restart); a heatmap PNG of accuracy over

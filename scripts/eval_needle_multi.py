@@ -1,9 +1,9 @@
 """Multi-needle needle-in-a-haystack eval: N needles at distinct depths, R of them asked
-(spec sections 1 and 9); `lwm/needle.py` does the work.
+(the original's flags; docs/needle.md); `lwm/needle.py` does the work.
 
-    python scripts/eval_needle_multi.py --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \
-        --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \
-        --tokenizer.vocab_file=/path/tokenizer.model --haystack_file=pg19.jsonl --output_file=multi.json \
+    python scripts/eval_needle_multi.py --load_llama_config=7b --load_checkpoint=params::/path/streaming_params \\
+        --update_llama_config="dict(theta=10000000,max_sequence_length=131072)" \\
+        --tokenizer.vocab_file=/path/tokenizer.model --haystack_file=pg19.jsonl --output_file=multi.json \\
         --n_needles_total=4 --n_needles_retrieve=2 --n_rounds=10
 
 Results (each needle scored) go to --output_file (resumed on restart); a plot of accuracy over

@@ -5,7 +5,10 @@
 
 The prompt is tokenized exactly as the LWM models were trained (legacy LLaMA SentencePiece,
 BOS first: lwm.tokenizer); generation is `transformers.LlamaForCausalLM.generate`.
+Needs PyTorch, which the base install leaves out: `pip install -e '.[torch]'`.
 """
+import importlib.util
+
 from absl import app
 
 from lwm.flags import define_flags_with_default
@@ -45,6 +48,8 @@ def generate(model_dir: str, prompt: str, tokenizer_spec: str = "", max_new_toke
 def main(argv):
     if not FLAGS.model:
         raise app.UsageError("--model is required")
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("sample_pyt.py needs PyTorch, which the base install leaves out: pip install -e '.[torch]'")
     print(generate(FLAGS.model, FLAGS.prompt, FLAGS.tokenizer, FLAGS.max_new_tokens, FLAGS.temperature,
                    FLAGS.top_k, FLAGS.top_p, FLAGS.seed))
 

@@ -1,6 +1,6 @@
 """Turn images and videos with captions into LWM `json_vision` training data (VQGAN codes).
 
-    python scripts/tokenize_vision.py --input=/data/clips --output=/data/train.jsonl \
+    python scripts/tokenize_vision.py --input=/data/clips --output=/data/train.jsonl \\
         --vqgan_checkpoint=/ckpt/vqgan.pkl --mode=both --max_n_frames=8 --batch_size=32
 
 Input: a folder (searched recursively; each image/video needs a caption file next to it with

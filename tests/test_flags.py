@@ -1,4 +1,8 @@
-"""Nested flag groups, the two tokenizer forms, per-entry-point defaults."""
+"""Nested flag groups, the two tokenizer forms, per-entry-point defaults, `--help`."""
+import os
+import subprocess
+import sys
+
 import pytest
 from ml_collections import ConfigDict
 
@@ -28,3 +32,16 @@ def test_each_entry_point_keeps_its_own_defaults():
     assert (first.t_shared, second.t_shared) == (1, 2)
     parse_flags_for_test(["--t_shared=7"])
     assert (first.t_shared, second.t_shared) == (7, 7)
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("lwm.chat", ["--load_checkpoint", "--temperature", "--llama.theta"]),
+    ("lwm.train", ["--total_steps", "--optimizer.adamw_optimizer.lr", "--train_dataset.type"]),
+])
+def test_help_lists_the_entry_points_own_flags(module, expected):
+    """absl's --help lists the main module's flags; ours are defined in lwm/flags.py on its behalf."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120, stdin=subprocess.DEVNULL)
+    for flag in expected:
+        assert f"  {flag}:" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]

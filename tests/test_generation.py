@@ -214,6 +214,10 @@ def test_prompt_padding_and_bad_inputs(text_model, text_sampler):
                               SamplingParams(max_new_tokens=4, cfg_scale=2.0))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(max_new_tokens=4, top_p=0.0)
+    outside = ids.copy()
+    outside[1, 3] = VOCAB  # padding columns (row 0's first 5) may hold anything; prompt ids may not
+    with pytest.raises(ValueError, match=rf"prompt token id {VOCAB} is outside the model's text vocabulary"):
+        text_sampler.generate(outside, mask, 0, greedy)
 
 
 def test_generation_past_max_sequence_length_fails_before_any_work(text_model):

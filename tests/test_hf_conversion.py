@@ -45,6 +45,10 @@ def test_round_trip_through_the_scripts(tmp_path, scan):
     run_script("convert_lwm_to_hf.py", f"--load_checkpoint=params::{tmp_path}/streaming_params",
                f"--load_llama_config=json::{tmp_path}/config.json", f"--output_dir={hf_dir}", "--tokenizer=builtin")
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(hf_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: oct(os.stat(hf_dir / f).st_mode & 0o777) for f in os.listdir(hf_dir)}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))  # safetensors alone would write 0600
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     ids = random_ids(3, (2, 16), config.vocab_size)
     with torch.no_grad():

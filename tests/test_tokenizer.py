@@ -1,4 +1,5 @@
-"""The tokenizer must rebuild the legacy LLaMA token streams of spec section 11 exactly."""
+"""The tokenizer must rebuild exactly the legacy LLaMA token streams the released vision models
+saw (docs/vision_inference.md)."""
 import sentencepiece as spm
 
 from lwm.assets import builtin_tokenizer_path

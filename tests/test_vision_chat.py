@@ -1,4 +1,4 @@
-"""lwm.vision_chat: the section-11 token stream built by hand for a video the test writes and
+"""lwm.vision_chat: LWM's vision-chat token stream built by hand for a video the test writes and
 decord reads back, greedy answers equal to the full forward's argmax, clear errors, and the
 real entry point end to end on a tiny random model with a tiny VQGAN."""
 import dataclasses
@@ -189,6 +189,19 @@ def test_errors_name_the_problem(world, tmp_path, monkeypatch):
                           "--tokenizer=builtin", "--max_new_tokens=4"])
     with pytest.raises(SystemExit, match="vision_chat: .*empty.mp4: the video has zero frames"):
         main(["vision_chat"])
+
+
+def test_a_vqgan_of_another_config_is_one_line_that_names_vqgan_config(tmp_path):
+    """The tiny VQGAN's pickle without --vqgan_config mismatches ~280 leaves of LWM's: one line."""
+    vqgan_path, _, _ = write_tiny_vqgan(str(tmp_path))
+    parse_flags_for_test([f"--prompt={QUESTION}", f"--input_file={tmp_path / 'unused.png'}",
+                          f"--vqgan_checkpoint={vqgan_path}", "--tokenizer=builtin"])
+    with pytest.raises(SystemExit) as err:
+        main(["vision_chat"])
+    msg = str(err.value)
+    assert msg.startswith(f"vision_chat: {vqgan_path}: VQGAN params do not match the config (") and "\n" not in msg
+    assert "mis-shaped leaf decoder/" in msg and msg.endswith("pass --vqgan_config (a JSON file or string of "
+                                                            "VQGANConfig fields)")
 
 
 def model_json(folder) -> str:

@@ -9,7 +9,8 @@ impl:
   "auto"       Pallas flash kernel on GPU/TPU, blockwise jnp on CPU (from jax.default_backend()).
   "dense"      the reference: materialises [seq, seq]; with a mesh, GSPMD gathers what it needs.
   "blockwise"  pure jnp, chunked with online softmax (`lwm/ops/blockwise.py`).
-  "pallas"     the Pallas flash kernel (`lwm/ops/pallas_flash.py`); interpret mode on CPU.
+  "pallas"     the Pallas flash kernel (`lwm/ops/pallas_flash.py`): Mosaic on TPU, Triton on GPU,
+               interpret mode on CPU, chosen by the platform the call is lowered for.
 With a mesh (and impl != "dense") the call runs inside `shard_map` and loops over the `sp` ring
 (`lwm/ops/ring.py`); with sp == 1 that is just the block kernel on local shapes.
 
@@ -17,7 +18,8 @@ Chunk sizes: the effective chunk is min(chunk, limit) where limit is the local l
 (seq / (2*sp) for the zigzag layout, whose shard is two separate runs of the sequence); it must
 divide the local length. On CPU, chunks of 128-512 are fastest (a [chunk, chunk] score tile
 per head stays in cache); 1024 (the LWM default) suits TPU/GPU. For impl="pallas" the chunk
-sizes cap the kernel's block sizes (further capped per platform, `BlockSizes.for_lengths`).
+sizes cap the kernel's block sizes (further capped per platform, `BlockSizes.for_lengths`, for
+the platform being lowered for).
 
 Decoding against a KV cache is separate: `lwm.ops.decode.cached_attention`.
 """
@@ -87,17 +89,13 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
         return reference_attention(q, k, v, segment_ids, causal=causal, q_index=positions, kv_index=positions,
                                    softmax_scale=softmax_scale)
 
-    block_sizes, interpret = None, False
-    if impl == "pallas":
+    if impl == "pallas" and mesh is None:
         from lwm.ops import pallas_flash  # the Pallas module is imported only when asked for
 
-        platform = jax.default_backend()
-        block_sizes = pallas_flash.BlockSizes.for_lengths(local, local, query_chunk_size, key_chunk_size, platform)
-        interpret = platform not in ("gpu", "tpu")
-        if mesh is None:
-            return pallas_flash.flash_attention(q, k, v, segment_ids, causal=causal, softmax_scale=softmax_scale,
-                                                block_sizes=block_sizes, interpret=interpret)
-    elif mesh is None:
+        # block sizes and backend are chosen per platform when the call is lowered
+        return pallas_flash.flash_attention(q, k, v, segment_ids, causal=causal, softmax_scale=softmax_scale,
+                                            query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size)
+    if impl == "blockwise" and mesh is None:
         return blockwise_attention(q, k, v, segment_ids, causal=causal, query_chunk_size=query_chunk_size,
                                    key_chunk_size=key_chunk_size, softmax_scale=softmax_scale)
     if sp_attention not in SP_ATTENTION:
@@ -105,5 +103,4 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     gather_kv = sp_attention == "all_gather" or (sp_attention == "auto" and gather_kv_fits(k, mesh))
     return ring_attention(q, k, v, segment_ids, mesh=mesh, causal=causal, layout=layout, block_impl=impl,
                           query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-                          softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
-                          gather_kv=gather_kv and sp > 1)
+                          softmax_scale=softmax_scale, gather_kv=gather_kv and sp > 1)

@@ -13,9 +13,15 @@ need no special cases.
     out = flash_attention(q, k, v, segment_ids, causal=True,
                           block_sizes=BlockSizes(block_q=64, block_k=64), interpret=True)
 
-Platforms: the same kernel bodies lower to Triton (GPU, requested explicitly: Pallas now
-defaults to Mosaic GPU) and Mosaic (TPU), and run on CPU with `interpret=True`; tests run them
-in interpret mode and check both lowerings with `jax.export`. Operands are laid out [batch, heads, seq, head_dim]; per-query vectors
+Platforms: the same kernel bodies lower to Triton on GPU (requested explicitly: Pallas now
+defaults to Mosaic GPU, which this kernel overflows) and Mosaic on TPU, and run on CPU with
+`interpret=True`. The backend follows the platform the call is *lowered for*, not the host's
+`jax.default_backend()`: each call stages one variant per platform under
+`lax.platform_dependent` (TPU: Mosaic; cuda/rocm: Triton; anything else: interpret mode), and
+lowering keeps only the target's branch, so one traced function compiles on a GPU, on a TPU, on
+CPU, or exports for any of them from a CPU host (`tests/test_pallas_export.py`). Block sizes are
+chosen per branch, so a variant whose platform has no legal block for the lengths is an error
+raised only when lowering for that platform. Operands are laid out [batch, heads, seq, head_dim]; per-query vectors
 (positions, segment ids, lse) as [.., seq, 1] columns and per-key vectors as [.., 1, seq]
 rows, so every block's last two dims are either full or the sequence block (TPU's (8, 128)
 rule) and no in-kernel transpose of a vector is needed. `BlockSizes.for_lengths` picks sizes
@@ -33,6 +39,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pl_triton
+from jax.extend import core as jax_core
+from jax.interpreters import mlir
 
 from lwm.ops.blockwise import output_delta
 from lwm.ops.common import MASK_VALUE, check_qkv, name_residuals
@@ -104,25 +114,46 @@ def _largest_block(length, cap, kind, platform):
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, softmax_scale=None, block_sizes=None,
-                    interpret=None, positions=None, platform=None):
+                    query_chunk_size=1024, key_chunk_size=1024, interpret=None, positions=None, platform=None):
     """Masked attention with Pallas kernels; differentiable.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
-    [batch, seq] or None; positions: [seq] global token order (default arange). interpret:
-    None = True unless running on GPU/TPU. platform: the compile target ("gpu" selects the
-    Triton backend), default jax.default_backend(). Returns [batch, seq, heads, head_dim].
+    [batch, seq] or None; positions: [seq] global token order (default arange). block_sizes:
+    used on every platform, or None for each platform's largest legal blocks <= the chunk sizes
+    (`BlockSizes.for_lengths`). platform: None follows the platform the call is lowered for
+    (Mosaic on TPU, Triton on cuda/rocm, interpret mode elsewhere); "tpu" / "gpu" / "cpu" pins
+    one. interpret: None = only where no kernel compiler exists; True = everywhere; False =
+    never. Returns [batch, seq, heads, head_dim].
     """
     check_qkv(q, k, v, segment_ids)
     seq = q.shape[1]
-    platform = jax.default_backend() if platform is None else platform
-    interpret = platform not in ("gpu", "tpu") if interpret is None else bool(interpret)
-    block_sizes = BlockSizes.for_lengths(seq, seq, platform=platform) if block_sizes is None else block_sizes
-    block_sizes.check(seq, seq, "cpu" if interpret else platform)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     positions = jnp.arange(seq, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-    return _flash((bool(causal), scale, block_sizes, interpret, platform), q, k, v, segment_ids, positions)
+    config = _KernelConfig(causal=bool(causal), scale=scale, block_sizes=block_sizes,
+                           chunk_sizes=(int(query_chunk_size), int(key_chunk_size)),
+                           interpret=None if interpret is None else bool(interpret), platform=platform)
+    config.check(seq, seq)
+    return _flash(config, q, k, v, segment_ids, positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelConfig:
+    """The static settings of one kernel call (hashable: a custom_vjp nondiff argument)."""
+    causal: bool
+    scale: float  # softmax scale applied to q.k
+    block_sizes: BlockSizes | None  # None: per platform, BlockSizes.for_lengths(.., *chunk_sizes)
+    chunk_sizes: tuple = (1024, 1024)  # (query, key/value) caps on auto-picked blocks
+    interpret: bool | None = None  # see flash_attention
+    platform: str | None = None  # None, "cpu", "gpu" or "tpu"; see flash_attention
+
+    def check(self, q_len, kv_len):
+        """Errors every platform would raise, raised now (platform-specific ones wait for lowering)."""
+        if self.platform not in (None, "cpu", "gpu", "tpu"):
+            raise ValueError(f"platform={self.platform!r}; expected None, 'cpu', 'gpu' or 'tpu'")
+        if self.block_sizes is not None:
+            self.block_sizes.check(q_len, kv_len)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -131,23 +162,98 @@ def _flash(config, q, k, v, segment_ids, positions):
 
 
 def _flash_fwd(config, q, k, v, segment_ids, positions):
-    causal, scale, block_sizes, interpret, platform = config
-    out, lse = flash_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, causal=causal, scale=scale,
-                               block_sizes=block_sizes, interpret=interpret, platform=platform)
+    out, lse = flash_block_fwd(q, k, v, segment_ids, segment_ids, positions, positions, **_kwargs(config))
     out, lse = name_residuals(out.astype(q.dtype), lse)
     return out, (q, k, v, segment_ids, positions, out, lse)
 
 
 def _flash_bwd(config, residuals, d_out):
-    causal, scale, block_sizes, interpret, platform = config
     q, k, v, segment_ids, positions, out, lse = residuals
     dq, dk, dv = flash_block_bwd(q, k, v, d_out, lse, output_delta(out, d_out), segment_ids, segment_ids,
-                                 positions, positions, causal=causal, scale=scale, block_sizes=block_sizes,
-                                 interpret=interpret, platform=platform)
+                                 positions, positions, **_kwargs(config))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _kwargs(config):
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+
+
+# ----------------------------------------------------------------------------- platforms
+#
+# A call stages one kernel variant per platform under lax.platform_dependent; lowering (jit on a
+# device, or jax.export for any platform from any host) keeps only the branch of its target. A
+# variant is "tpu" (Mosaic TPU), "gpu" (Triton, for cuda and rocm) or "cpu" (interpret mode).
+
+_LOWERS_FOR = {"tpu": ("tpu",), "gpu": ("cuda", "rocm")}  # variant -> lax.platform_dependent names
+
+
+def _compiler_params(variant):
+    """Pallas picks its backend from the compiler params' type: Triton on GPU, not the default
+    Mosaic GPU (which needs a differently structured kernel: this one exceeds its shared memory)."""
+    if variant == "gpu":
+        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    if variant == "tpu":
+        return pltpu.CompilerParams()
+    return None
+
+
+def _per_platform(kernels, args, out_shapes, q_len, kv_len, *, causal, scale, block_sizes, chunk_sizes,
+                  interpret, platform):
+    """`kernels(block_sizes, interpret, compiler_params, *args)` for the platform being lowered for.
+
+    interpret=True or platform="cpu": interpret mode only; platform="gpu"/"tpu": that compiler only
+    (block size errors raise now). Otherwise a lax.platform_dependent over the compiled variants
+    with a default branch of interpret mode (interpret=None) or an error (interpret=False). A
+    variant with no legal block sizes for these lengths becomes an error raised when lowering for
+    its platform, so a CPU run of a short sequence still traces.
+    """
+    def build(variant):
+        if block_sizes is None:
+            sizes = BlockSizes.for_lengths(q_len, kv_len, *chunk_sizes, platform=variant)
+        else:
+            sizes = block_sizes
+            sizes.check(q_len, kv_len, variant)
+        return functools.partial(kernels, sizes, variant == "cpu", _compiler_params(variant), causal=causal,
+                                 scale=scale)
+
+    if interpret or platform == "cpu":
+        return build("cpu")(*args)
+    if platform is not None:
+        return build(platform)(*args)
+    branches = {}
+    for variant, names in _LOWERS_FOR.items():
+        try:
+            branch = build(variant)
+        except ValueError as err:
+            branch = _fails_when_lowered(out_shapes, f"the Pallas flash kernel cannot lower for {variant}: {err}")
+        branches.update(dict.fromkeys(names, branch))
+    if interpret is None:
+        default = build("cpu")
+    else:
+        default = _fails_when_lowered(out_shapes, "interpret=False: Pallas compiles only for GPU and TPU")
+    return lax.platform_dependent(*args, default=default, **branches)
+
+
+# A stand-in for a kernel variant that cannot be built: it has the kernel's output shapes and its
+# lowering raises, so the error reaches whoever lowers for that platform, and nobody else.
+_unlowerable_p = jax_core.Primitive("pallas_flash_unlowerable")
+_unlowerable_p.multiple_results = True
+_unlowerable_p.def_abstract_eval(
+    lambda *, out_shapes, message: [jax.core.ShapedArray(s.shape, s.dtype) for s in out_shapes])
+
+
+def _raise_when_lowered(ctx, *, out_shapes, message):
+    raise ValueError(message)
+
+
+mlir.register_lowering(_unlowerable_p, _raise_when_lowered)
+
+
+def _fails_when_lowered(out_shapes, message):
+    return lambda *args: tuple(_unlowerable_p.bind(out_shapes=tuple(out_shapes), message=message))
 
 
 # ----------------------------------------------------------------------------- block API (ring)
@@ -171,25 +277,31 @@ def _vector_specs(has_segments, q_block, kv_block, q_index, kv_index):
     return specs
 
 
-def _compiler_params(interpret, platform):
-    """Backend choice for the compiled kernel: on GPU, Triton (Pallas now defaults to Mosaic GPU,
-    which needs a different kernel structure); Mosaic on TPU takes its defaults."""
-    if interpret:
-        return None
-    platform = jax.default_backend() if platform is None else platform
-    if platform == "gpu":
-        from jax.experimental.pallas import triton as pl_triton
-
-        return pl_triton.CompilerParams(num_warps=4, num_stages=2)
-    return None
-
-
-def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes, interpret,
-                    platform=None):
+def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes=None,
+                    chunk_sizes=(1024, 1024), interpret=None, platform=None):
     """One query block against one key/value block: (out float32 [b, sq, h, d], lse [b, h, sq]).
 
     Same contract as `blockwise.blockwise_block_fwd`: lse = -inf and out = 0 on rows with no key.
+    block_sizes, chunk_sizes, interpret, platform: as in `flash_attention`.
     """
+    b, sq, h, d = q.shape
+    out_shapes = (jax.ShapeDtypeStruct((b, sq, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+    return _per_platform(_fwd_calls, (q, k, v, q_seg, kv_seg, q_pos, kv_pos), out_shapes, sq, k.shape[1],
+                         causal=causal, scale=scale, block_sizes=block_sizes, chunk_sizes=chunk_sizes,
+                         interpret=interpret, platform=platform)
+
+
+def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes=None,
+                    chunk_sizes=(1024, 1024), interpret=None, platform=None):
+    """Gradients of one block pair given full-row lse, delta [b, h, sq]: (dq, dk, dv) float32."""
+    out_shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),) + (jax.ShapeDtypeStruct(k.shape, jnp.float32),) * 2
+    return _per_platform(_bwd_calls, (q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos), out_shapes,
+                         q.shape[1], k.shape[1], causal=causal, scale=scale, block_sizes=block_sizes,
+                         chunk_sizes=chunk_sizes, interpret=interpret, platform=platform)
+
+
+def _fwd_calls(block_sizes, interpret, compiler_params, q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale):
+    """The forward pallas_call of one platform variant: (out, lse) as in flash_block_fwd."""
     b, sq, h, d = q.shape
     sk, kv_heads = k.shape[1], k.shape[2]
     group = h // kv_heads
@@ -211,15 +323,15 @@ def flash_block_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, blo
         out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, platform),
+        compiler_params=compiler_params,
         name="flash_fwd",
     )(qt, kt, vt, *_vector_operands(q_seg, kv_seg, q_pos, kv_pos))
     return jnp.transpose(out, (0, 2, 1, 3)), lse[..., 0]
 
 
-def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *, causal, scale, block_sizes,
-                    interpret, platform=None):
-    """Gradients of one block pair given full-row lse, delta [b, h, sq]: (dq, dk, dv) float32."""
+def _bwd_calls(block_sizes, interpret, compiler_params, q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos,
+               *, causal, scale):
+    """The dq and dk/dv pallas_calls of one platform variant: (dq, dk, dv) as in flash_block_bwd."""
     b, sq, h, d = q.shape
     sk, kv_heads = k.shape[1], k.shape[2]
     group = h // kv_heads
@@ -244,7 +356,7 @@ def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
         out_specs=pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, h, sq, d), jnp.float32),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, platform),
+        compiler_params=compiler_params,
         name="flash_dq",
     )(qt, kt, vt, dot_, lse_col, delta_col, *vectors)
 
@@ -265,7 +377,7 @@ def flash_block_bwd(q, k, v, d_out, lse, delta, q_seg, kv_seg, q_pos, kv_pos, *,
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads, sk, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, sk, d), jnp.float32)],
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, platform),
+        compiler_params=compiler_params,
         name="flash_dkv",
     )(qt, kt, vt, dot_, lse_col, delta_col, *vectors)
     to_bshd = lambda x: jnp.transpose(x, (0, 2, 1, 3))
@@ -293,14 +405,18 @@ def _pair_mask(q_pos, kv_pos, q_seg, kv_seg, causal):
     return mask
 
 
-def _any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal):
-    """Scalar bool: False when the block pair is certainly fully masked (range test, cheap)."""
+def _if_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal, compute, carry):
+    """compute(carry), skipped (carry returned) when the block pair is certainly fully masked
+    (range test, cheap). Nothing to test without masking: no cond at all (Triton's lowering of a
+    cond fails on a constant predicate)."""
+    if not causal and q_seg is None:
+        return compute(carry)
     visible = jnp.bool_(True)
     if causal:
         visible = jnp.min(kv_pos) <= jnp.max(q_pos)
     if q_seg is not None:
         visible = visible & (jnp.min(q_seg) <= jnp.max(kv_seg)) & (jnp.min(kv_seg) <= jnp.max(q_seg))
-    return visible
+    return lax.cond(visible, compute, lambda c: c, carry)
 
 
 def _dot_t(a, b):
@@ -338,7 +454,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, block_k, has_segments
             acc = alpha * acc + _dot(p.astype(v.dtype), v)
             return acc, m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True)
 
-        return lax.cond(_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal), attend, lambda c: c, carry)
+        return _if_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal, attend, carry)
 
     bq, d = q.shape
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq, 1), MASK_VALUE, jnp.float32),
@@ -370,7 +486,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, causal, s
             ds = p * (_dot_t(do, v) - delta) * scale
             return dq + _dot(ds.astype(k.dtype), k)
 
-        return lax.cond(_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal), backprop, lambda g: g, dq)
+        return _if_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal, backprop, dq)
 
     dq = lax.fori_loop(0, k_ref.shape[0] // block_k, kv_step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -401,7 +517,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
             ds = p * (_dot_t(do, v) - delta_ref[g, q_slice, :]) * scale
             return dk + _dot(ds.astype(q.dtype).T, q), dv
 
-        return lax.cond(_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal), backprop, lambda c: c, carry)
+        return _if_any_pair_visible(q_pos, kv_pos, q_seg, kv_seg, causal, backprop, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, group * n_q, q_step, (zeros, zeros))

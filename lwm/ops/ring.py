@@ -49,21 +49,24 @@ class RingConfig:
     block_impl: str  # "blockwise" or "pallas": the kernel called on each ring step
     query_chunk_size: int  # blockwise chunk sizes (already fitted to the local length)
     key_chunk_size: int
-    block_sizes: object = None  # pallas_flash.BlockSizes when block_impl == "pallas"
-    interpret: bool = False  # Pallas interpret mode (CPU)
+    block_sizes: object = None  # pallas: a BlockSizes for every platform, or None: picked per platform
+    interpret: bool | None = None  # pallas: None = interpret mode only where no kernel compiler exists (CPU)
     gather_kv: bool = False  # all-gather k, v once instead of passing blocks around the ring
 
 
 def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="contiguous",
                    block_impl="blockwise", query_chunk_size=1024, key_chunk_size=1024,
-                   softmax_scale=None, block_sizes=None, interpret=False, gather_kv=False):
+                   softmax_scale=None, block_sizes=None, interpret=None, gather_kv=False):
     """Attention with the sequence sharded over mesh axis 'sp' (a ring of ppermutes).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
     [batch, seq] or None; all stored in `layout` order. Batch is split over ('dp', 'fsdp'),
     seq over 'sp', heads over 'tp'. Chunk sizes apply to the local length seq / sp: the chunk
     used is min(chunk, layout.chunk_limit) (seq/sp, or seq/(2*sp) for zigzag), which must
-    divide the local length. Returns [batch, seq, heads, head_dim].
+    divide the local length. block_sizes, interpret (block_impl="pallas"): as in
+    `pallas_flash.flash_attention`; the Pallas kernel follows the platform the call is lowered for,
+    with block sizes (when None) picked per platform under the chunk sizes.
+    Returns [batch, seq, heads, head_dim].
 
     gather_kv=True trades the ring for one all-gather of k, v (and one reduce-scatter of dk, dv
     in the backward): every device then holds the whole sequence's k, v for one layer, but makes
@@ -88,7 +91,8 @@ def ring_attention(q, k, v, segment_ids=None, *, mesh, causal=True, layout="cont
         scale=d ** -0.5 if softmax_scale is None else float(softmax_scale), block_impl=block_impl,
         query_chunk_size=fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size"),
         key_chunk_size=fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size"),
-        block_sizes=block_sizes, interpret=bool(interpret), gather_kv=bool(gather_kv))
+        block_sizes=block_sizes, interpret=None if interpret is None else bool(interpret),
+        gather_kv=bool(gather_kv))
     ring = _make_gathered(config) if config.gather_kv else _make_ring(config)
     if segment_ids is None:
         fn, args, specs = (lambda q, k, v: ring(q, k, v, None)), (q, k, v), (QKV_SPEC,) * 3
@@ -108,7 +112,7 @@ def _block_kernels(config):
         from lwm.ops import pallas_flash  # only the pallas impl needs the Pallas module
 
         common = dict(causal=config.causal, scale=config.scale, block_sizes=config.block_sizes,
-                      interpret=config.interpret)
+                      chunk_sizes=(config.query_chunk_size, config.key_chunk_size), interpret=config.interpret)
         return (functools.partial(pallas_flash.flash_block_fwd, **common),
                 functools.partial(pallas_flash.flash_block_bwd, **common))
     common = dict(causal=config.causal, scale=config.scale, query_chunk_size=config.query_chunk_size,

@@ -1,0 +1,346 @@
+"""Reproduce LWM's progressive context extension at tiny scale: data, tokenizer, stages, evals.
+
+    python -m lwm.reproduce                         # the main study (make reproduce)
+    python -m lwm.reproduce --ablations             # and the three ablations at 4x
+    python -m lwm.reproduce --smoke --out /tmp/r    # a few steps per stage, a tiny grid (tests)
+
+Every stage is a `python -m lwm.train` run and every eval a `scripts/eval_needle.py` or
+`scripts/eval_needle_multi.py` run, with the flags a TPU user would pass; this module only
+prepares their inputs and reads their outputs. Each stage is described by a JSON file in
+configs/reproduce/ (length, theta, steps, batch, mesh, learning rate, which stage it starts
+from, and the evals that follow it). Rerunning after a kill continues where it stopped: the
+data and tokenizer are kept, a finished stage is skipped, a stage in progress autoresumes
+from its last save, and an eval resumes its results file.
+
+Outputs go under --out (default outputs/reproduce, git-ignored): data/, tokenizer/, runs/,
+evals/; the summary goes to --results (default docs/reproduction.json) and the heatmaps to
+--assets (default docs/assets/reproduction).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs", "reproduce")
+MAIN_STAGES = ("stage1", "stage2")
+ABLATION_STAGES = ("ablation_extension_without_theta", "ablation_long_from_start")
+EVAL_EVERY = 6  # every 6th essay (by name) is held out: eval haystacks only
+PROMPT_BUFFER = 56  # the eval prompt (41 tokens with the study's tokenizer), answer and margin
+
+
+def log(message: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_stage(name: str, smoke: bool) -> dict:
+    with open(os.path.join(CONFIGS, f"tiny_{name}.json")) as f:
+        stage = json.load(f)
+    if smoke:  # the whole pipeline in minutes: a few steps, one round, two lengths, short contexts
+        scale = 4
+        stage.update(steps=3, warmup_steps=1, seq_length=stage["seq_length"] // scale, needles=[1, 2])
+        for e in stage["evals"]:
+            e.update(min=max(e["min"] // scale, PROMPT_BUFFER + 16), max=e["max"] // scale,
+                     lengths=min(e["lengths"], 2), rounds=1)
+            if e["kind"] == "multi":
+                e["rounds"] = 2
+    return stage
+
+
+# ---- data and tokenizer ------------------------------------------------------------------------
+
+
+def prepare_corpus(data_dir: str) -> tuple[str, str]:
+    """train.jsonl and eval.jsonl: paragraphs of the built-in essays, split by essay."""
+    from lwm.corpus import builtin_corpus_documents, split_paragraphs
+
+    paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "eval")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths["train"], paths["eval"]
+    os.makedirs(data_dir, exist_ok=True)
+    lines = {"train": [], "eval": []}
+    for index, (_, text) in enumerate(builtin_corpus_documents()):
+        split = "eval" if index % EVAL_EVERY == EVAL_EVERY - 1 else "train"
+        lines[split] += [json.dumps({"text": p}) for p in split_paragraphs(text)]
+    for split, path in paths.items():
+        _write_lines(path, lines[split])
+    log(f"corpus: {len(lines['train'])} training and {len(lines['eval'])} held-out paragraphs")
+    return paths["train"], paths["eval"]
+
+
+def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> str:
+    """A SentencePiece model trained on the training split plus the chat/needle template text."""
+    import random
+
+    from lwm.needle import CITIES, MULTI_PROMPT, MULTI_QUESTION, NEEDLE, PROMPT, QUESTION
+    from lwm.retrieval_data import FOLLOW_UP
+    from scripts.train_tokenizer import train_tokenizer
+
+    path = os.path.join(out_dir, "tokenizer.model")
+    if os.path.exists(path):
+        return path
+    rng = random.Random(0)
+    corpus = os.path.join(out_dir, "tokenizer_input.jsonl")
+    with open(train_path) as f:
+        lines = [line.rstrip("\n") for line in f]
+    for _ in range(3000):  # the prompts' words become whole pieces (41 tokens instead of 78)
+        a, b = rng.sample(CITIES, 2)
+        template = rng.choice([PROMPT, MULTI_PROMPT])
+        text = template.format(context=NEEDLE.format(city=a, number="0"), question=QUESTION.format(city=a))
+        text += FOLLOW_UP.format(question=MULTI_QUESTION.format(cities=f"{a} and {b}"))
+        lines.append(json.dumps({"text": text}))
+    _write_lines(corpus, lines)
+    train_tokenizer(corpus, path, vocab_size)
+    log(f"tokenizer: {path} ({vocab_size} pieces)")
+    return path
+
+
+def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str) -> str:
+    from lwm.needle import haystack_texts
+    from lwm.retrieval_data import retrieval_examples, write_retrieval_jsonl
+    from lwm.tokenizer import load_tokenizer
+
+    n = stage["steps"] * stage["batch_size"]
+    path = os.path.join(data_dir, f"retrieval_{stage['seq_length']}_{n}.jsonl")
+    if os.path.exists(path):
+        return path
+    texts = [t for pass_index, t in _first_pass(haystack_texts(train_path))]
+    examples = retrieval_examples(load_tokenizer(tokenizer_path), texts, stage["seq_length"], n,
+                                  seed=stage["seq_length"], needles=tuple(stage["needles"]),
+                                  multi_fraction=stage["multi_fraction"])
+    write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['seq_length']}"))
+    return path
+
+
+# ---- stages and evals ----------------------------------------------------------------------------
+
+
+def model_updates(seq_length: int, theta: float, chunk: int) -> str:
+    """--update_llama_config for a stage or eval (chunk sizes are run-time fields: set here, since
+    --load_llama_config takes them from --llama.*, whose defaults are 1024)."""
+    return (f"dict(max_sequence_length={seq_length},theta={theta},scan_query_chunk_size={chunk},"
+            f"scan_key_chunk_size={chunk},scan_mlp_chunk_size={max(chunk, 256)},scan_loss_chunk_size={chunk})")
+
+
+def run_folder(out: str, name: str) -> str:
+    return os.path.join(out, "runs", name)
+
+
+def stage_done(out: str, stage: dict) -> bool:
+    from lwm.checkpoint import load_pickle
+
+    meta = os.path.join(run_folder(out, stage["name"]), "metadata.pkl")
+    return os.path.exists(meta) and load_pickle(meta).get("step") == stage["steps"]
+
+
+def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
+    """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds."""
+    if stage_done(out, stage):
+        log(f"{stage['name']}: done already")
+        return _recorded_wall(out, stage["name"])
+    args = [
+        "-m", "lwm.train", "--modality=text", f"--mesh_dim={stage['mesh_dim']}", "--dtype=fp32",
+        f"--total_steps={stage['steps']}", "--log_freq=10", f"--save_model_freq={max(1, stage['steps'] // 5)}",
+        f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
+        f"--update_llama_config={model_updates(stage['seq_length'], stage['theta'], min(256, stage['seq_length'] // 4))}",
+        f"--tokenizer={tokenizer}", "--train_dataset.type=json",
+        "--train_dataset.text_processor.fields_from_example=fields",
+        f"--train_dataset.json_dataset.path={data_path}", "--train_dataset.json_dataset.pad=True",
+        f"--train_dataset.json_dataset.seq_length={stage['seq_length']}",
+        f"--train_dataset.json_dataset.batch_size={stage['batch_size']}",
+        "--train_dataset.json_dataset.tokenizer_processes=1",
+        f"--optimizer.adamw_optimizer.lr={stage['lr']}", f"--optimizer.adamw_optimizer.end_lr={stage['end_lr']}",
+        "--optimizer.adamw_optimizer.init_lr=0.0", f"--optimizer.adamw_optimizer.lr_warmup_steps={stage['warmup_steps']}",
+        f"--optimizer.adamw_optimizer.lr_decay_steps={stage['steps']}",
+        "--optimizer.adamw_optimizer.weight_decay=0.0", "--checkpointer.float_dtype=fp32",
+        f"--logger.output_dir={os.path.join(out, 'runs')}", f"--logger.experiment_id={stage['name']}",
+        "--logger.append_uuid=False", "--autoresume=True"]
+    if stage["init_from"]:
+        args.append(f"--load_checkpoint=params::{os.path.join(run_folder(out, stage['init_from']), 'streaming_params')}")
+    log(f"{stage['name']}: training {stage['steps']} steps of {stage['batch_size']} x {stage['seq_length']} tokens, "
+        f"theta {stage['theta']:g}, mesh {stage['mesh_dim']}" + (f", from {stage['init_from']}" if stage["init_from"]
+                                                                else ", from random weights"))
+    wall = _python(args)
+    previous = _recorded_wall(out, stage["name"])
+    total = previous + wall
+    _record_wall(out, stage["name"], total)
+    return total
+
+
+def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, float]:
+    """One needle eval of a stage's checkpoint; returns (results file, wall seconds)."""
+    multi = spec["kind"] == "multi"
+    output = os.path.join(out, "evals", f"{spec['key']}.json")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    script = os.path.join(ROOT, "scripts", "eval_needle_multi.py" if multi else "eval_needle.py")
+    args = [script, f"--haystack_file={os.path.join(out, 'data', 'eval.jsonl')}", f"--output_file={output}",
+            f"--context_lengths_min={spec['min']}", f"--context_lengths_max={spec['max']}",
+            f"--n_context_length_intervals={spec['lengths']}", f"--n_document_depth_intervals={spec['depths']}",
+            f"--n_rounds={spec['rounds']}", f"--prompt_buffer_tokens={PROMPT_BUFFER}", "--max_new_tokens=24",
+            "--max_tokens_per_batch=65536", "--mesh_dim=1,8,1,1", "--dtype=fp32",
+            f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
+            f"--update_llama_config={model_updates(max(spec['max'], stage['seq_length']) + 64, stage['theta'], 64)}",
+            f"--load_checkpoint=params::{os.path.join(run_folder(out, stage['name']), 'streaming_params')}",
+            f"--tokenizer={tokenizer}"]
+    if multi:
+        args += [f"--n_needles_total={spec['needles_total']}", f"--n_needles_retrieve={spec['needles_retrieve']}"]
+    log(f"{stage['name']}: eval {spec['key']} ({spec['kind']}, lengths {spec['min']}..{spec['max']})")
+    return output, _python(args)
+
+
+def accuracy(results_file: str) -> float:
+    """Mean strict accuracy over every case (per needle for the multi-needle eval)."""
+    from lwm.needle import load_results, needle_accuracy
+
+    results = load_results(results_file)
+    return float(sum(needle_accuracy(r, "strict") for r in results) / max(len(results), 1))
+
+
+# ---- the study -----------------------------------------------------------------------------------
+
+
+def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool) -> dict:
+    start = time.time()
+    data_dir = os.path.join(out, "data")
+    train_path, _ = prepare_corpus(data_dir)
+    tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
+    names = MAIN_STAGES + (ABLATION_STAGES if ablations else ())
+    summary = {"first_stage_length": None, "stages": [], "evals": {}, "ablations_run": ablations, "smoke": smoke}
+    main_wall = 0.0
+    for name in names:
+        stage = load_stage(name, smoke)
+        data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir)
+        wall = train_stage(stage, data_path, tokenizer, out)
+        record = {"name": name, "length": stage["seq_length"], "theta": stage["theta"], "steps": stage["steps"],
+                  "tokens": stage["steps"] * stage["batch_size"] * stage["seq_length"], "wall_s": round(wall, 1),
+                  "init_from": stage["init_from"] or None, "mesh_dim": stage["mesh_dim"],
+                  "checkpoint": os.path.join(run_folder(out, name), "streaming_params"), "evals_wall_s": 0.0}
+        for spec in stage["evals"]:
+            if spec["key"].startswith("ablation") and not ablations and name in MAIN_STAGES:
+                continue
+            results_file, eval_wall = run_eval(stage, spec, tokenizer, out)
+            record["evals_wall_s"] += round(eval_wall, 1)
+            summary["evals"][spec["key"]] = {"accuracy": accuracy(results_file), "results": results_file,
+                                             "stage": name, "lengths": [spec["min"], spec["max"]]}
+            heatmap = os.path.splitext(results_file)[0] + ".png"
+            if os.path.exists(heatmap) and assets:
+                os.makedirs(assets, exist_ok=True)
+                shutil.copy(heatmap, os.path.join(assets, os.path.basename(heatmap)))
+        if name in MAIN_STAGES:
+            summary["stages"].append(record)
+            main_wall += wall + record["evals_wall_s"]
+        else:
+            summary.setdefault("ablation_stages", []).append(record)
+    summary["first_stage_length"] = summary["stages"][0]["length"]
+    for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
+                "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage",
+                "ablation_no_extension_at_4x", "ablation_extension_without_theta_at_4x",
+                "ablation_long_from_start_at_4x"):
+        summary[key] = summary["evals"].get(key, {}).get("accuracy")
+    summary["main_study_wall_s"] = round(main_wall, 1)
+    summary["total_wall_s"] = round(time.time() - start, 1)
+    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count()}
+    if results_path:
+        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+        with open(results_path, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+    print(summary_table(summary), flush=True)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    rows = ["stage            length   theta      steps   tokens      wall s  evals s",
+            *(f"{s['name']:16} {s['length']:6d}   {s['theta']:<9g}  {s['steps']:5d}   {s['tokens']:<10d}  "
+              f"{s['wall_s']:7.0f}  {s['evals_wall_s']:7.0f}" for s in summary["stages"] + summary.get("ablation_stages", [])),
+            "", "eval (strict score)                                  accuracy"]
+    for key, e in summary["evals"].items():
+        rows.append(f"{key:52} {e['accuracy']:.3f}")
+    rows.append(f"\nmain study wall time: {summary['main_study_wall_s']:.0f} s; total {summary['total_wall_s']:.0f} s")
+    return "\n".join(rows)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _python(args: list[str]) -> float:
+    start = time.time()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("WANDB_MODE", "offline")
+    from lwm.mesh import cpu_xla_flags
+
+    if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = cpu_xla_flags(8)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"reproduce: {' '.join(args[:2])} failed (exit {proc.returncode}); rerun the same command "
+                         "to continue from where it stopped")
+    return time.time() - start
+
+
+def _wall_file(out: str) -> str:
+    return os.path.join(out, "runs", "wall_seconds.json")
+
+
+def _recorded_wall(out: str, name: str) -> float:
+    path = _wall_file(out)
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        return float(json.load(f).get(name, 0.0))
+
+
+def _record_wall(out: str, name: str, seconds: float) -> None:
+    path = _wall_file(out)
+    walls = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            walls = json.load(f)
+    walls[name] = seconds
+    _write_lines(path, [json.dumps(walls)])
+
+
+def _write_lines(path: str, lines) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def _first_pass(texts):
+    for pass_index, text in texts:
+        if pass_index:
+            return
+        yield pass_index, text
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce"))
+    parser.add_argument("--results", default=os.path.join(ROOT, "docs", "reproduction.json"))
+    parser.add_argument("--assets", default=os.path.join(ROOT, "docs", "assets", "reproduction"))
+    parser.add_argument("--ablations", action="store_true", help="also run the three ablations at 4x")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
+    args = parser.parse_args(argv)
+    reproduce(args.out, args.results, args.assets, args.ablations, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

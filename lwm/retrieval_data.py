@@ -1,0 +1,167 @@
+"""Training data that teaches long-range retrieval: needles in a haystack, questions, answers.
+
+    python -m lwm.retrieval_data --haystack=train.jsonl --tokenizer=tok/tokenizer.model \\
+        --seq_length=1024 --n_examples=20000 --output=retrieval_1024.jsonl
+
+Each line is one example in LWM's JSONL form, read with
+`--train_dataset.text_processor.fields_from_example=fields` (loss only on the answers, in the
+fields outside brackets). An example fills one row of `seq_length` tokens with a multi-turn
+chat about one haystack:
+
+    fields: "[prompt],answer0,[turn1],answer1,[turn2],answer2"
+    prompt:  You are a helpful assistant. USER: {haystack with K needles} {question 0} Don't give
+             information outside the document or repeat your findings. Keep your response short
+             and direct. ASSISTANT:
+    answer0: 4829173.
+    turn1:   USER: What is the special magic Lima number? ASSISTANT:
+    answer1: 1098534.
+    turn2:   USER: What are the special magic numbers for Oslo and Doha? ASSISTANT:
+    answer2: 7730126, 3302981.
+
+Why this shape:
+* The first turn is exactly the needle eval's prompt (`lwm.needle`: its needle sentence,
+  question, instruction, and its multi-needle prompt for a multi question), tokenized the
+  same way, so what is learnt is what is measured.
+* Every needle is asked about once, in a random order (K needles, K answers per row): many
+  retrieval targets per sequence instead of one, as in associative-recall studies, at every
+  depth of the context. A few turns ask for two numbers at once (the multi-needle eval).
+* Numbers are fresh random 7-digit numbers and cities are drawn from the eval's list, so no
+  eval answer can be memorised; the haystack comes from the caller's (training) text only.
+* Loss is on the answers only: the task is retrieval, and the haystack's own language-model
+  loss would spend a tiny model's capacity on Paul Graham's prose.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import Iterator, Sequence
+
+from lwm.needle import (CITIES, MULTI_PROMPT, MULTI_QUESTION, NEEDLE, PROMPT, QUESTION, insert_needles,
+                        period_token_ids, random_number)
+
+FOLLOW_UP = " USER: {question} ASSISTANT: "
+
+
+def haystack_stream(texts: Sequence[str], tokenizer) -> list[int]:
+    """All texts tokenized and joined with a space: the pool that haystack windows are cut from."""
+    tokens: list[int] = []
+    for text in texts:
+        tokens.extend(tokenizer.encode(("" if not tokens else " ") + text))
+    return tokens
+
+
+def two_cities(pair: Sequence[str]) -> str:
+    return f"{pair[0]} and {pair[1]}"
+
+
+def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> list[list[str]]:
+    """The cities asked in each turn: each city once, in a random order; with probability
+    `multi_fraction` a turn asks for two of them at once."""
+    order = rng.sample(cities, len(cities))
+    turns = []
+    while order:
+        take = 2 if len(order) >= 2 and rng.random() < multi_fraction else 1
+        turns.append(order[:take])
+        order = order[take:]
+    return turns
+
+
+def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
+                      multi_fraction: float, period_ids) -> dict:
+    """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions."""
+    cities = rng.sample(CITIES, n_needles)
+    numbers = {c: random_number(rng) for c in cities}
+    turns = plan_turns(rng, cities, multi_fraction)
+
+    def question(asked):
+        return QUESTION.format(city=asked[0]) if len(asked) == 1 else \
+            MULTI_QUESTION.format(cities=two_cities(asked))
+
+    def answer(asked):
+        return ", ".join(numbers[c] for c in asked) + "."
+
+    template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT
+    needles = [(tokenizer.encode(NEEDLE.format(city=c, number=numbers[c])), rng.uniform(0, 100)) for c in cities]
+    fields = {"answer0": answer(turns[0])}
+    for i, asked in enumerate(turns[1:], 1):
+        fields[f"turn{i}"] = FOLLOW_UP.format(question=question(asked))
+        fields[f"answer{i}"] = answer(asked)
+    first = question(turns[0])
+    after = 2 + sum(len(tokenizer.encode(v)) for v in fields.values())  # bos, eos, answers, later turns
+    # The prompt is tokenized as a whole, which can differ from its parts by a token at the seams.
+    room = seq_length + 1 - after - len(tokenizer.encode(template.format(context="", question=first))) - 4
+    while True:
+        start = rng.randrange(0, max(1, len(pool) - room))
+        context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)
+        fields["prompt"] = template.format(context=tokenizer.decode(context), question=first)
+        total = after + len(tokenizer.encode(fields["prompt"]))
+        if total <= seq_length + 1:
+            break
+        room -= total - (seq_length + 1)
+    spec = ["[prompt]", "answer0"]
+    for i in range(1, len(turns)):
+        spec += [f"[turn{i}]", f"answer{i}"]
+    return {"fields": ",".join(spec), **fields}
+
+
+def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
+                       needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2) -> Iterator[dict]:
+    """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
+    if not 1 <= needles[0] <= needles[1] <= len(CITIES):
+        raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
+    pool = haystack_stream(texts, tokenizer)
+    if len(pool) < seq_length:
+        raise ValueError(f"the haystack text holds {len(pool)} tokens, fewer than seq_length={seq_length}")
+    period_ids = period_token_ids(tokenizer)
+    rng = random.Random(f"retrieval:{seed}:{seq_length}")
+    for _ in range(n_examples):
+        yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids)
+
+
+def write_retrieval_jsonl(path: str, examples) -> str:
+    """Write examples one JSON object a line, atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    from lwm.needle import haystack_texts
+    from lwm.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--haystack", required=True, help="JSONL of {\"text\": ...} (training text only)")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--seq_length", type=int, required=True)
+    parser.add_argument("--n_examples", type=int, required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_needles", type=int, default=2)
+    parser.add_argument("--max_needles", type=int, default=8)
+    parser.add_argument("--multi_fraction", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    try:
+        texts = []
+        for pass_index, text in haystack_texts(args.haystack):
+            if pass_index:
+                break
+            texts.append(text)
+        examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
+                                      args.seed, (args.min_needles, args.max_needles), args.multi_fraction)
+        write_retrieval_jsonl(args.output, examples)
+    except (ValueError, OSError) as e:
+        print(f"retrieval_data: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.n_examples} examples of {args.seq_length} tokens to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
