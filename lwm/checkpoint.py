@@ -1,6 +1,6 @@
 """LWM's streaming checkpoints: read and write, one tensor at a time, atomically.
 
-File format (spec section 4, kept byte-compatible with the original release): a plain
+File format (LWM's, kept byte-compatible with the original release; docs/compatibility.md): a plain
 sequence of msgpack objects, each a pair `(key_path, value)`, where key_path is the list of
 string keys of one leaf of the flattened state dict and value is
 `flax.serialization.to_bytes(array)`. Loading one tensor at a time, and placing each onto

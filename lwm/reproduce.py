@@ -166,11 +166,7 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
     log(f"{stage['name']}: training {stage['steps']} steps of {stage['batch_size']} x {stage['seq_length']} tokens, "
         f"theta {stage['theta']:g}, mesh {stage['mesh_dim']}" + (f", from {stage['init_from']}" if stage["init_from"]
                                                                 else ", from random weights"))
-    wall = _python(args)
-    previous = _recorded_wall(out, stage["name"])
-    total = previous + wall
-    _record_wall(out, stage["name"], total)
-    return total
+    return _add_wall(out, stage["name"], _python(args))
 
 
 def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, float]:
@@ -190,8 +186,14 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, fl
             f"--tokenizer={tokenizer}"]
     if multi:
         args += [f"--n_needles_total={spec['needles_total']}", f"--n_needles_retrieve={spec['needles_retrieve']}"]
+    from lwm.needle import load_results
+
+    cases = spec["lengths"] * spec["rounds"] * (1 if multi else spec["depths"])
+    if os.path.exists(output) and len(load_results(output)) >= cases:
+        log(f"{stage['name']}: eval {spec['key']} done already")
+        return output, _recorded_wall(out, f"eval:{spec['key']}")
     log(f"{stage['name']}: eval {spec['key']} ({spec['kind']}, lengths {spec['min']}..{spec['max']})")
-    return output, _python(args)
+    return output, _add_wall(out, f"eval:{spec['key']}", _python(args))
 
 
 def accuracy(results_file: str) -> float:
@@ -298,14 +300,16 @@ def _recorded_wall(out: str, name: str) -> float:
         return float(json.load(f).get(name, 0.0))
 
 
-def _record_wall(out: str, name: str, seconds: float) -> None:
+def _add_wall(out: str, name: str, seconds: float) -> float:
+    """Add a run's seconds to what earlier (killed) attempts of the same step took; the total."""
     path = _wall_file(out)
     walls = {}
     if os.path.exists(path):
         with open(path) as f:
             walls = json.load(f)
-    walls[name] = seconds
+    walls[name] = walls.get(name, 0.0) + seconds
     _write_lines(path, [json.dumps(walls)])
+    return walls[name]
 
 
 def _write_lines(path: str, lines) -> None:

@@ -13,22 +13,23 @@ need no special cases.
     out = flash_attention(q, k, v, segment_ids, causal=True,
                           block_sizes=BlockSizes(block_q=64, block_k=64), interpret=True)
 
-Platforms: the same kernel bodies lower to Triton on GPU (requested explicitly: Pallas now
-defaults to Mosaic GPU, which this kernel overflows) and Mosaic on TPU, and run on CPU with
-`interpret=True`. The backend follows the platform the call is *lowered for*, not the host's
+Platforms: the same kernel bodies lower to Mosaic on TPU and to Triton on GPU (requested
+explicitly: Pallas' GPU default, Mosaic GPU, needs a different kernel structure), and run on CPU
+in interpret mode. The backend follows the platform the call is *lowered for*, not the host's
 `jax.default_backend()`: each call stages one variant per platform under
-`lax.platform_dependent` (TPU: Mosaic; cuda/rocm: Triton; anything else: interpret mode), and
-lowering keeps only the target's branch, so one traced function compiles on a GPU, on a TPU, on
-CPU, or exports for any of them from a CPU host (`tests/test_pallas_export.py`). Block sizes are
-chosen per branch, so a variant whose platform has no legal block for the lengths is an error
-raised only when lowering for that platform. Operands are laid out [batch, heads, seq, head_dim]; per-query vectors
-(positions, segment ids, lse) as [.., seq, 1] columns and per-key vectors as [.., 1, seq]
-rows, so every block's last two dims are either full or the sequence block (TPU's (8, 128)
-rule) and no in-kernel transpose of a vector is needed. `BlockSizes.for_lengths` picks sizes
-that each platform accepts: powers of two >= 16 on GPU (Triton), sequence blocks that are
-multiples of 128 (or the full length) on TPU. Known limit: a program loads the whole key/value
-sequence of its head (GPU: from HBM per block; TPU: into VMEM), so on TPU the local sequence
-per device must fit VMEM (use a ring over 'sp' for long contexts).
+`lax.platform_dependent` and lowering keeps only its target's branch, so one trace compiles on a
+TPU, a GPU or CPU, or exports for any one of them from a CPU host (`tests/test_pallas_export.py`).
+Block sizes are chosen per variant; a variant with no legal blocks for the lengths is an error
+raised only when lowering for its platform.
+
+Operands are laid out [batch, heads, seq, head_dim]; per-query vectors (positions, segment ids,
+lse) as [.., seq, 1] columns and per-key vectors as [.., 1, seq] rows, so every block's last two
+dims are either full or the sequence block (TPU's (8, 128) rule) and no in-kernel transpose of a
+vector is needed. `BlockSizes.for_lengths` picks sizes that each platform accepts: powers of two
+>= 16 on GPU (Triton), sequence blocks that are multiples of 128 (or the full length) on TPU.
+Known limit: a program loads the whole key/value sequence of its head (GPU: from HBM per block;
+TPU: into VMEM), so on TPU the local sequence per device must fit VMEM (use a ring over 'sp' for
+long contexts).
 """
 from __future__ import annotations
 
