@@ -57,7 +57,8 @@ def load_stage(name: str, smoke: bool) -> dict:
 
 
 def prepare_corpus(data_dir: str) -> tuple[str, str]:
-    """train.jsonl and eval.jsonl: paragraphs of the built-in essays, split by essay."""
+    """train.jsonl and eval.jsonl: paragraphs of the built-in essays, split by essay; a paragraph
+    that also appears in a held-out essay (a quotation) is left out of training."""
     from lwm.corpus import builtin_corpus_documents, split_paragraphs
 
     paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "eval")}
@@ -68,6 +69,8 @@ def prepare_corpus(data_dir: str) -> tuple[str, str]:
     for index, (_, text) in enumerate(builtin_corpus_documents()):
         split = "eval" if index % EVAL_EVERY == EVAL_EVERY - 1 else "train"
         lines[split] += [json.dumps({"text": p}) for p in split_paragraphs(text)]
+    held_out = set(lines["eval"])  # a paragraph quoted in both kinds of essay stays held out
+    lines["train"] = [line for line in lines["train"] if line not in held_out]
     for split, path in paths.items():
         _write_lines(path, lines[split])
     log(f"corpus: {len(lines['train'])} training and {len(lines['eval'])} held-out paragraphs")
