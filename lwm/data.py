@@ -241,7 +241,7 @@ class VisionTextProcessor(_FieldProcessor):
 
     Every text field and each ``<vision>`` / ``</vision>`` marker is encoded with a BOS in
     front (the stream the released vision models saw; docs/vision_inference.md). A field whose name
-    contains ``vision`` holds a flat list of codes (``n_tokens_per_frame`` per frame); it
+    contains ``vision`` (the whole entry, ``+`` included: ``vision+extra`` is one key) holds a flat list of codes (``n_tokens_per_frame`` per frame); it
     becomes ``encode('<vision>')``, each frame's codes followed by ``eof_token`` (or
     ``eov_token`` after the last frame), then ``encode('</vision>')``. The vision mask is
     True on the codes and the eof/eov markers only. With ``max_n_frames > 0`` longer videos
@@ -326,8 +326,9 @@ class VisionTextProcessor(_FieldProcessor):
         for i, spec in enumerate(specs):
             if spec.special:
                 add([self._special_id(spec)], spec.loss, False)
-            elif len(spec.keys) == 1 and "vision" in spec.keys[0]:
-                body, n_dropped = self._vision_codes(example, spec.keys[0])
+            elif any("vision" in key for key in spec.keys):
+                # The whole entry names the codes' key, '+' included, as the original reads it.
+                body, n_dropped = self._vision_codes(example, "+".join(spec.keys))
                 dropped += n_dropped
                 add(self.vision_start, spec.loss, False)
                 add(body, spec.loss, True)

@@ -95,6 +95,16 @@ def test_vision_layout_by_hand(tokenizer):
     assert out.dropped_vision_codes == 2
 
 
+def test_a_vision_field_name_with_plus_is_one_key(tokenizer):
+    """`vision+extra` names one key holding codes (the original reads the whole entry), not
+    two text fields joined."""
+    codes = [10, 11, 12, 13, 20, 21, 22, 23]
+    out = _vision(tokenizer)({"fields": "[text],vision+extra", "text": "Hi?", "vision+extra": codes})
+    body = [10, 11, 12, 13, 8192, 20, 21, 22, 23, 8193]
+    assert out.tokens.tolist() == [1] + [1] + HI + VISION_START + body + VISION_END + [2]
+    assert out.vision_masks.sum() == 10
+
+
 def test_vision_no_loss_field_and_prepend(tokenizer):
     codes = list(range(8))
     out = _vision(tokenizer, prepend_text="Q: ", add_bos_token=False)({"fields": "t,[vision],<|eos|>", "t": "Hi?", "vision": codes})
