@@ -159,6 +159,7 @@ def train():
     vision = FLAGS.modality == "vision,text"
     is_main = jax.process_index() == 0
     variant = FLAGS.flag_dict()
+    check_input_files()  # before the run folder, the model or the data exist: a typo costs nothing
 
     logger_config = MetricsLogger.get_default_config(FLAGS.logger)
     logger_config.experiment_id = shared_experiment_id(logger_config)
@@ -283,6 +284,23 @@ def train():
     logger.close()
     if is_main:
         print(f"run folder: {logger.output_dir}")
+
+
+def check_input_files() -> None:
+    """Every local file the flags name exists (datasets, dataset state, checkpoint)."""
+    named = []
+    for group, used in (("train_dataset", True), ("eval_dataset", FLAGS.eval_steps > 0)):
+        config = getattr(FLAGS, group)
+        if used and config.type in ("json", "json_vision"):
+            named.append((f"--{group}.{config.type}_dataset.path", dataset_options(config).path))
+    named.append(("--load_dataset_state", FLAGS.load_dataset_state))
+    if "::" in FLAGS.load_checkpoint:
+        named.append(("--load_checkpoint", FLAGS.load_checkpoint.split("::", 1)[1]))
+    for flag, path in named:
+        if path and not os.path.isfile(path):
+            raise app.UsageError(f"{flag}: file not found: {path}")
+        if flag.endswith(".path") and not path:
+            raise app.UsageError(f"{flag} is required (a JSONL file)")
 
 
 def check_start_checkpoint(spec: str, total_steps: int) -> None:

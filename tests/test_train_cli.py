@@ -102,14 +102,18 @@ def test_resume_without_optimizer_state_keeps_the_schedule(corpus, tmp_path):
 
 
 def test_refusals_come_before_any_work(corpus, tmp_path):
-    """A train state already at total_steps, and a model flag that --load_llama_config would
-    ignore: one line each, naming what to use instead."""
+    """A train state already at total_steps, a missing dataset file, and a model flag that
+    --load_llama_config would ignore: one line each, naming what to use instead."""
     run(train_args(corpus, tmp_path, 2, ["--save_model_freq=2", "--checkpointer.save_optimizer_state=True"]))
     state = tmp_path / "run" / "streaming_train_state"
     proc = run(train_args(corpus, tmp_path / "next", 2, [f"--load_checkpoint=trainstate::{state}"]), check=False)
     assert proc.returncode != 0
     assert f"trainstate_params::{state}" in proc.stderr and "at step 2" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    proc = run(train_args(str(tmp_path / "missing.jsonl"), tmp_path / "missing", 2), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"--train_dataset.json_dataset.path: file not found: {tmp_path / 'missing.jsonl'}" in proc.stderr
+    assert not (tmp_path / "missing").exists()  # no run folder for a run that never started
     proc = run(train_args(corpus, tmp_path / "theta", 2, ["--load_llama_config=debug", "--llama.theta=1000000"]),
                check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
