@@ -52,7 +52,20 @@ def losses(path):
     return out
 
 
-def run(args, devices=8, check=True, timeout=600, wandb="disabled"):
+def run(args, devices=8, check=True, timeout=600, wandb="disabled", fresh_folder=None):
+    """Run a training command. With `fresh_folder` (a run folder the command starts from scratch),
+    a run that hangs is retried once in an emptied folder: XLA's CPU runtime, with 8 virtual
+    devices time-sharing 2 cores, occasionally never completes a collective rendezvous (seen in
+    about 1 of 3 runs of the vision run here, and in earlier benchmarks), which is not what the
+    tests are about."""
+    if fresh_folder is not None:
+        try:
+            return run(args, devices, check, 240, wandb)
+        except subprocess.TimeoutExpired:
+            import shutil
+
+            print(f"retrying after a hang (XLA CPU collective rendezvous): {' '.join(map(str, args[:4]))}")
+            shutil.rmtree(fresh_folder, ignore_errors=True)
     proc = subprocess.run(args, env=env(devices, wandb), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -69,7 +82,8 @@ def test_text_run_writes_checkpoints_and_metrics(corpus, tmp_path):
                                          "--eval_dataset.type=json", "--eval_dataset.text_processor.fields=text",
                                          f"--eval_dataset.json_dataset.path={corpus}",
                                          "--eval_dataset.json_dataset.seq_length=64",
-                                         "--eval_dataset.json_dataset.batch_size=4"]), wandb="offline")
+                                         "--eval_dataset.json_dataset.batch_size=4"]), wandb="offline",
+        fresh_folder=tmp_path / "run")
     folder = tmp_path / "run"
     names = set(os.listdir(folder))
     assert {"streaming_params", "metadata.pkl", "dataset.pkl", "streaming_params_4", "metadata_4.pkl",
@@ -134,7 +148,7 @@ def test_vision_text_run(tmp_path, tokenizer):
             f"--train_dataset.json_vision_dataset.path={path}", "--train_dataset.json_vision_dataset.seq_length=1024",
             "--train_dataset.json_vision_dataset.batch_size=2", "--train_dataset.json_vision_dataset.mode=pad",
             f"--logger.output_dir={tmp_path}", "--logger.experiment_id=v", "--logger.append_uuid=False"]
-    run(args)
+    run(args, fresh_folder=tmp_path / "v")
     record = read_metrics(tmp_path / "v" / "metrics.jsonl")[-1]
     assert abs(record["loss"] - 0.5 * (record["vision_loss"] + record["text_loss"])) < 1e-5
     assert record["vision_loss"] > 8.0  # ln(8448) = 9.04 at initialisation
