@@ -105,15 +105,14 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
 
 
 def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str) -> str:
-    from lwm.needle import haystack_texts
-    from lwm.retrieval_data import retrieval_examples, write_retrieval_jsonl
+    from lwm.retrieval_data import read_texts, retrieval_examples, write_retrieval_jsonl
     from lwm.tokenizer import load_tokenizer
 
     n = stage["steps"] * stage["batch_size"]
     path = os.path.join(data_dir, f"retrieval_{stage['seq_length']}_{n}.jsonl")
     if os.path.exists(path):
         return path
-    texts = [t for pass_index, t in _first_pass(haystack_texts(train_path))]
+    texts = read_texts(train_path)
     examples = retrieval_examples(load_tokenizer(tokenizer_path), texts, stage["seq_length"], n,
                                   seed=stage["seq_length"], needles=tuple(stage["needles"]),
                                   multi_fraction=stage["multi_fraction"])
@@ -322,13 +321,6 @@ def _write_lines(path: str, lines) -> None:
         for line in lines:
             f.write(line + "\n")
     os.replace(tmp, path)
-
-
-def _first_pass(texts):
-    for pass_index, text in texts:
-        if pass_index:
-            return
-        yield pass_index, text
 
 
 def _progress(iterable, total: int, desc: str):

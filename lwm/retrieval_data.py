@@ -45,6 +45,18 @@ from lwm.needle import (CITIES, MULTI_PROMPT, MULTI_QUESTION, NEEDLE, PROMPT, QU
 FOLLOW_UP = " USER: {question} ASSISTANT: "
 
 
+def read_texts(path: str) -> list[str]:
+    """The non-empty `text` of every line of a JSONL file, read once (errors name the line)."""
+    from lwm.needle import haystack_texts
+
+    texts = []
+    for pass_index, text in haystack_texts(path):  # it wraps around at the end: stop there
+        if pass_index:
+            break
+        texts.append(text)
+    return texts
+
+
 def haystack_stream(texts: Sequence[str], tokenizer) -> list[int]:
     """All texts tokenized and joined with a space: the pool that haystack windows are cut from."""
     tokens: list[int] = []
@@ -133,7 +145,6 @@ def write_retrieval_jsonl(path: str, examples) -> str:
 
 
 def main(argv=None) -> int:
-    from lwm.needle import haystack_texts
     from lwm.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,11 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--multi_fraction", type=float, default=0.2)
     args = parser.parse_args(argv)
     try:
-        texts = []
-        for pass_index, text in haystack_texts(args.haystack):
-            if pass_index:
-                break
-            texts.append(text)
+        texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction)
         write_retrieval_jsonl(args.output, examples)
