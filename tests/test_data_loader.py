@@ -349,9 +349,9 @@ def test_fsspec_url(tokenizer, tmp_path):
 
 
 def test_problem_messages_are_rate_limited(tokenizer, tmp_path, caplog, monkeypatch):
-    import lwm.data.processors
+    import lwm.data.dataset
 
-    monkeypatch.setattr(lwm.data.processors, "MAX_LOGGED_PROBLEMS", 2)
+    monkeypatch.setattr(lwm.data.dataset, "MAX_LOGGED_PROBLEMS", 2)
     lines = ["{bad"] * 5 + [json.dumps({"q": "a", "a": " ".join(WORDS)})] * 4
     path = _write_lines(tmp_path / "many.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="lwm.data"):
