@@ -15,7 +15,9 @@ back). Files that neither can read raise VisionReadError naming the file.
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
@@ -241,17 +243,39 @@ def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray], fps: float
         raise ValueError(f"{path}: H.264 (yuv420p) needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     if fps <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
-    import imageio.v2 as imageio
-
     tmp = _atomic_temp(path)
     try:
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=2) as writer:
-            for frame in frames:
-                writer.append_data(frame)
+        _encode_h264(tmp, frames, fps, name=path)
         _commit(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _encode_h264(path: str, frames: np.ndarray, fps: float, name: str) -> None:
+    """Pipe uint8 frames [T, H, W, 3] through the ffmpeg binary imageio-ffmpeg ships into `path`
+    (errors say `name`).
+
+    This is the command imageio's FFMPEG writer runs, started differently: imageio-ffmpeg passes
+    preexec_fn=os.setpgrp (so a Ctrl-C reaches Python, not ffmpeg), and with a preexec_fn
+    CPython must fork() the whole process and run Python code in the child before exec. In a
+    process where JAX has started its threads that child can deadlock on a lock some other
+    thread held (JAX's at-fork hook warns "os.fork() was called"). start_new_session=True
+    detaches ffmpeg from the terminal's Ctrl-C just as well (setsid instead of setpgrp), done in
+    C, so CPython spawns with vfork + exec and no Python code runs in the child.
+    """
+    from imageio_ffmpeg import get_ffmpeg_exe
+
+    _, height, width, _ = frames.shape
+    rate = Fraction(fps).limit_denominator()  # 30000/1001 stays exact
+    cmd = [get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+           "-pix_fmt", "rgb24", "-r", str(rate), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           "-v", "error", path]
+    proc = subprocess.run(cmd, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True,
+                          start_new_session=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"{name}: ffmpeg failed writing the video (exit status {proc.returncode}): {err}")
 
 
 def _remove_quietly(path: str) -> None:

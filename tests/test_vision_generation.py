@@ -18,10 +18,6 @@ from lwm.vqgan import VQGAN, VQGANConfig, VQGANModel
 from tests.test_vision_chat import ROOT, TINY_VQGAN, model_json, tiny_loaded, write_tiny_vqgan
 from lwm.mesh import cpu_xla_flags
 
-# imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
-# hook warns about any fork once jax is imported.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
-
 # encode('<s>You are a helpful assistant. USER: Generate an image of a red fox ASSISTANT: <vision>'):
 # <s> <s> ▁You ▁are ▁a ▁helpful ▁assistant . ▁US ER : ▁Generate ▁an ▁image ▁of ▁a ▁red ▁f ox ▁ASS IST ANT : ▁< vision >
 IMAGE_FOX = [1, 1, 995, 460, 264, 10865, 13892, 28723, 2223, 725, 28747, 26075, 396, 3469, 302, 264, 2760, 285, 1142,
@@ -154,6 +150,7 @@ def test_entry_point_writes_image_and_video(generator, tmp_path, name, n_frames)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {output} ({n_frames} frame" in result.stdout
     assert sorted(os.listdir(output.parent)) == [name]  # no temp file left behind
+    assert "os.fork() was called" not in result.stderr  # ffmpeg starts without forking the JAX process
     if n_frames == 1:
         with Image.open(output) as image:
             assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"

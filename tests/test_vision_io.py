@@ -2,7 +2,9 @@
 backends (and the fallback between them), clear errors, atomic writers."""
 import os
 import sys
+import warnings
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,8 +12,9 @@ from PIL import Image
 from lwm.vision_io import (VisionReadError, frame_indices, preprocess_frame, read_frames, read_image, read_video,
                            read_vision, to_uint8, write_image, write_video)
 
-# imageio runs ffmpeg through subprocess (fork + immediate exec, which is safe); JAX's at-fork
-# hook warns about any fork once jax is imported.
+# imageio's ffmpeg reader (the 'imageio' backend) starts ffmpeg with a preexec_fn, so subprocess
+# fork()s this process and JAX's at-fork hook warns once jax is imported. lwm's write_video does
+# not fork (test_write_video_never_forks_the_jax_process records warnings itself).
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
@@ -192,3 +195,23 @@ def test_read_vision_video_and_write_video_checks(video_path, tmp_path):
     with pytest.raises(ValueError, match=r"expected frames \[T>0, H, W, 3\], got shape \(0, 16, 16, 3\)"):
         write_video(str(tmp_path / "empty.mp4"), np.zeros((0, 16, 16, 3), np.uint8))
     assert sorted(os.listdir(tmp_path)) == ["f.mp4"]
+
+
+def test_write_video_never_forks_the_jax_process(tmp_path, monkeypatch):
+    """ffmpeg starts without os.fork() of this multithreaded JAX process (JAX's at-fork hook
+    would warn); the video reads back; a failing ffmpeg is an error that leaves no file."""
+    jax.numpy.zeros(2).block_until_ready()  # the backend is up, and with it JAX's at-fork warning
+    frames = np.stack([np.full((16, 24, 3), 20 + 40 * i, np.uint8) for i in range(5)])
+    out = tmp_path / "clip.mp4"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_video(str(out), frames, fps=4)
+    assert [str(w.message) for w in caught if "fork" in str(w.message)] == []
+    back = read_video(str(out), 0)
+    assert back.shape == frames.shape and np.abs(back.astype(int) - frames.astype(int)).max() <= 3
+    import imageio_ffmpeg
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: "false")  # exits 1
+    with pytest.raises(RuntimeError, match=r"bad.mp4: ffmpeg failed writing the video \(exit status 1\)"):
+        write_video(str(tmp_path / "bad.mp4"), frames)
+    assert sorted(os.listdir(tmp_path)) == ["clip.mp4"]
