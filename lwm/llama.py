@@ -11,6 +11,8 @@ Usage (training / scoring):
     model = LLaMAForCausalLM(config, mesh=mesh)
     out = model.apply({'params': params}, input_ids, segment_ids=segment_ids, position_ids=positions)
     out.logits  # [batch, seq, vocab]
+    out = model.apply({'params': params}, input_ids, output_hidden_states=True)
+    out.all_hidden_states  # layers + 1 arrays [batch, seq, hidden]: each layer's input, then the final norm's output
 
 Decoding with a KV cache (left-padded prompt, then one token at a time):
     cache = init_cache(config, batch, max_length)
@@ -103,6 +105,10 @@ class CausalLMOutput:
     hidden_states: jax.Array  # [batch, seq, hidden] after the final norm
     cache: KVCache | None = None
     vision_logits: jax.Array | None = None  # video-language model only
+    # With output_hidden_states=True: num_hidden_layers + 1 arrays [batch, seq, hidden], the hidden
+    # state entering each layer (the embeddings first) and then the final normed output (= hidden_states),
+    # as LWM's and Hugging Face's Llama return them. None otherwise.
+    all_hidden_states: tuple[jax.Array, ...] | None = None
 
 
 # ---- building blocks -------------------------------------------------------------------------
@@ -395,28 +401,33 @@ class Attention(LayerModule):
 
 
 class DecoderLayer(LayerModule):
+    keep_input: bool = False  # also return the hidden state entering the layer (output_hidden_states)
+
     @nn.compact
     def __call__(self, x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index):
+        """-> (output [batch, seq, hidden], (new layer cache or None, x if keep_input else None))."""
         cfg = self.config
         norm = partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h, new_cache = Attention(name="attention", **self.fields())(
             norm(name="attention_norm")(x), sin, cos, segment_ids, layer_cache, cache_mask, cache_index)
-        x = x + h
-        x = x + FeedForward(name="feed_forward", **self.fields())(norm(name="ffn_norm")(x))
-        return with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh), new_cache
+        out = x + h
+        out = out + FeedForward(name="feed_forward", **self.fields())(norm(name="ffn_norm")(out))
+        return with_sharding_constraint(out, ACTIVATION_SPEC, self.mesh), (new_cache, x if self.keep_input else None)
 
 
 class LayerStack(LayerModule):
     """The decoder layers: one nn.scan ('scan_decoder') or a Python loop ('0', '1', ...)."""
 
     @nn.compact
-    def __call__(self, x, sin, cos, segment_ids, cache: KVCache | None):
+    def __call__(self, x, sin, cos, segment_ids, cache: KVCache | None, output_hidden_states: bool = False):
+        """-> (output, new (k, v) caches or None, the layers' inputs: a tuple of num_hidden_layers
+        [batch, seq, hidden] arrays with output_hidden_states, else None)."""
         cfg = self.config
         layer_cls = DecoderLayer
         if cfg.remat_block:
             layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_block),
                                  prevent_cse=not cfg.scan_layers)
-        kwargs = self.fields()
+        kwargs = dict(self.fields(), keep_input=output_hidden_states)
         cache_mask = None if cache is None else cache.mask
         cache_index = None if cache is None else cache.index
         layer_caches = None if cache is None else (cache.k, cache.v)
@@ -428,16 +439,21 @@ class LayerStack(LayerModule):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
             )
-            x, new_caches = scanned(name="scan_decoder", **kwargs)(
+            # The layers' inputs come out of the scan stacked: [layers, batch, seq, hidden].
+            x, (new_caches, inputs) = scanned(name="scan_decoder", **kwargs)(
                 x, layer_caches, sin, cos, segment_ids, cache_mask, cache_index)
+            inputs = None if inputs is None else tuple(inputs[i] for i in range(cfg.num_hidden_layers))
         else:
-            outs = []
+            outs, inputs = [], []
             for i in range(cfg.num_hidden_layers):
                 layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-                x, c = layer_cls(name=str(i), **kwargs)(x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index)
+                x, (c, layer_input) = layer_cls(name=str(i), **kwargs)(
+                    x, layer_cache, sin, cos, segment_ids, cache_mask, cache_index)
                 outs.append(c)
+                inputs.append(layer_input)
             new_caches = None if cache is None else tuple(jnp.stack(t) for t in zip(*outs))
-        return x, new_caches
+            inputs = tuple(inputs) if output_hidden_states else None
+        return x, new_caches, inputs
 
 
 class LLaMAModel(ModelModule):
@@ -445,7 +461,10 @@ class LLaMAModel(ModelModule):
 
     @nn.compact
     def __call__(self, input_ids, segment_ids, position_ids, vision_masks=None, cache=None,
-                 prefill=False, deterministic=True):
+                 prefill=False, deterministic=True, output_hidden_states=False):
+        """-> (final normed hidden states [batch, seq, hidden], new (k, v) caches or None), and with
+        output_hidden_states a third element: the num_hidden_layers + 1 hidden states of
+        `CausalLMOutput.all_hidden_states`."""
         cfg = self.config
         embed = partial(Embedding, features=cfg.hidden_size, init_std=cfg.initializer_range,
                         param_dtype=self.param_dtype)
@@ -458,9 +477,12 @@ class LLaMAModel(ModelModule):
         x = with_sharding_constraint(x, ACTIVATION_SPEC, self.mesh)
         max_position = cfg.max_sequence_length if cache is None else max(cfg.max_sequence_length, cache.length)
         sin, cos = rotary_sin_cos(position_ids, cfg.head_dim, cfg.theta, max_position)
-        x, new_caches = LayerStack(cfg, self.dtype, self.param_dtype, self.precision, self.mesh,
-                                   deterministic, prefill, name="h")(x, sin, cos, segment_ids, cache)
+        x, new_caches, layer_inputs = LayerStack(cfg, self.dtype, self.param_dtype, self.precision, self.mesh,
+                                                 deterministic, prefill, name="h")(
+            x, sin, cos, segment_ids, cache, output_hidden_states)
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)
+        if output_hidden_states:
+            return x, new_caches, layer_inputs + (x,)
         return x, new_caches
 
 
@@ -526,15 +548,17 @@ class LLaMAForCausalLM(ModelModule):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, segment_ids=None, position_ids=None,
                  cache: KVCache | None = None, prefill: bool = False, deterministic: bool = True,
-                 compute_logits: bool = True) -> CausalLMOutput:
+                 compute_logits: bool = True, output_hidden_states: bool = False) -> CausalLMOutput:
         """input_ids [batch, seq]; attention_mask [batch, seq] (1 real, 0 padding);
-        segment_ids [batch, seq] (packed examples; 0 = padding); position_ids [batch, seq]."""
+        segment_ids [batch, seq] (packed examples; 0 = padding); position_ids [batch, seq].
+        output_hidden_states: also return every layer's hidden states (`all_hidden_states`)."""
         cfg = self.config
         segment_ids, position_ids, cache = prepare_inputs(
             cfg, self.mesh, input_ids, attention_mask, segment_ids, position_ids, cache)
         transformer = LLaMAModel(cfg, self.dtype, self.param_dtype, self.precision, self.mesh, name="transformer")
-        hidden, new_caches = transformer(input_ids, segment_ids, position_ids, cache=cache, prefill=prefill,
-                                         deterministic=deterministic)
+        hidden, new_caches, *all_hidden = transformer(
+            input_ids, segment_ids, position_ids, cache=cache, prefill=prefill, deterministic=deterministic,
+            output_hidden_states=output_hidden_states)
         if cfg.tie_word_embeddings:
             kernel = transformer.variables["params"]["wte"]["embedding"].T
         else:
@@ -542,7 +566,8 @@ class LLaMAForCausalLM(ModelModule):
                             name="lm_head")()
         logits = head_logits(hidden, kernel, self.dtype, self.precision) if compute_logits else None
         return CausalLMOutput(logits=logits, hidden_states=hidden,
-                              cache=finish_cache(cache, new_caches, input_ids.shape[1], self.mesh))
+                              cache=finish_cache(cache, new_caches, input_ids.shape[1], self.mesh),
+                              all_hidden_states=all_hidden[0] if all_hidden else None)
 
 
 def head_logits(hidden, kernel, dtype, precision=None):
@@ -556,13 +581,14 @@ def lm_head_kernel(params, config: LLaMAConfig):
     return params["lm_head"]["kernel"]
 
 
-def init_params(config: LLaMAConfig, rng, model_cls=None):
-    """Random float32 parameters (the video-language model's for a VideoLLaMAConfig);
-    wrap in `jax.eval_shape` for shapes only."""
+def init_params(config: LLaMAConfig, rng, model_cls: type[nn.Module] | None = None):
+    """Random float32 parameters of `model_cls` (default: the text model); wrap in
+    `jax.eval_shape` for shapes only. The video-language model's: `lwm.vision_llama.init_params`
+    (this module never imports the vision model, which is built on it)."""
     if model_cls is None:
         if hasattr(config, "vision_vocab_size"):
-            from lwm.vision_llama import VideoLLaMAForCausalLM as model_cls
-        else:
-            model_cls = LLaMAForCausalLM
+            raise ValueError(f"{type(config).__name__} is the video-language model's config: use "
+                             "lwm.vision_llama.init_params (or pass model_cls=VideoLLaMAForCausalLM)")
+        model_cls = LLaMAForCausalLM
     ids = jnp.zeros((1, min(config.max_sequence_length, 8)), jnp.int32)
     return model_cls(config).init({"params": rng, "dropout": rng}, ids)["params"]

@@ -90,7 +90,7 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
         log.warning("vocab_size %d < the tokenizer's %d: prompts with ids >= %d are refused", config.vocab_size,
                     tok.vocab_size, config.vocab_size)
     model = model_class(config)(config, dtype=compute_dtype(dtype), mesh=mesh)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(seed), model_class(config)))
     specs = match_partition_rules(partition_rules(config.scan_layers, config.param_scan_axis), shapes)
     if load_checkpoint_spec:
         shard_fns, _ = make_shard_and_gather_fns(specs, mesh, compute_dtype(dtype))
@@ -102,7 +102,7 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
         log.warning("no --load_checkpoint given: using random weights")
         shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
         params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(compute_dtype(dtype)),
-                                              init_params(config, jax.random.key(seed))),
+                                              init_params(config, jax.random.key(seed), model_class(config))),
                          out_shardings=shardings)()
     log.info("%s: %.1fM parameters on mesh %s", type(config).__name__, config.num_params() / 1e6, dict(mesh.shape))
     log.debug("parameters:\n%s", sharding_table(shapes, specs, mesh))

@@ -97,7 +97,7 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------
     def _init_state(self, rng) -> TrainState:
-        params = init_params(self.config, rng)
+        params = init_params(self.config, rng, model_class(self.config))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def init_state(self) -> TrainState:

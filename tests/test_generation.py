@@ -10,7 +10,7 @@ from lwm.generation import (Sampler, SamplingParams, block_size, filter_logits, 
                             sample_tokens)
 from lwm.llama import LLaMAForCausalLM, init_params
 from lwm.mesh import build_mesh
-from lwm.vision_llama import VideoLLaMAForCausalLM
+from lwm.vision_llama import VideoLLaMAForCausalLM, init_params as init_vision_params
 from tests.helpers import max_rel_error, tiny_config
 
 VOCAB = 256
@@ -155,7 +155,7 @@ def test_vision_mode_cfg_and_forced_tokens_match_reference():
     """What the vision generator does: [cond; uncond] rows, vision head, cfg, a forced marker."""
     config = VideoLLaMAConfig(**{**tiny_config().to_dict(), "vision_vocab_size": 8200,
                                  "num_key_value_heads": 4, "max_sequence_length": 128})
-    params = init_params(config, jax.random.key(4))
+    params = init_vision_params(config, jax.random.key(4))
     model = VideoLLaMAForCausalLM(config)
     rng = np.random.default_rng(5)
     ids = rng.integers(3, VOCAB, (4, 10)).astype(np.int32)  # rows 0-1 cond, 2-3 uncond

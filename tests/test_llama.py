@@ -1,4 +1,10 @@
-"""The text model: HF parity, scan/unscan, blockwise MLP, KV cache, sharding, parameter tree."""
+"""The text model: HF parity, scan/unscan, blockwise MLP, KV cache, sharding, parameter tree,
+all hidden states, and no import of the vision model."""
+import ast
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,15 +14,16 @@ import transformers
 from flax.traverse_util import flatten_dict
 
 from lwm.checkpoint import load_streaming
+from lwm.config import VideoLLaMAConfig
 from lwm.hf_conversion import convert_hf_to_lwm
 from lwm.llama import LLaMAForCausalLM, check_positions, init_cache, init_params, rotary_sin_cos
 from lwm.mesh import build_mesh, match_partition_rules, partition_rules, shard_tree
 from tests.helpers import max_rel_error, random_ids, tiny_config, tree_max_rel_error, unstack_layers
 
 
-def hf_model(tmp_path, kv_heads=4, theta=10000.0, tie=False, seed=0):
+def hf_model(tmp_path, kv_heads=4, theta=10000.0, tie=False, seed=0, layers=2):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
                                    rms_norm_eps=1e-6, rope_theta=theta, tie_word_embeddings=tie,
                                    attn_implementation="eager")
@@ -62,6 +69,54 @@ def test_hf_parity(tmp_path, scan, kv_heads, theta, tie, impl):
     ref = hf_logits(model, ids, mask)
     real = mask.astype(bool)
     assert max_rel_error(np.asarray(ours)[real], ref[real]) <= 1e-4
+
+
+@pytest.mark.parametrize("scan, remat_block", [(True, "nothing_saveable"), (False, "")])
+def test_all_hidden_states_match_hf(tmp_path, scan, remat_block):
+    """output_hidden_states: the embeddings, each later layer's input, then the final normed output
+    (num_hidden_layers + 1 arrays), as HF's LlamaForCausalLM returns them; nothing else changes."""
+    model, path = hf_model(tmp_path, kv_heads=2, layers=3)
+    config = convert_hf_to_lwm(str(path), str(tmp_path / "params"), str(tmp_path / "config.json"), scan_layers=scan)
+    config = config.replace(scan_query_chunk_size=8, scan_key_chunk_size=8, scan_mlp_chunk_size=8,
+                            remat_block=remat_block)
+    params = load_streaming(str(tmp_path / "params"))
+    ids = random_ids(7, (2, 32), 256)
+    lm = LLaMAForCausalLM(config)
+    out = lm.apply({"params": params}, ids, output_hidden_states=True)
+    with torch.no_grad():
+        ref = model(torch.tensor(np.asarray(ids), dtype=torch.long), output_hidden_states=True).hidden_states
+    assert len(out.all_hidden_states) == len(ref) == 4
+    for i, (ours, theirs) in enumerate(zip(out.all_hidden_states, ref)):
+        assert ours.shape == (2, 32, 64), i
+        assert max_rel_error(ours, theirs.numpy()) <= 1e-4, i
+    np.testing.assert_array_equal(out.all_hidden_states[-1], out.hidden_states)
+    plain = lm.apply({"params": params}, ids)
+    assert plain.all_hidden_states is None
+    np.testing.assert_array_equal(plain.logits, out.logits)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_all_hidden_states_with_kv_cache_match_full_forward(scan):
+    config = tiny_config(num_key_value_heads=2, scan_layers=scan, num_hidden_layers=3)
+    params = init_params(config, jax.random.key(2))
+    ids = random_ids(8, (2, 24), 256)
+    mask = np.ones((2, 24), np.int32)
+    mask[1, :3] = 0  # left padding in the prompt
+    model = LLaMAForCausalLM(config)
+    full = model.apply({"params": params}, ids, attention_mask=mask, output_hidden_states=True).all_hidden_states
+    out = model.apply({"params": params}, ids[:, :16], attention_mask=mask[:, :16], cache=init_cache(config, 2, 32),
+                      prefill=True, output_hidden_states=True)
+    steps, cache = [out.all_hidden_states], out.cache
+    step = jax.jit(lambda c, x: model.apply({"params": params}, x, cache=c, output_hidden_states=True))
+    for t in range(16, 24):
+        out = step(cache, ids[:, t:t + 1])
+        steps.append(out.all_hidden_states)
+        cache = out.cache
+    real = mask.astype(bool)
+    assert len(full) == 4 and all(len(s) == 4 for s in steps)
+    for i in range(4):
+        got = np.concatenate([s[i] for s in steps], axis=1)
+        assert max_rel_error(got[real], np.asarray(full[i])[real]) <= 1e-5, i
 
 
 def test_scanned_unscanned_and_axis_one_agree():
@@ -251,3 +306,21 @@ def test_sharded_embedding_lookup_and_gradient(mesh_dim):
     for g, e, table in zip(grads, expected, (text, vision)):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
         assert g.sharding.is_equivalent_to(place(table).sharding, 2)  # stays sharded like the table
+
+
+def test_text_model_never_imports_the_vision_model():
+    """lwm.vision_llama is built on lwm.llama, so lwm.llama must not import it back (not even lazily)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "lwm", "llama.py")).read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and "vision" in name}, imported
+    code = ("import sys, jax\n"
+            "from lwm.llama import init_params\n"
+            "from tests.helpers import tiny_config\n"
+            "jax.eval_shape(lambda: init_params(tiny_config(), jax.random.key(0)))\n"
+            "assert 'lwm.vision_llama' not in sys.modules, sorted(m for m in sys.modules if m.startswith('lwm'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises(ValueError, match="lwm.vision_llama.init_params"):
+        init_params(VideoLLaMAConfig(**tiny_config().to_dict()), jax.random.key(0))

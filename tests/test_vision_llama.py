@@ -7,9 +7,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from lwm.config import LLaMAConfig, VideoLLaMAConfig
-from lwm.llama import LLaMAForCausalLM, init_cache, init_params
+from lwm.llama import LLaMAForCausalLM, init_cache
+from lwm.llama import init_params as init_text_params
 from lwm.mesh import build_mesh, match_partition_rules, partition_rules, shard_tree
-from lwm.vision_llama import VideoLLaMAForCausalLM, vision_head_kernel
+from lwm.vision_llama import VideoLLaMAForCausalLM, init_params, vision_head_kernel
 from tests.helpers import max_rel_error, tree_max_rel_error, unstack_layers
 
 VOCAB, VISION_VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 8448, 64, 96, 2, 4, 2
@@ -61,8 +62,9 @@ def mixed_inputs(seed: int, batch: int, seq: int):
 # ---- an independent float64 numpy forward ------------------------------------------------------
 
 
-def numpy_forward(params, config: VideoLLaMAConfig, ids, vision, mask):
-    """(text logits, vision logits) [b, s, vocab] / [b, s, vision_vocab] in float64.
+def numpy_forward(params, config: VideoLLaMAConfig, ids, vision, mask, hidden_states: list | None = None):
+    """(text logits, vision logits) [b, s, vocab] / [b, s, vision_vocab] in float64; appends each
+    layer's input and then the final normed output to `hidden_states` when given.
 
     Interleaved RoPE (dims 2i, 2i+1 rotate together), causal attention over real keys only
     (positions = count of real tokens before), GQA with q head h reading kv head h // group."""
@@ -90,6 +92,8 @@ def numpy_forward(params, config: VideoLLaMAConfig, ids, vision, mask):
     allowed |= np.eye(s, dtype=bool)[None]  # padded queries see themselves (no NaN rows); unused
     layers = t["h"]["scan_decoder"]
     for i in range(config.num_hidden_layers):
+        if hidden_states is not None:
+            hidden_states.append(x)
         layer = jax.tree.map(lambda w: w[i], layers)
         a = layer["attention"]
         h = rms(x, layer["attention_norm"]["kernel"])
@@ -110,6 +114,8 @@ def numpy_forward(params, config: VideoLLaMAConfig, ids, vision, mask):
         gate = h @ f["w1"]["kernel"]
         x = x + (gate / (1 + np.exp(-gate)) * (h @ f["w3"]["kernel"])) @ f["w2"]["kernel"]
     x = rms(x, t["ln_f"]["kernel"])
+    if hidden_states is not None:
+        hidden_states.append(x)
     vision_kernel = t["vte"]["embedding"].T if config.tie_vision_embeddings else p["vision_head"]["kernel"]
     return x @ p["lm_head"]["kernel"], x @ vision_kernel
 
@@ -120,7 +126,7 @@ def numpy_forward(params, config: VideoLLaMAConfig, ids, vision, mask):
 def test_parameter_tree_and_partition_rules(config):
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     flat = {"/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
-    text_shapes = jax.eval_shape(lambda: init_params(LLaMAConfig(**{
+    text_shapes = jax.eval_shape(lambda: init_text_params(LLaMAConfig(**{
         k: v for k, v in config.to_dict().items() if k in LLaMAConfig.field_names()}), jax.random.key(0)))
     text_flat = {"/".join(k): v.shape for k, v in flatten_dict(text_shapes).items()}
     assert flat == text_flat | {"transformer/vte/embedding": (VISION_VOCAB, HIDDEN),
@@ -183,6 +189,39 @@ def test_both_heads_match_float64_numpy(config, params, scan, tie, impl):
     assert max_rel_error(np.asarray(out.vision_logits)[real], ref_vision[real]) <= 1e-5
     np.testing.assert_array_equal(vision_head_kernel(p, cfg), p["transformer"]["vte"]["embedding"].T if tie
                                   else p["vision_head"]["kernel"])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_all_hidden_states_match_float64_numpy(config, params, scan):
+    """output_hidden_states: num_hidden_layers + 1 arrays (each layer's input, then the final normed
+    output, which is `hidden_states`), with either layer stack and with a KV cache."""
+    cfg = config.replace(scan_layers=scan)
+    model = VideoLLaMAForCausalLM(cfg)
+    model_params = params if scan else unstack_layers(params, LAYERS)
+    ids, vision = mixed_inputs(6, 2, 16)
+    mask = np.ones(ids.shape, np.int32)
+    mask[1, :4] = 0  # left padding
+
+    @jax.jit
+    def run():
+        out = model.apply({"params": model_params}, ids, vision_masks=vision, attention_mask=mask,
+                          output_hidden_states=True)
+        cached = model.apply({"params": model_params}, ids, vision_masks=vision, attention_mask=mask,
+                             cache=init_cache(cfg, 2, 16), prefill=True, output_hidden_states=True)
+        plain = model.apply({"params": model_params}, ids, vision_masks=vision, attention_mask=mask)
+        return out, cached, plain
+
+    out, cached, plain = run()
+    ref = []
+    numpy_forward(params, cfg, ids, vision, mask, hidden_states=ref)
+    real = mask.astype(bool)
+    assert len(out.all_hidden_states) == len(cached.all_hidden_states) == len(ref) == LAYERS + 1
+    for ours, from_cache, expected in zip(out.all_hidden_states, cached.all_hidden_states, ref):
+        assert max_rel_error(np.asarray(ours)[real], expected[real]) <= 1e-5
+        assert max_rel_error(np.asarray(from_cache)[real], expected[real]) <= 1e-5
+    np.testing.assert_array_equal(out.all_hidden_states[-1], out.hidden_states)
+    assert plain.all_hidden_states is None
+    np.testing.assert_array_equal(plain.logits, out.logits)
 
 
 def test_sample_modes_select_heads(config, params):
