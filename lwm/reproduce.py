@@ -44,7 +44,10 @@ def load_stage(name: str, smoke: bool) -> dict:
         stage = json.load(f)
     if smoke:  # the whole pipeline in minutes: a few steps, one round, two lengths, short contexts
         scale = 4
-        stage.update(steps=3, warmup_steps=1, seq_length=stage["seq_length"] // scale, needles=[1, 2])
+        length = stage["seq_length"] // scale
+        stage.update(steps=3, warmup_steps=1, seq_length=length, needles=[1, 2],
+                     curriculum=[{"length": length // 2, "share": 0.5, "needles": [1, 2]},
+                                 {"length": length, "share": 0.5, "needles": [1, 2]}])
         for e in stage["evals"]:
             e.update(min=max(e["min"] // scale, PROMPT_BUFFER + 16), max=e["max"] // scale,
                      lengths=min(e["lengths"], 2), rounds=1)
@@ -104,19 +107,29 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
     return path
 
 
+def data_phases(stage: dict) -> list[dict]:
+    """The stage's data, phase by phase: its `curriculum` (shares of the stage's tokens at
+    shorter lengths first), or one phase at the stage's length. Each phase gets 10% more
+    examples than its share needs, so packing losses never run the loader into a second pass."""
+    tokens = stage["steps"] * stage["batch_size"] * stage["seq_length"]
+    phases = stage.get("curriculum") or [{"length": stage["seq_length"], "share": 1.0, "needles": stage["needles"]}]
+    return [{"length": p["length"], "needles": p["needles"],
+             "examples": int(1.1 * p["share"] * tokens / p["length"]) + 1} for p in phases]
+
+
 def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str) -> str:
-    from lwm.retrieval_data import read_texts, retrieval_examples, write_retrieval_jsonl
+    from lwm.retrieval_data import curriculum_examples, read_texts, write_retrieval_jsonl
     from lwm.tokenizer import load_tokenizer
 
-    n = stage["steps"] * stage["batch_size"]
-    path = os.path.join(data_dir, f"retrieval_{stage['seq_length']}_{n}.jsonl")
+    phases = data_phases(stage)
+    n = sum(p["examples"] for p in phases)
+    tag = "-".join(f"{p['length']}x{p['examples']}" for p in phases)
+    path = os.path.join(data_dir, f"retrieval_{stage['name']}_{tag}.jsonl")
     if os.path.exists(path):
         return path
-    texts = read_texts(train_path)
-    examples = retrieval_examples(load_tokenizer(tokenizer_path), texts, stage["seq_length"], n,
-                                  seed=stage["seq_length"], needles=tuple(stage["needles"]),
-                                  multi_fraction=stage["multi_fraction"])
-    write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['seq_length']}"))
+    examples = curriculum_examples(load_tokenizer(tokenizer_path), read_texts(train_path), phases,
+                                   seed=stage["seq_length"], multi_fraction=stage["multi_fraction"])
+    write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['name']}"))
     return path
 
 
@@ -153,7 +166,7 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
         f"--update_llama_config={model_updates(stage['seq_length'], stage['theta'], min(256, stage['seq_length'] // 4))}",
         f"--tokenizer={tokenizer}", "--train_dataset.type=json",
         "--train_dataset.text_processor.fields_from_example=fields",
-        f"--train_dataset.json_dataset.path={data_path}", "--train_dataset.json_dataset.pad=True",
+        f"--train_dataset.json_dataset.path={data_path}", "--train_dataset.json_dataset.packed=True",
         f"--train_dataset.json_dataset.seq_length={stage['seq_length']}",
         f"--train_dataset.json_dataset.batch_size={stage['batch_size']}",
         "--train_dataset.json_dataset.tokenizer_processes=1",

@@ -133,6 +133,18 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids)
 
 
+def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
+                        multi_fraction: float = 0.2) -> Iterator[dict]:
+    """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
+    fills), `examples` (how many) and `needles` ((low, high) per example).
+
+    Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
+    several whole examples in a row; read in file order, they are a length curriculum."""
+    for phase in phases:
+        yield from retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
+                                      tuple(phase["needles"]), multi_fraction)
+
+
 def write_retrieval_jsonl(path: str, examples) -> str:
     """Write examples one JSON object a line, atomically (temp file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

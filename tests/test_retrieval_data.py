@@ -1,0 +1,57 @@
+"""Retrieval training data: every answer is a needle's number from its own prompt, examples fit
+their length, phases come out in order, and no two examples share a number by construction."""
+import re
+
+import pytest
+
+from lwm.retrieval_data import curriculum_examples, retrieval_examples
+from lwm.tokenizer import load_tokenizer
+
+TEXTS = [" ".join(f"Sentence {i} of paragraph {p} says little of note." for i in range(40)) for p in range(30)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin")
+
+
+def example_tokens(example, tokenizer):
+    fields = [f.strip("[]") for f in example["fields"].split(",")]
+    return 2 + sum(len(tokenizer.encode(example[f])) for f in fields)  # with bos and eos
+
+
+def needles_in(prompt):
+    return dict(re.findall(r"The special magic (.+?) number is: (\d{7})", prompt))
+
+
+def test_every_answer_is_its_needles_number_and_every_needle_is_asked(tokenizer):
+    for example in retrieval_examples(tokenizer, TEXTS, 512, 20, seed=3, needles=(2, 6), multi_fraction=0.5):
+        needles = needles_in(example["prompt"])
+        assert 2 <= len(needles) <= 6
+        spec = example["fields"].split(",")
+        assert spec[0] == "[prompt]" and all(f.startswith("[") == (i % 2 == 0) for i, f in enumerate(spec))
+        questions = [example["prompt"]] + [example[f.strip("[]")] for f in spec[2::2]]
+        answers = [example[f] for f in spec[1::2]]
+        asked = []
+        for question, answer in zip(questions, answers):
+            asking = question.rsplit("special magic", 1)[-1]  # the question, after the context's needles
+            cities = sorted((c for c in needles if re.search(rf"\b{re.escape(c)}\b", asking)), key=asking.index)
+            assert answer == ", ".join(needles[c] for c in cities) + "."
+            asked += cities
+        assert sorted(asked) == sorted(needles)  # each needle asked exactly once
+        assert example_tokens(example, tokenizer) <= 512 + 1
+
+
+def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
+    phases = [{"length": 128, "examples": 6, "needles": (1, 2)}, {"length": 384, "examples": 4, "needles": (3, 5)}]
+    examples = list(curriculum_examples(tokenizer, TEXTS, phases, seed=0))
+    assert len(examples) == 10
+    for example in examples[:6]:
+        assert example_tokens(example, tokenizer) <= 129 and 1 <= len(needles_in(example["prompt"])) <= 2
+    for example in examples[6:]:
+        assert 129 < example_tokens(example, tokenizer) <= 385 and 3 <= len(needles_in(example["prompt"])) <= 5
+
+
+def test_bad_needle_range_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="needles must satisfy"):
+        next(retrieval_examples(tokenizer, TEXTS, 256, 1, needles=(0, 2)))
