@@ -267,6 +267,13 @@ def single_case(tokenizer, haystack: Sequence[int], context_length: int, depth: 
     return NeedleCase((int(context_length), float(depth), int(round_index)), prompt, [number], record)
 
 
+def multi_question(asked: Sequence[str]) -> str:
+    """The multi-needle eval's question for these cities (the original's wording and commas)."""
+    if len(asked) == 1:
+        return MULTI_QUESTION_ONE.format(city=asked[0])
+    return MULTI_QUESTION.format(cities=", ".join(asked[:-1]) + ", and " + asked[-1])
+
+
 def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_index: int, settings: NeedleSettings,
                period_ids) -> NeedleCase:
     n, r = settings.n_needles_total, settings.n_needles_retrieve
@@ -278,10 +285,7 @@ def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_in
     needles = [(tokenizer.encode(NEEDLE.format(city=c, number=info[c][0])), info[c][1]) for c in cities]
     tokens = insert_needles(haystack[:context_length], needles, context_length, period_ids,
                             settings.prompt_buffer_tokens)
-    if r == 1:
-        question = MULTI_QUESTION_ONE.format(city=asked[0])
-    else:
-        question = MULTI_QUESTION.format(cities=", ".join(asked[:-1]) + ", and " + asked[-1])
+    question = multi_question(asked)
     prompt = MULTI_PROMPT.format(context=tokenizer.decode(tokens), question=question)
     answers = [info[c][0] for c in asked]
     record = dict(context_length=int(context_length), needles_info={c: list(v) for c, v in info.items()},
@@ -633,16 +637,31 @@ def flag_defaults(multi: bool) -> dict[str, Any]:
     return flags
 
 
+def check_needle_files(settings: NeedleSettings) -> None:
+    """Before any model is built: the haystack exists and its first text line parses, results
+    already in output_file parse, and output_file (and the plot next to it) can be written."""
+    from lwm.cli import check_input_files, check_output_file
+
+    check_input_files([("--haystack_file", settings.haystack_file)])
+    texts = haystack_texts(settings.haystack_file)
+    try:
+        next(texts)
+    finally:
+        texts.close()
+    check_output_file("--output_file", settings.output_file)
+    load_results(settings.output_file)
+
+
 def main_from_flags(flags, multi: bool) -> list[dict]:
-    """What `scripts/eval_needle*.py` run: load the model, run the cases, plot, print a summary."""
+    """What `scripts/eval_needle*.py` run: check the files, load the model, run the cases, plot,
+    print a summary."""
     import jax
 
     from lwm.distributed import JaxDistributedConfig
-    from lwm.loading import load_model_from_flags
+    from lwm.loading import check_model_files, load_model_from_flags
 
     if flags.score not in SCORES:
-        raise ValueError(f"--score={flags.score!r}; expected one of {SCORES}")
-    JaxDistributedConfig.initialize(flags.jax_distributed)
+        raise ValueError(f"--score={flags.score!r}; expected one of {', '.join(SCORES)}")
     settings = NeedleSettings(
         haystack_file=flags.haystack_file, output_file=flags.output_file,
         max_tokens_per_batch=flags.max_tokens_per_batch, context_lengths_min=flags.context_lengths_min,
@@ -651,6 +670,9 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
         multi=multi, n_needles_total=flags.n_needles_total if multi else 1,
         n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens,
         prompt_buffer_tokens=flags.prompt_buffer_tokens)
+    check_needle_files(settings)
+    check_model_files(flags)
+    JaxDistributedConfig.initialize(flags.jax_distributed)
     loaded = load_model_from_flags(flags)
     print(f"needle eval: context lengths {settings.context_lengths}, depths {settings.depth_percents}, "
           f"{settings.n_rounds} rounds" + (f", {settings.n_needles_total} needles, {settings.n_needles_retrieve} "

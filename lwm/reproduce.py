@@ -84,7 +84,7 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
     """A SentencePiece model trained on the training split plus the chat/needle template text."""
     import random
 
-    from lwm.needle import CITIES, MULTI_PROMPT, MULTI_QUESTION, NEEDLE, PROMPT, QUESTION
+    from lwm.needle import CITIES, MULTI_PROMPT, NEEDLE, PROMPT, QUESTION, multi_question
     from lwm.retrieval_data import FOLLOW_UP
     from scripts.train_tokenizer import train_tokenizer
 
@@ -99,7 +99,7 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
         a, b = rng.sample(CITIES, 2)
         template = rng.choice([PROMPT, MULTI_PROMPT])
         text = template.format(context=NEEDLE.format(city=a, number="0"), question=QUESTION.format(city=a))
-        text += FOLLOW_UP.format(question=MULTI_QUESTION.format(cities=f"{a} and {b}"))
+        text += FOLLOW_UP.format(question=multi_question([a, b]))
         lines.append(json.dumps({"text": text}))
     _write_lines(corpus, lines)
     train_tokenizer(corpus, path, vocab_size)

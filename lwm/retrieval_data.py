@@ -15,12 +15,12 @@ chat about one haystack:
     answer0: 4829173.
     turn1:   USER: What is the special magic Lima number? ASSISTANT:
     answer1: 1098534.
-    turn2:   USER: What are the special magic numbers for Oslo and Doha? ASSISTANT:
+    turn2:   USER: What are the special magic numbers for Oslo, and Doha? ASSISTANT:
     answer2: 7730126, 3302981.
 
 Why this shape:
 * The first turn is exactly the needle eval's prompt (`lwm.needle`: its needle sentence,
-  question, instruction, and its multi-needle prompt for a multi question), tokenized the
+  question, instruction, and its multi-needle prompt and question wording for a multi question), tokenized the
   same way, so what is learnt is what is measured.
 * Every needle is asked about once, in a random order (K needles, K answers per row): many
   retrieval targets per sequence instead of one, as in associative-recall studies, at every
@@ -39,7 +39,7 @@ import random
 import sys
 from typing import Iterator, Sequence
 
-from lwm.needle import (CITIES, MULTI_PROMPT, MULTI_QUESTION, NEEDLE, PROMPT, QUESTION, insert_needles,
+from lwm.needle import (CITIES, MULTI_PROMPT, NEEDLE, PROMPT, QUESTION, insert_needles, multi_question,
                         period_token_ids, random_number)
 
 FOLLOW_UP = " USER: {question} ASSISTANT: "
@@ -65,10 +65,6 @@ def haystack_stream(texts: Sequence[str], tokenizer) -> list[int]:
     return tokens
 
 
-def two_cities(pair: Sequence[str]) -> str:
-    return f"{pair[0]} and {pair[1]}"
-
-
 def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> list[list[str]]:
     """The cities asked in each turn: each city once, in a random order; with probability
     `multi_fraction` a turn asks for two of them at once."""
@@ -89,8 +85,7 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     turns = plan_turns(rng, cities, multi_fraction)
 
     def question(asked):
-        return QUESTION.format(city=asked[0]) if len(asked) == 1 else \
-            MULTI_QUESTION.format(cities=two_cities(asked))
+        return QUESTION.format(city=asked[0]) if len(asked) == 1 else multi_question(asked)
 
     def answer(asked):
         return ", ".join(numbers[c] for c in asked) + "."
