@@ -124,8 +124,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from lwm.distributed import JaxDistributedConfig
-    from lwm.loading import load_model_from_flags
+    from lwm.loading import check_model_files, load_model_from_flags
 
+    check_model_files(FLAGS)
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
     loaded = load_model_from_flags(FLAGS)
     chat = TextChat(loaded, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
@@ -134,5 +135,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from lwm import cli
+
     FLAGS, FLAGS_DEF = _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -96,9 +96,16 @@ def write_train_eval_split(output_dir: str, eval_documents: int = 3, unit: str =
 
 
 if __name__ == "__main__":  # python -m lwm.corpus OUTPUT_DIR [EVAL_DOCUMENTS]
-    import sys
+    import argparse
 
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m lwm.corpus OUTPUT_DIR [EVAL_DOCUMENTS]")
-    counts = write_train_eval_split(sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 3)
-    print(f"wrote {counts['train']} train and {counts['eval']} eval paragraphs to {sys.argv[1]}")
+    from lwm import cli
+
+    parser = argparse.ArgumentParser(prog="python -m lwm.corpus", description="write train.jsonl and eval.jsonl "
+                                     "of the built-in corpus into OUTPUT_DIR")
+    parser.add_argument("output_dir")
+    parser.add_argument("eval_documents", nargs="?", type=int, default=3, help="documents held out for eval")
+    cli.add_verbose_argument(parser)
+    args = parser.parse_args()
+    with cli.user_errors(args.verbose):
+        counts = write_train_eval_split(args.output_dir, args.eval_documents)
+    print(f"wrote {counts['train']} train and {counts['eval']} eval paragraphs to {args.output_dir}")

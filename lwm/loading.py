@@ -5,6 +5,9 @@ model, and parameters sharded onto the mesh (streamed from a checkpoint, or rand
                         update_llama_config="dict(theta=1e7)", llama_flags=FLAGS.llama,
                         load_checkpoint="params::/path/streaming_params", tokenizer="builtin")
     loaded.model.apply({'params': loaded.params}, ids)
+
+`check_model_files(flags)` checks the checkpoint and tokenizer they name first, so a typo
+costs a second, not a model build.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import jax
 from absl import app
 from jax.sharding import Mesh, NamedSharding
 
-from lwm.checkpoint import flat_fns, float_dtype_by_name, load_checkpoint
+from lwm.checkpoint import LOAD_TYPES, flat_fns, float_dtype_by_name, load_checkpoint
+from lwm.cli import check_input_files
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.llama import LLaMAForCausalLM, init_params
 from lwm.mesh import build_mesh, make_shard_and_gather_fns, match_partition_rules, partition_rules, sharding_table
-from lwm.tokenizer import Tokenizer, load_tokenizer
+from lwm.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,22 @@ def model_flag_defaults(vision: bool = False, seed: int = 1234) -> dict[str, Any
                 load_checkpoint="", tokenizer=DEFAULT_TOKENIZER,
                 llama=(VideoLLaMAConfig if vision else LLaMAConfig).get_default_config(),
                 jax_distributed=JaxDistributedConfig.get_default_config())
+
+
+def checkpoint_file(spec: str, flag: str = "--load_checkpoint") -> str:
+    """The file of a `TYPE::PATH` checkpoint spec ('' when there is none); a bad TYPE raises."""
+    if not spec:
+        return ""
+    kind, sep, path = spec.partition("::")
+    if not sep or kind not in LOAD_TYPES:
+        raise ValueError(f"{flag}={spec!r}: expected TYPE::PATH with TYPE one of {', '.join(LOAD_TYPES)}")
+    return path
+
+
+def check_model_files(flags) -> None:
+    """The checkpoint and tokenizer of the `model_flag_defaults` flags exist, before a model is built."""
+    check_input_files([("--load_checkpoint", checkpoint_file(flags.load_checkpoint))])
+    resolve_tokenizer_file(flags.tokenizer)  # its errors name the tokenizer and the forms it takes
 
 
 def load_model_from_flags(flags, vision: bool = False) -> LoadedModel:

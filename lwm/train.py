@@ -30,17 +30,18 @@ import numpy as np
 from absl import app
 from tqdm import tqdm
 
+from lwm import cli
 from lwm.checkpoint import CheckpointWriteError, StreamingCheckpointer, load_pickle, saved_step
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
-from lwm.loading import compute_dtype
+from lwm.loading import checkpoint_file, compute_dtype
 from lwm.llama import check_positions
 from lwm.logger import MetricsLogger
 from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
-from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer_file
 from lwm.trainer import LOSS_AVERAGING, Trainer
 
 log = logging.getLogger("lwm.train")
@@ -287,20 +288,19 @@ def train():
 
 
 def check_input_files() -> None:
-    """Every local file the flags name exists (datasets, dataset state, checkpoint)."""
+    """Every local file the flags name exists (datasets, dataset state, checkpoint, tokenizer)."""
     named = []
     for group, used in (("train_dataset", True), ("eval_dataset", FLAGS.eval_steps > 0)):
         config = getattr(FLAGS, group)
         if used and config.type in ("json", "json_vision"):
-            named.append((f"--{group}.{config.type}_dataset.path", dataset_options(config).path))
+            flag, path = f"--{group}.{config.type}_dataset.path", dataset_options(config).path
+            if not path:
+                raise app.UsageError(f"{flag} is required (a JSONL file)")
+            named.append((flag, path))
     named.append(("--load_dataset_state", FLAGS.load_dataset_state))
-    if "::" in FLAGS.load_checkpoint:
-        named.append(("--load_checkpoint", FLAGS.load_checkpoint.split("::", 1)[1]))
-    for flag, path in named:
-        if path and not os.path.isfile(path):
-            raise app.UsageError(f"{flag}: file not found: {path}")
-        if flag.endswith(".path") and not path:
-            raise app.UsageError(f"{flag} is required (a JSONL file)")
+    named.append(("--load_checkpoint", checkpoint_file(FLAGS.load_checkpoint)))
+    cli.check_input_files(named)
+    resolve_tokenizer_file(FLAGS.tokenizer)
 
 
 def check_start_checkpoint(spec: str, total_steps: int) -> None:
@@ -363,4 +363,4 @@ def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    app.run(main)
+    cli.run(main, expected=(NonFiniteLoss,))

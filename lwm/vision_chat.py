@@ -38,13 +38,14 @@ import jax
 import numpy as np
 from absl import app
 
+from lwm import cli
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
-from lwm.loading import LoadedModel, load_model_from_flags, model_flag_defaults
+from lwm.loading import LoadedModel, check_model_files, load_model_from_flags, model_flag_defaults
 from lwm.tokenizer import Tokenizer
 from lwm.vision_io import read_vision
-from lwm.vqgan import VQGAN, VQGANConfig
+from lwm.vqgan import VQGAN, VQGANConfig, vqgan_config_file
 
 log = logging.getLogger("lwm.vision_chat")
 
@@ -200,18 +201,18 @@ def main(argv):
         raise app.UsageError("--input_file is required (an image or a video)")
     if not FLAGS.vqgan_checkpoint:
         raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
+    cli.check_input_files([("--input_file", FLAGS.input_file), ("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
+                           ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
+    check_model_files(FLAGS)
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
-    try:
-        vqgan = load_vqgan(FLAGS.vqgan_checkpoint, FLAGS.vqgan_config)
-        loaded = load_model_from_flags(FLAGS, vision=True)
-        chat = VisionChat(loaded, vqgan, FLAGS.temperature, FLAGS.max_new_tokens)
-        answer = chat.answer(FLAGS.prompt, FLAGS.input_file, FLAGS.max_n_frames, jax.random.key(FLAGS.seed))
-    except (FileNotFoundError, ValueError) as e:  # unreadable input, prompt too long, bad config
-        raise SystemExit(f"vision_chat: {e}") from None
+    vqgan = load_vqgan(FLAGS.vqgan_checkpoint, FLAGS.vqgan_config)
+    loaded = load_model_from_flags(FLAGS, vision=True)
+    chat = VisionChat(loaded, vqgan, FLAGS.temperature, FLAGS.max_new_tokens)
+    answer = chat.answer(FLAGS.prompt, FLAGS.input_file, FLAGS.max_n_frames, jax.random.key(FLAGS.seed))
     if jax.process_index() == 0:
         print(f"Question: {FLAGS.prompt}\nAnswer: {answer}", flush=True)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    app.run(main)
+    cli.run(main)

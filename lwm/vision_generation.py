@@ -35,13 +35,14 @@ import jax
 import numpy as np
 from absl import app
 
+from lwm import cli
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
 from lwm.generation import Sampler, SamplingParams, cache_length, padded_prompt_length
-from lwm.loading import LoadedModel, load_model_from_flags, model_flag_defaults
+from lwm.loading import LoadedModel, check_model_files, load_model_from_flags, model_flag_defaults
 from lwm.tokenizer import Tokenizer
 from lwm.vision_io import to_uint8, write_image, write_video
-from lwm.vqgan import VQGAN, VQGANConfig
+from lwm.vqgan import VQGAN, VQGANConfig, vqgan_config_file
 
 log = logging.getLogger("lwm.vision_generation")
 
@@ -187,22 +188,23 @@ def main(argv):
         kind = check_output(FLAGS.output_file, FLAGS.n_frames)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
     prompt = FLAGS.prompt
     if not FLAGS.vqgan_checkpoint:
         raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
-    try:
-        vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
-        loaded = load_model_from_flags(FLAGS, vision=True)
-        generator = VisionGenerator(loaded, vqgan)
-        image_rng, video_rng = jax.random.split(jax.random.key(FLAGS.seed))
-        tokens = generator.first_frames([prompt], image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
-                                        FLAGS.cfg_scale_image)
-        if kind == "video":
-            tokens = generator.continue_video([prompt], tokens, FLAGS.n_frames, video_rng, FLAGS.temperature_video,
-                                              FLAGS.top_k_video, FLAGS.cfg_scale_video)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"vision_generation: {e}") from None
+    cli.check_input_files([("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
+                           ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
+    cli.check_output_file("--output_file", FLAGS.output_file)
+    check_model_files(FLAGS)
+    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
+    loaded = load_model_from_flags(FLAGS, vision=True)
+    generator = VisionGenerator(loaded, vqgan)
+    image_rng, video_rng = jax.random.split(jax.random.key(FLAGS.seed))
+    tokens = generator.first_frames([prompt], image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
+                                    FLAGS.cfg_scale_image)
+    if kind == "video":
+        tokens = generator.continue_video([prompt], tokens, FLAGS.n_frames, video_rng, FLAGS.temperature_video,
+                                          FLAGS.top_k_video, FLAGS.cfg_scale_video)
     frames = generator.decode(tokens)[0]  # [n_frames, H, W, 3] uint8
     log.info("generated %d vision tokens in %.2f s (%.1f tokens/s, compilation included)", generator.tokens_generated,
              generator.seconds, generator.tokens_generated / max(generator.seconds, 1e-9))
@@ -216,4 +218,4 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    app.run(main)
+    cli.run(main)

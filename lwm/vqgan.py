@@ -33,6 +33,11 @@ from lwm.checkpoint import AtomicWriter
 GROUPNORM_GROUPS = 32  # flax nn.GroupNorm's default, the one LWM's weights were trained with
 
 
+def vqgan_config_file(text_or_path: str) -> str:
+    """The file a `--vqgan_config` value names ('' for LWM's config or a JSON object string)."""
+    return "" if not text_or_path or text_or_path.lstrip().startswith("{") else text_or_path
+
+
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     """VQGAN hyper-parameters; the defaults are LWM's released tokenizer."""
@@ -125,7 +130,7 @@ class VQGANConfig:
         """'' -> defaults; a JSON object string; or the path of a JSON file."""
         if not text_or_path:
             return cls()
-        if text_or_path.lstrip().startswith("{"):
+        if not vqgan_config_file(text_or_path):
             return cls.from_dict(json.loads(text_or_path))
         with open(text_or_path) as f:
             try:

@@ -6,8 +6,11 @@
 
 Then: `--load_checkpoint='params::/path/streaming_params' --load_llama_config='json::/path/config.json'`.
 """
+import os
+
 from absl import app
 
+from lwm import cli
 from lwm.checkpoint import float_dtype_by_name
 from lwm.flags import define_flags_with_default
 from lwm.hf_conversion import convert_hf_to_lwm
@@ -25,6 +28,7 @@ FLAGS, _ = define_flags_with_default(
 def main(argv):
     if not (FLAGS.hf_model and FLAGS.output_checkpoint and FLAGS.output_config):
         raise app.UsageError("--hf_model, --output_checkpoint and --output_config are required")
+    cli.check_input_files([("--hf_model", os.path.join(FLAGS.hf_model, "config.json"))])
     config = convert_hf_to_lwm(FLAGS.hf_model, FLAGS.output_checkpoint, FLAGS.output_config,
                                scan_layers=FLAGS.scan_layers, param_scan_axis=FLAGS.param_scan_axis,
                                float_dtype=float_dtype_by_name(FLAGS.float_dtype))
@@ -33,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

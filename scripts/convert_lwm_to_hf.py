@@ -9,6 +9,7 @@ Scanned and unscanned checkpoints are both accepted (detected from the keys);
 """
 from absl import app
 
+from lwm import cli
 from lwm.config import LLaMAConfig, build_config
 from lwm.flags import define_flags_with_default
 from lwm.hf_conversion import convert_lwm_to_hf
@@ -30,6 +31,7 @@ def main(argv):
     kind, path = FLAGS.load_checkpoint.split("::", 1) if "::" in FLAGS.load_checkpoint else ("params", FLAGS.load_checkpoint)
     if kind not in ("params", "trainstate", "trainstate_params"):
         raise app.UsageError(f"--load_checkpoint type {kind!r}: expected params::, trainstate:: or trainstate_params::")
+    cli.check_input_files([("--load_checkpoint", path)])
     try:
         config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config)
     except ValueError as e:
@@ -39,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

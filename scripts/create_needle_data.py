@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 
+from lwm import cli
 from lwm.corpus import UNITS, builtin_corpus_documents, write_corpus_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -100,21 +101,21 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset_name", default="pg19", help="hub dataset for --source=pg19")
     parser.add_argument("--split", default="train", help="split for --source=pg19")
     parser.add_argument("--max_documents", type=int, default=0, help="stop after this many documents (0: all)")
+    cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.source != "files" and args.inputs:
         parser.error("--inputs is only read with --source=files")
-    if args.source == "pg19":
-        count = write_pg19(args.output_path, args.dataset_name, args.split, args.max_documents)
-    else:
-        if args.source == "builtin":
-            documents = builtin_corpus_documents()
+    if args.source == "files" and not args.inputs:
+        parser.error("--source=files needs --inputs FILE_OR_FOLDER ...")
+    with cli.user_errors(args.verbose):
+        cli.check_output_file("--output_path", args.output_path)
+        if args.source == "pg19":
+            count = write_pg19(args.output_path, args.dataset_name, args.split, args.max_documents)
         else:
-            if not args.inputs:
-                parser.error("--source=files needs --inputs FILE_OR_FOLDER ...")
-            documents = local_documents(args.inputs)
-        if args.max_documents:
-            documents = documents[:args.max_documents]
-        count = write_corpus_jsonl(args.output_path, documents, unit=args.unit)
+            documents = builtin_corpus_documents() if args.source == "builtin" else local_documents(args.inputs)
+            if args.max_documents:
+                documents = documents[:args.max_documents]
+            count = write_corpus_jsonl(args.output_path, documents, unit=args.unit)
     print(f"wrote {count} lines to {args.output_path}")
     return 0
 

@@ -13,6 +13,7 @@ heatmap use the strict one (`--score=substring` for the original's).
 """
 from absl import app
 
+from lwm import cli
 from lwm.flags import define_flags_with_default
 from lwm.needle import flag_defaults, main_from_flags
 
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,6 +14,7 @@ for the original's).
 """
 from absl import app
 
+from lwm import cli
 from lwm.flags import define_flags_with_default
 from lwm.needle import flag_defaults, main_from_flags
 
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,8 +10,10 @@ accuracy over (N, R) and per context length. Accuracy is the strict score (`--sc
 for the original's); results written before it existed are rescored from their responses.
 """
 import argparse
+import os
 import sys
 
+from lwm import cli
 from lwm.needle import SCORES, load_results, plot_needle_results, plot_path_for, summary_table
 
 
@@ -23,18 +25,22 @@ def main(argv=None) -> int:
     parser.add_argument("--score", default="strict", choices=SCORES,
                         help="strict: the first numbers of a response must be the needles (default); substring: "
                              "the original's, the response contains the number")
+    cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    results = []
-    for path in args.results:
-        loaded = load_results(path)
-        if not loaded:
-            parser.error(f"{path}: no results (missing or empty file)")
-        results.extend(loaded)
-    kinds = {"needles_info" in r for r in results}
-    if len(kinds) > 1:
-        parser.error("the files mix single-needle and multi-needle results; plot them separately")
-    print(summary_table(results, args.score))
-    path = plot_needle_results(results, args.output or plot_path_for(args.results[0]), args.title, args.score)
+    with cli.user_errors(args.verbose):
+        results = []
+        for path in args.results:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no results (no such file)")
+            loaded = load_results(path)
+            if not loaded:
+                raise ValueError(f"{path}: no results (an empty list)")
+            results.extend(loaded)
+        kinds = {"needles_info" in r for r in results}
+        if len(kinds) > 1:
+            raise ValueError("the files mix single-needle and multi-needle results; plot them separately")
+        print(summary_table(results, args.score))
+        path = plot_needle_results(results, args.output or plot_path_for(args.results[0]), args.title, args.score)
     print(f"wrote {path}")
     return 0
 

@@ -11,6 +11,7 @@ import importlib.util
 
 from absl import app
 
+from lwm import cli
 from lwm.flags import define_flags_with_default
 
 FLAGS, _ = define_flags_with_default(
@@ -55,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -38,8 +38,9 @@ import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
+from lwm import cli
 from lwm.vision_io import IMAGE_SUFFIXES, VIDEO_BACKENDS, read_vision
-from lwm.vqgan import VQGAN, VQGANConfig
+from lwm.vqgan import VQGAN, VQGANConfig, vqgan_config_file
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 MODES = ("understanding", "generation", "both")
@@ -308,6 +309,9 @@ def main(argv):
         raise app.UsageError("--input, --output and --vqgan_checkpoint are required")
     if not os.path.exists(FLAGS.input):
         raise app.UsageError(f"--input={FLAGS.input}: no such file or folder")
+    cli.check_input_files([("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
+                           ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
+    cli.check_output_file("--output", FLAGS.output)
     if os.path.isdir(FLAGS.input):
         items, failures = list_folder(FLAGS.input, FLAGS.caption_suffix)
     else:
@@ -340,4 +344,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

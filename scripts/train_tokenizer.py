@@ -18,6 +18,8 @@ import tempfile
 
 import sentencepiece as spm
 
+from lwm import cli
+
 
 def read_texts(path: str, field: str = "text"):
     """The `field` of every JSON line; a line that is not JSON or lacks it is an error naming the line."""
@@ -59,12 +61,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--field", default="text", help="the JSON key holding the text")
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors(args.verbose, expected=(RuntimeError,)):  # sentencepiece's errors are RuntimeErrors
         path = train_tokenizer(args.input, args.output, args.vocab_size, args.field, args.model_type)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"train_tokenizer: {e}", file=sys.stderr)
-        return 1
     print(f"tokenizer: {path} ({spm.SentencePieceProcessor(model_file=path).get_piece_size()} pieces)")
     return 0
 

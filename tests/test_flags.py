@@ -35,8 +35,8 @@ def test_each_entry_point_keeps_its_own_defaults():
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("lwm.chat", ["--load_checkpoint", "--temperature", "--llama.theta"]),
-    ("lwm.train", ["--total_steps", "--optimizer.adamw_optimizer.lr", "--train_dataset.type"]),
+    ("lwm.chat", ["--load_checkpoint", "--temperature", "--llama.theta", "--[no]verbose"]),
+    ("lwm.train", ["--total_steps", "--optimizer.adamw_optimizer.lr", "--train_dataset.type", "--[no]verbose"]),
 ])
 def test_help_lists_the_entry_points_own_flags(module, expected):
     """absl's --help lists the main module's flags; ours are defined in lwm/flags.py on its behalf."""

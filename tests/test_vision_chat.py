@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lwm.cli import guarded
 from lwm.config import VideoLLaMAConfig
 from lwm.flags import parse_flags_for_test
 from lwm.loading import LoadedModel
@@ -183,23 +184,24 @@ def test_errors_name_the_problem(world, tmp_path, monkeypatch):
     empty.write_bytes(b"")
     with pytest.raises(VisionReadError, match="empty.mp4: the video has zero frames"):
         chat.answer(QUESTION, str(empty))
-    # The entry point turns it into a one-line message and exit status 1.
+    # The entry point (its main as `lwm.cli.run` runs it) turns it into one line and exit status 1.
     parse_flags_for_test([f"--prompt={QUESTION}", f"--input_file={empty}", f"--vqgan_checkpoint={world['vqgan_path']}",
                           f"--vqgan_config={world['vqgan_config']}", f"--load_llama_config=json::{model_json(tmp_path)}",
                           "--tokenizer=builtin", "--max_new_tokens=4"])
-    with pytest.raises(SystemExit, match="vision_chat: .*empty.mp4: the video has zero frames"):
-        main(["vision_chat"])
+    with pytest.raises(SystemExit, match="^lwm.vision_chat: .*empty.mp4: the video has zero frames$"):
+        guarded(main, "lwm.vision_chat")(["vision_chat"])
 
 
 def test_a_vqgan_of_another_config_is_one_line_that_names_vqgan_config(tmp_path):
     """The tiny VQGAN's pickle without --vqgan_config mismatches ~280 leaves of LWM's: one line."""
     vqgan_path, _, _ = write_tiny_vqgan(str(tmp_path))
+    (tmp_path / "unused.png").write_bytes(b"")  # exists (checked first); never read
     parse_flags_for_test([f"--prompt={QUESTION}", f"--input_file={tmp_path / 'unused.png'}",
                           f"--vqgan_checkpoint={vqgan_path}", "--tokenizer=builtin"])
     with pytest.raises(SystemExit) as err:
-        main(["vision_chat"])
+        guarded(main, "lwm.vision_chat")(["vision_chat"])
     msg = str(err.value)
-    assert msg.startswith(f"vision_chat: {vqgan_path}: VQGAN params do not match the config (") and "\n" not in msg
+    assert msg.startswith(f"lwm.vision_chat: {vqgan_path}: VQGAN params do not match the config (") and "\n" not in msg
     assert "mis-shaped leaf decoder/" in msg and msg.endswith("pass --vqgan_config (a JSON file or string of "
                                                             "VQGANConfig fields)")
 
