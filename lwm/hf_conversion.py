@@ -78,7 +78,11 @@ def iter_lwm_layers(path: str, config: LLaMAConfig) -> Iterator[tuple[str, np.nd
     """(hf_name, tensor) for every tensor of an LWM params file, scanned or not (from its keys)."""
     for key, value in iter_streaming(path):
         key = tuple(key)
-        if key[:1] == ("params",):  # a params tree saved with its outer 'params'
+        if key == ("step",) or key[:1] == ("opt_state",):  # a train state: only its params convert
+            continue
+        if key[:2] == ("params", "params"):  # a train state's params
+            key = key[2:]
+        elif key[:1] == ("params",):  # a params tree saved with its outer 'params'
             key = key[1:]
         if key in _TOP_KEYS:
             if key == ("lm_head", "kernel") and config.tie_word_embeddings:

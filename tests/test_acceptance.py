@@ -102,9 +102,6 @@ def test_text_train_needle_eval_and_hf_conversion(tmp_path):
     proc = run([sys.executable, "scripts/convert_lwm_to_hf.py", f"--load_checkpoint=trainstate_params::{state}",
                 "--load_llama_config=debug", f"--update_llama_config={update}", f"--output_dir={hf_dir}",
                 "--tokenizer=builtin"], devices=1, check=False)
-    if proc.returncode != 0 and "unexpected parameter step" in proc.stderr:  # remove once fixed
-        pytest.xfail("known bug: lwm.hf_conversion.iter_lwm_layers reads a train state's 'step' (and params/params/, "
-                     "opt_state/) as parameters, so convert_lwm_to_hf.py refuses trainstate_params:: files")
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     written = json.loads((hf_dir / "config.json").read_text())
