@@ -70,6 +70,18 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+def _reader_defaults(config: ConfigDict) -> None:
+    """The reading, resuming and tokenizing fields both JSON datasets share (same defaults)."""
+    config.always_start_with_bos = False  # overwrite column 0 of input_tokens with BOS
+    config.start_seek_loc = 0  # byte offset of the first line to read
+    config.example_index_at_start = 0  # line index of the line at start_seek_loc
+    config.tokens_count_at_start = 0  # initial value of dataset_total_tokens
+    config.tokenizer_processes = 1  # > 1: tokenize in that many worker processes
+    config.tokenizer_parallel_chunk_size = 32  # lines per task sent to a worker
+    config.tokenizer_parallel_batch_size = 1024  # lines read ahead per round of tasks
+    config.throughput_average_window_size = 200  # batches averaged in dataset_average_tps
+
+
 class JsonDataset(_Dataset):
     """Newline-delimited JSON, one example per line, tokenized by a (Vision)TextProcessor.
 
@@ -87,14 +99,7 @@ class JsonDataset(_Dataset):
         config.path = ""  # the .jsonl file (local path, or an fsspec URL such as gs://...)
         config.seq_length = 1024  # tokens per row
         config.batch_size = 8  # global rows per step, summed over the data-reading processes
-        config.always_start_with_bos = False  # overwrite column 0 of input_tokens with BOS
-        config.start_seek_loc = 0  # byte offset of the first line to read
-        config.example_index_at_start = 0  # line index of the line at start_seek_loc
-        config.tokens_count_at_start = 0  # initial value of dataset_total_tokens
-        config.tokenizer_processes = 1  # > 1: tokenize in that many worker processes
-        config.tokenizer_parallel_chunk_size = 32  # lines per task sent to a worker
-        config.tokenizer_parallel_batch_size = 1024  # lines read ahead per round of tasks
-        config.throughput_average_window_size = 200  # batches averaged in dataset_average_tps
+        _reader_defaults(config)
         config.pad = False  # one example per row (truncated, padded) instead of a stream
         config.packed = False  # masked sequence packing (see Packer); excludes pad
         config.use_data_sharded_loader = True  # each data-reading process reads its own lines
@@ -186,14 +191,7 @@ class JsonVisionDataset(JsonDataset):
         config.path = ""  # the .jsonl file (local path, or an fsspec URL)
         config.seq_length = 384  # tokens per row
         config.batch_size = 4  # global rows per step, summed over the data-reading processes
-        config.always_start_with_bos = False  # overwrite column 0 of input_tokens with BOS
-        config.start_seek_loc = 0  # byte offset of the first line to read
-        config.example_index_at_start = 0  # line index of the line at start_seek_loc
-        config.tokens_count_at_start = 0  # initial value of dataset_total_tokens
-        config.tokenizer_processes = 1  # > 1: tokenize in that many worker processes
-        config.tokenizer_parallel_chunk_size = 32  # lines per task sent to a worker
-        config.tokenizer_parallel_batch_size = 1024  # lines read ahead per round of tasks
-        config.throughput_average_window_size = 200  # batches averaged in dataset_average_tps
+        _reader_defaults(config)
         config.use_data_sharded_loader = True  # each data-reading process reads its own lines
         config.return_local_batch = False  # read by the trainer: keep batches host-local
         config.mode = "pad"  # pad | no_pad | packed
