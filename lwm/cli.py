@@ -125,9 +125,10 @@ def run(main: Callable, program: str | None = None, expected: tuple[type[BaseExc
 
 
 def check_input_files(named) -> None:
-    """Every (flag, path) pair with a path names an existing file."""
+    """Every (flag, path) pair with a local path names an existing file (an fsspec URL such as
+    gs://bucket/x is left to the reader: checking it here would need its credentials)."""
     for flag, path in named:
-        if path and not os.path.isfile(path):
+        if path and "://" not in path and not os.path.isfile(path):
             reason = "is a folder, not a file" if os.path.isdir(path) else "file not found"
             raise FileNotFoundError(f"{flag}: {reason}: {path}")
 

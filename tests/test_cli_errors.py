@@ -190,3 +190,11 @@ def test_a_multi_process_run_leaves_at_once(monkeypatch, capsys):
             raise FileNotFoundError("--f: file not found: /x")
     assert exit_info.value.args == (1,)
     assert capsys.readouterr().err == "prog: --f: file not found: /x\n"
+
+
+def test_file_checks_leave_urls_to_their_readers(tmp_path):
+    from lwm import cli
+
+    cli.check_input_files([("--load_checkpoint", "gs://bucket/run/streaming_params")])  # no error
+    with pytest.raises(FileNotFoundError, match="--haystack_file: file not found"):
+        cli.check_input_files([("--haystack_file", str(tmp_path / "missing.jsonl"))])
