@@ -1,10 +1,15 @@
-"""LWM's streaming checkpoints: read and write, one tensor at a time, atomically.
+"""LWM's streaming checkpoints: read and write, one tensor at a time, atomically, on a local
+disk or in a bucket (every file goes through lwm.storage).
 
 File format (LWM's, kept byte-compatible with the original release; docs/compatibility.md): a plain
 sequence of msgpack objects, each a pair `(key_path, value)`, where key_path is the list of
 string keys of one leaf of the flattened state dict and value is
 `flax.serialization.to_bytes(array)`. Loading one tensor at a time, and placing each onto
 its sharding as it is read, lets a host that cannot hold two copies of a model load it.
+One extension: msgpack caps one object at 4 GiB, so a tensor larger than that (a 7B model's
+stacked float32 MLP kernel is 5.8 GB) is written as consecutive records of its flattened
+pieces, each key path ending in `__lwm_part__:<i>:<n>:<shape>`; a file whose tensors all fit
+is exactly the original's format.
 
     params::PATH             the params tree, no outer {'params': ...}
     trainstate::PATH         a whole train state: {'step', 'params': {'params': ...}, 'opt_state'}
@@ -12,15 +17,15 @@ its sharding as it is read, lets a host that cannot hold two copies of a model l
     flax_params::PATH        one flax msgpack blob of the params tree (non-streaming)
 
 A training run's folder holds `streaming_params` and/or `streaming_train_state`,
-`metadata.pkl` and `dataset.pkl`, plus `_<step>` copies for milestones. Every file is
-written to a temporary name, flushed, fsynced and renamed, and a save's files are committed
-together (`StreamingCheckpointer`), so a killed save never damages the previous checkpoint.
+`metadata.pkl` and `dataset.pkl`, plus `_<step>` copies for milestones; a save's files are
+committed together (`StreamingCheckpointer`; docs/checkpoints.md), so a killed save never
+damages the previous checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import os
 import pickle
+import re
 import time
 from typing import Iterator, Mapping
 
@@ -33,13 +38,19 @@ from flax.serialization import from_bytes, msgpack_restore, to_bytes
 from flax.traverse_util import empty_node, flatten_dict, unflatten_dict
 from ml_collections import ConfigDict
 
+from lwm import storage
 from lwm.mesh import gather_array
+from lwm.storage import AtomicWriter  # noqa: F401  (re-exported: writers of other files use it from here)
 
 log = logging.getLogger("lwm.checkpoint")
 LOAD_TYPES = ("params", "trainstate", "trainstate_params", "flax_params")
 FLOAT_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "fp64": jnp.float64,
                 "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 _READ_SIZE = 80 * 2**20
+MSGPACK_LIMIT = 2**32 - 1  # the largest bin/ext object msgpack writes (its 32-bit length field)
+MAX_RECORD_BYTES = MSGPACK_LIMIT  # a tensor whose bytes exceed this is split (lowered in tests)
+RECORD_OVERHEAD = 1024  # room for to_bytes' own headers (and flax's 1 GiB chunk headers) in a record
+PART_KEY = "__lwm_part__"
 
 
 def float_dtype_by_name(name: str | None):
@@ -59,69 +70,12 @@ def cast_floats(x, dtype):
     return x
 
 
-# ---- atomic files ------------------------------------------------------------------------
-
-
-class AtomicWriter:
-    """`with AtomicWriter(path) as f:` writes to a temp file renamed into place on success."""
-
-    def __init__(self, path: str, mode: str = "wb"):
-        self.path = path
-        self.mode = mode
-        self.tmp = f"{path}.tmp.{os.getpid()}"
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.file = open(self.tmp, self.mode)
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self.file.flush()  # a full disk often shows here, not at write()
-                os.fsync(self.file.fileno())
-                self.file.close()
-            except BaseException:
-                self._discard()
-                raise
-            os.replace(self.tmp, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        else:
-            self._discard()
-        return False
-
-    def _discard(self) -> None:
-        try:
-            self.file.close()  # may fail again flushing the buffer to a full disk
-        except OSError:
-            pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_pickle(obj, path: str) -> None:
-    with AtomicWriter(path) as f:
-        pickle.dump(obj, f)
+    storage.write_bytes(path, pickle.dumps(obj))
 
 
 def load_pickle(path: str):
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    return pickle.loads(storage.read_bytes(path))
 
 
 # ---- the streaming format ------------------------------------------------------------------
@@ -130,6 +84,30 @@ def load_pickle(path: str):
 def state_dict(tree) -> dict:
     """A nested dict of arrays (flax's state-dict form of TrainStates, optax states, ...)."""
     return flax.serialization.to_state_dict(tree)
+
+
+def split_plan(shape, dtype, limit: int | None = None) -> list[tuple[int, int]]:
+    """[(start, stop)] element ranges of a tensor's flattened pieces, one record each; a single
+    range when the tensor fits in one record (the original format). Computed from the shape
+    alone, so the plan of a 7B tensor is checked without allocating it."""
+    limit = MAX_RECORD_BYTES if limit is None else limit
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape, dtype=np.int64))
+    if count * itemsize + RECORD_OVERHEAD <= limit:
+        return [(0, count)]
+    per_piece = max(1, (limit - RECORD_OVERHEAD) // itemsize)
+    return [(start, min(start + per_piece, count)) for start in range(0, count, per_piece)]
+
+
+def _records(key: tuple[str, ...], value: np.ndarray) -> Iterator[tuple[list[str], bytes]]:
+    """The (key_path, bytes) records of one tensor: one, or its pieces when it is too large."""
+    plan = split_plan(value.shape, value.dtype)
+    if len(plan) == 1:
+        yield list(key), to_bytes(value)
+        return
+    flat, shape = value.reshape(-1), "x".join(str(d) for d in value.shape)
+    for i, (start, stop) in enumerate(plan):
+        yield [*key, f"{PART_KEY}:{i}:{len(plan)}:{shape}"], to_bytes(np.ascontiguousarray(flat[start:stop]))
 
 
 def save_streaming(path: str, tree, float_dtype=None, gather_fns: Mapping | None = None) -> None:
@@ -143,33 +121,73 @@ def save_streaming(path: str, tree, float_dtype=None, gather_fns: Mapping | None
     writer = AtomicWriter(path) if jax.process_index() == 0 else None
     packer = msgpack.Packer()
     fout = writer.__enter__() if writer else None
+    failure = None  # a write error: the other processes still gather the rest, so keep gathering
     try:
         for key, value in flat.items():
             value = gather_fns[key](value) if gather_fns is not None else gather_array(value)
             value = cast_floats(np.asarray(value), float_dtype)
-            if fout is not None:
-                fout.write(packer.pack((list(key), to_bytes(value))))
+            if fout is None:
+                continue
+            try:
+                for record_key, blob in _records(key, value):
+                    if len(blob) > MAX_RECORD_BYTES:  # cannot happen with RECORD_OVERHEAD: say so if it does
+                        raise ValueError(f"checkpoint {path}: tensor {'/'.join(key)} makes a record of "
+                                         f"{len(blob)} bytes, over msgpack's limit of {MAX_RECORD_BYTES}")
+                    with storage.translate_errors(path):
+                        fout.write(packer.pack((record_key, blob)))
+            except OSError as e:
+                failure, fout = e, None
+                writer.__exit__(type(e), e, None)
     except BaseException as e:
-        if writer:
+        if fout is not None:
             writer.__exit__(type(e), e, None)
         raise
+    if failure is not None:
+        raise failure
     if writer:
         writer.__exit__(None, None, None)
 
 
+class _Parts:
+    """Reassembles a split tensor from its consecutive records into one preallocated array."""
+
+    def __init__(self, path: str, key: tuple[str, ...], count: int, shape: tuple[int, ...]):
+        self.path, self.key, self.count, self.shape = path, key, count, shape
+        self.out, self.filled, self.next = None, 0, 0
+
+    def add(self, index: int, piece: np.ndarray) -> np.ndarray | None:
+        if index != self.next:
+            raise ValueError(f"checkpoint {self.path}: tensor {'/'.join(self.key)}: piece {index} follows piece "
+                             f"{self.next - 1} (the file is corrupt)")
+        if self.out is None:
+            self.out = np.empty(int(np.prod(self.shape, dtype=np.int64)), piece.dtype)
+        self.out[self.filled:self.filled + piece.size] = piece.reshape(-1)
+        self.filled, self.next = self.filled + piece.size, self.next + 1
+        if self.next < self.count:
+            return None
+        if self.filled != self.out.size:
+            raise ValueError(f"checkpoint {self.path}: tensor {'/'.join(self.key)}: its pieces hold {self.filled} "
+                             f"values, its shape {self.shape} needs {self.out.size}")
+        return self.out.reshape(self.shape)
+
+
 def iter_streaming(path: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yield (key_path, array) pairs; a truncated or corrupt file raises naming the offset."""
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if size == 0:
         raise ValueError(f"checkpoint {path} is empty")
-    with open(path, "rb") as f:
+    parts = None
+    with storage.open_file(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, read_size=_READ_SIZE, max_buffer_size=0)
         while True:
             offset = unpacker.tell()
             try:
-                item = unpacker.unpack()
+                with storage.translate_errors(path):
+                    item = unpacker.unpack()
             except msgpack.OutOfData:
                 break
+            except OSError:
+                raise
             except Exception as e:
                 raise ValueError(f"checkpoint {path} is corrupt at byte {offset} of {size}: {e}") from None
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))):
@@ -180,9 +198,24 @@ def iter_streaming(path: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
                 tensor = from_bytes(None, value)
             except Exception as e:
                 raise ValueError(f"checkpoint {path}: tensor {'/'.join(key)} at byte {offset} is corrupt: {e}") from None
+            if key and key[-1].startswith(PART_KEY + ":"):
+                _, index, count, shape = key[-1].split(":")
+                key = key[:-1]
+                if parts is None or parts.key != key:
+                    if parts is not None:
+                        raise ValueError(f"checkpoint {path}: tensor {'/'.join(parts.key)} ends after piece "
+                                         f"{parts.next - 1} of {parts.count} (the file is corrupt)")
+                    parts = _Parts(path, key, int(count), tuple(int(d) for d in shape.split("x") if d))
+                tensor = parts.add(int(index), tensor)
+                if tensor is None:
+                    continue
+                parts = None
+            elif parts is not None:
+                raise ValueError(f"checkpoint {path}: tensor {'/'.join(parts.key)} ends after piece "
+                                 f"{parts.next - 1} of {parts.count} (the file is corrupt)")
             yield key, tensor
         end = unpacker.tell()
-    if end != size:
+    if parts is not None or end != size:
         raise ValueError(f"checkpoint {path} is truncated or corrupt: the last complete tensor ends at byte "
                          f"{end} but the file has {size} bytes")
 
@@ -246,8 +279,7 @@ def _report(path: str, expected: Mapping, found: Mapping, mismatched: list[str])
 
 def load_flax_params(path: str, target=None, shard_fns: Mapping | None = None, float_dtype=None) -> dict:
     """A non-streaming flax msgpack file of the params tree (needs the whole file in memory)."""
-    with open(path, "rb") as f:
-        tree = msgpack_restore(f.read())
+    tree = msgpack_restore(storage.read_bytes(path))
     if isinstance(tree, Mapping) and set(tree) == {"params"}:
         tree = tree["params"]
     flat = flatten_dict(tree, keep_empty_nodes=False)
@@ -275,7 +307,7 @@ def load_checkpoint(spec: str, params_target=None, params_shard_fns: Mapping | N
     kind, path = spec.split("::", 1)
     if kind not in LOAD_TYPES:
         raise ValueError(f"checkpoint {spec!r}: unknown type {kind!r}; expected one of {LOAD_TYPES}")
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if kind == "trainstate":
         if not allow_trainstate:
@@ -309,26 +341,38 @@ def train_state_dict(step, params, opt_state) -> dict:
     return {"step": step, "params": {"params": params}, "opt_state": state_dict(opt_state)}
 
 
+
+
 # ---- the run folder ------------------------------------------------------------------------
 
 COMMIT_RECORD = "checkpoint.commit"  # present only between a save's commit point and its last rename
-STAGED = ".saving-"  # a staged file is `<final name>.saving-<step>`
+STAGED = ".saving-"  # a staged file is `<final name>.saving-<step>[.<writer token>]`
+_METADATA = re.compile(r"metadata(?:_(\d+))?\.pkl")
 
 
 class CheckpointWriteError(OSError):
-    """A save could not be written (disk full, quota, I/O error); the previous save is intact."""
+    """A save could not be written or committed (disk full, quota, I/O error, a staged file that
+    another host cannot see, a run lock taken over); the previous save is intact."""
 
 
 class StreamingCheckpointer:
-    """Writes a run's checkpoints into `checkpoint_dir` in the original layout, a save at a time.
+    """Writes a run's checkpoints into `checkpoint_dir` (a folder or a bucket URL) in the
+    original layout, a save at a time.
 
-    A save commits as a whole or not at all. Its files are first written under staged names
-    (`streaming_train_state.saving-<step>`, ... each flushed, fsynced and renamed into place);
-    then one atomic write of `checkpoint.commit` (the list of staged -> final names) is the
-    commit point; then the staged files are renamed over the old ones and the record removed.
-    A run killed before the commit point leaves the previous save as it was (the staged files
-    are deleted at the next start); one killed after it is rolled forward at the next start
-    (`recover`). What a complete save leaves behind is the original's layout and formats.
+    A save commits as a whole or not at all, on a local disk and in a bucket (docs/checkpoints.md):
+      1. every process writes its files under staged names (`streaming_train_state.saving-<step>`,
+         ...), each one atomically (a local temp file renamed into place; a bucket object, which
+         appears only when its upload completes); the save's metadata lists its files;
+      2. the processes agree that every one of them succeeded (one failure stops them all);
+      3. process 0 checks that every staged file is there (all hosts see the same folder) and that
+         it still holds the run's lock, then writes `checkpoint.commit` (the staged -> final names),
+         one small whole-object write: the commit point;
+      4. the staged files are moved over the old ones (a rename; in a bucket a server-side copy and
+         a delete) and the record removed.
+    A run killed before the commit point leaves the previous save as it was (`recover` deletes the
+    staged files at the next start); one killed after it is rolled forward by `recover`, which
+    redoes step 4 (each move is idempotent). What a complete save leaves is the original's
+    layout and formats.
 
     The resumable state, `streaming_train_state`, holds the float32 parameters and optimizer
     state exactly (with `exact_resume`, also when `save_optimizer_state=False`, beside the
@@ -342,149 +386,225 @@ class StreamingCheckpointer:
         config.float_dtype = "bf16"  # exported parameters (streaming_params, milestones) are cast to this
         config.save_optimizer_state = False  # the original's switch: streaming_train_state instead of streaming_params
         config.exact_resume = True  # also keep an exact float32 streaming_train_state for --autoresume
+        config.take_over_lock = False  # start even if the run folder's lock looks held by a live copy of the run
+        config.lock_ttl_seconds = 120  # a bucket lease not renewed for this long belongs to a dead run
         if updates is not None:
             config.update(ConfigDict(updates).copy_and_resolve_references())
         return config
 
-    def __init__(self, config, checkpoint_dir: str, enable: bool = True):
+    def __init__(self, config, checkpoint_dir: str, enable: bool = True, lock=None, token: str = ""):
+        """lock: the run folder's `lwm.run_folder.RunLock`, held by process 0 and checked before
+        every commit; token: a name part every process agrees on, so two copies of one run never
+        write the same staged file."""
         self.config = self.get_default_config(config)
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = str(checkpoint_dir)
         self.enable = enable
+        self.lock = lock
+        self.token = token
         float_dtype_by_name(self.config.float_dtype)
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.checkpoint_dir, name)
+        return storage.join(self.checkpoint_dir, name)
 
-    def files_of_save(self, milestone: bool) -> list[str]:
-        """The parameter/state files one save writes (before dataset and metadata files)."""
+    def _staged(self, final: str, step: int) -> str:
+        return f"{final}{STAGED}{step}" + (f".{self.token}" if self.token else "")
+
+    def files_of_save(self, milestone: bool, resumable: bool = False) -> list[str]:
+        """The parameter/state files one save writes (before dataset and metadata files).
+        resumable: a milestone that autoresume starts from (in a run that makes no other saves)
+        also keeps the exact train state."""
         suffix = "_{step}" if milestone else ""
         if self.config.save_optimizer_state:
             return ["streaming_train_state" + suffix]
-        if self.config.exact_resume and not milestone:
-            return ["streaming_train_state", "streaming_params"]
+        if self.config.exact_resume and (resumable or not milestone):
+            return ["streaming_train_state" + suffix, "streaming_params" + suffix]
         return ["streaming_params" + suffix]
 
     def save_all(self, step: int, params, opt_state, gather_fns=None, metadata=None,
-                 dataset_state=None, milestone: bool = False) -> str:
+                 dataset_state=None, milestone: bool = False, resumable: bool = False) -> str:
         """Save the train state and/or params, this process's dataset state and the metadata
         as one commit (see the class docstring). Every process calls it.
 
         dataset_state: this process's loader state; process 0's becomes `dataset.pkl`, and with
         several processes each one's also `dataset.process<i>.pkl`.
         gather_fns: a tree like the train state dict (see `train_state_dict`) of per-leaf gathers.
-        Raises CheckpointWriteError naming the file and the cause when a write fails.
+        Raises CheckpointWriteError naming the file and the cause when a write fails, on every
+        process when any process's write fails.
         """
         suffix = f"_{step}" if milestone else ""
+        tensors = [name.format(step=step) for name in self.files_of_save(milestone, resumable)]
         if not self.enable:
-            return self._path(self.files_of_save(milestone)[0].format(step=step))
+            return self._path(tensors[0])
+        count, index = jax.process_count(), jax.process_index()
+        main = index == 0
+        datasets = [] if dataset_state is None else [f"dataset{suffix}.pkl"] + (
+            [f"dataset.process{i}{suffix}.pkl" for i in range(count)] if count > 1 else [])
+        files = tensors + datasets + [f"metadata{suffix}.pkl"]
         log.info("checkpoint step %d: saving", step)
-        start, staged, main = time.time(), [], jax.process_index() == 0
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        start, staged, error = time.time(), [], None
+        storage.makedirs(self.checkpoint_dir)
 
         def stage(name, write):
             final = self._path(name)
-            staged.append((f"{final}{STAGED}{step}", final))
+            staged.append((self._staged(final, step), final))
             write(staged[-1][0])
 
         try:
-            for name in self.files_of_save(milestone):
+            for name in tensors:  # every process takes part: gathering a sharded tensor is collective
                 if name.startswith("streaming_train_state"):  # exact: no cast
                     tree, fns, dtype = train_state_dict(step, params, opt_state), gather_fns, None
                 else:
                     tree, dtype = params, float_dtype_by_name(self.config.float_dtype)
                     fns = None if gather_fns is None else gather_fns["params"]["params"]
                 fns = None if fns is None else flat_fns(fns)
-                stage(name.format(step=step), lambda path: save_streaming(path, tree, dtype, fns))
-            if dataset_state is not None and jax.process_count() > 1:
-                stage(f"dataset.process{jax.process_index()}{suffix}.pkl",
-                      lambda path: save_pickle(dataset_state, path))
+                stage(name, lambda path: save_streaming(path, tree, dtype, fns))
+            if dataset_state is not None and count > 1:
+                stage(f"dataset.process{index}{suffix}.pkl", lambda path: save_pickle(dataset_state, path))
             if main:
                 if dataset_state is not None:
                     stage(f"dataset{suffix}.pkl", lambda path: save_pickle(dataset_state, path))
-                stage(f"metadata{suffix}.pkl", lambda path: save_pickle(dict(metadata or {}, step=int(step)), path))
+                stage(f"metadata{suffix}.pkl",
+                      lambda path: save_pickle(dict(metadata or {}, step=int(step), files=files), path))
         except OSError as e:
             for tmp, _ in staged:
-                _remove(tmp)
-            raise CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing {e.filename or staged[-1][0]} "
-                                       f"failed: {e.strerror or e}; the previous checkpoint is intact (free space, "
-                                       "then restart with --autoresume=True)") from None
+                storage.remove(tmp)
+            error = CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing "
+                                         f"{e.filename or staged[-1][0]} failed: {e.strerror or e}; the previous "
+                                         "checkpoint is intact (free space, then restart with --autoresume=True)")
+        failed = _failed_processes(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            for tmp, _ in staged:
+                storage.remove(tmp)
+            raise CheckpointWriteError(f"checkpoint step {step} not saved: process {', '.join(map(str, failed))} "
+                                       "could not write its part (its log says why); the previous checkpoint is "
+                                       "intact; every process stops")
         log.info("checkpoint step %d: staged", step)
-        _sync_processes(f"lwm-checkpoint-staged-{step}{suffix}")
         if main:
-            names = [(os.path.basename(t), os.path.basename(f)) for t, f in staged]
-            if jax.process_count() > 1 and dataset_state is not None:
-                names += [(f"dataset.process{i}{suffix}.pkl{STAGED}{step}", f"dataset.process{i}{suffix}.pkl")
-                          for i in range(1, jax.process_count())]
+            names = [(storage.basename(t), storage.basename(f)) for t, f in staged]
+            if count > 1 and dataset_state is not None:
+                names += [(storage.basename(self._staged(f"dataset.process{i}{suffix}.pkl", step)),
+                           f"dataset.process{i}{suffix}.pkl") for i in range(1, count)]
             try:
-                save_pickle({"step": int(step), "files": names}, self._path(COMMIT_RECORD))
+                self._commit(step, names)
             except OSError as e:
-                for tmp, _ in names:
-                    _remove(self._path(tmp))
-                raise CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing the commit record "
-                                           f"{self._path(COMMIT_RECORD)} failed: {e.strerror or e}; the previous "
-                                           "checkpoint is intact") from None
-            log.info("checkpoint step %d: committed", step)
-            self._apply_commit(names)
-        _sync_processes(f"lwm-checkpoint-done-{step}{suffix}")
+                error = e if isinstance(e, CheckpointWriteError) else CheckpointWriteError(
+                    e.errno, f"checkpoint step {step}: committing failed: {e.strerror or e}; restart with "
+                             "--autoresume=True (the save is finished or discarded at the start)")
+        failed = _failed_processes(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointWriteError(f"checkpoint step {step}: process 0 could not commit it (its log says why); "
+                                       "every process stops")
         log.info("checkpoint step %d: saved in %.2f s", step, time.time() - start)
-        return self._path(self.files_of_save(milestone)[0].format(step=step))
+        return self._path(tensors[0])
+
+    def _commit(self, step: int, names) -> None:
+        """The commit point (process 0): refuse a save with a staged file missing, or a run whose
+        lock another copy has taken over; otherwise write the record, then move the files."""
+        missing = [tmp for tmp, _ in names if not storage.exists(self._path(tmp))]
+        if missing:
+            for tmp, _ in names:
+                storage.remove(self._path(tmp))
+            raise CheckpointWriteError(f"checkpoint step {step} not saved: staged file(s) {', '.join(missing)} are "
+                                       f"missing from {storage.display(self.checkpoint_dir)}: every process must write "
+                                       "to one shared run folder (a shared file system or a bucket URL for "
+                                       "--logger.output_dir); the previous checkpoint is intact")
+        if self.lock is not None:
+            self.lock.verify()  # raises CheckpointWriteError when another copy of the run took over
+        try:
+            save_pickle({"step": int(step), "files": names}, self._path(COMMIT_RECORD))
+        except OSError as e:
+            for tmp, _ in names:
+                storage.remove(self._path(tmp))
+            raise CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing the commit record "
+                                       f"{self._path(COMMIT_RECORD)} failed: {e.strerror or e}; the previous "
+                                       "checkpoint is intact") from None
+        log.info("checkpoint step %d: committed", step)
+        self._apply_commit(names)
 
     def _apply_commit(self, names) -> None:
         for tmp, final in names:
-            if os.path.exists(self._path(tmp)):
-                os.replace(self._path(tmp), self._path(final))
-        _fsync_dir(self.checkpoint_dir)
-        os.unlink(self._path(COMMIT_RECORD))
-        _fsync_dir(self.checkpoint_dir)
+            if storage.exists(self._path(tmp)):  # gone: moved before a kill, nothing left to do
+                storage.rename(self._path(tmp), self._path(final))
+        storage.sync_folder(self.checkpoint_dir)
+        storage.remove(self._path(COMMIT_RECORD))
+        storage.sync_folder(self.checkpoint_dir)
 
     def recover(self) -> str | None:
         """Bring the folder to its last committed save: finish a save killed after its commit
-        point, and delete the files of saves killed before theirs. Process 0 only; returns what
-        it did, for the log, or None when there was nothing to do."""
-        if jax.process_index() != 0 or not os.path.isdir(self.checkpoint_dir):
+        point, and delete the files of saves killed before theirs. Process 0 only, holding the
+        run's lock (so no live writer's files are deleted); returns what it did, for the log, or
+        None when there was nothing to do."""
+        if jax.process_index() != 0 or not storage.isdir(self.checkpoint_dir):
             return None
         done = []
         record = self._path(COMMIT_RECORD)
-        if os.path.exists(record):
+        if storage.exists(record):
             try:
                 commit = load_pickle(record)
-            except (OSError, EOFError, pickle.UnpicklingError):  # a torn record cannot exist (atomic write)
+            except (EOFError, pickle.UnpicklingError):  # a torn record cannot exist (atomic write)
                 raise ValueError(f"{record} is unreadable; remove it to resume from the files beside it") from None
             self._apply_commit(commit["files"])
             done.append(f"finished the interrupted save of step {commit['step']}")
-        stale = [n for n in os.listdir(self.checkpoint_dir) if STAGED in n or ".tmp." in n]
+        stale = [n for n in storage.listdir(self.checkpoint_dir) if STAGED in n or ".tmp." in n]
         for name in stale:
-            _remove(self._path(name))
+            storage.remove(self._path(name))
         if stale:
             done.append(f"removed {len(stale)} file(s) of a save that did not commit ({', '.join(sorted(stale))})")
         return "; ".join(done) or None
 
     def latest(self) -> dict | None:
         """What autoresume needs from this folder (after `recover`), or None when nothing was
-        saved yet. The exact train state is preferred to exported params."""
-        meta_path = self._path("metadata.pkl")
-        if not os.path.exists(meta_path):
+        saved yet: the newest committed save, regular or milestone, read from the file list its
+        metadata recorded (older folders: the files its name implies). The exact train state is
+        preferred to exported params.
+
+        Returns {"step", "metadata", "suffix" ('' or '_<step>'), "checkpoint" ('TYPE::PATH', absent
+        when the save holds no tensors), "dataset_state" (None when not saved)}."""
+        names = set(storage.listdir(self.checkpoint_dir))
+        saves = []
+        for name in names:
+            match = _METADATA.fullmatch(name)
+            if match:
+                metadata = load_pickle(self._path(name))
+                step = int(metadata.get("step", match.group(1) or -1))
+                saves.append((step, match.group(1) is None, metadata))
+        if not saves:
             return None
-        metadata = load_pickle(meta_path)
-        out = {"metadata": metadata, "step": metadata.get("step")}
-        for name in ("streaming_train_state", "streaming_params"):
-            if os.path.exists(self._path(name)):
-                out["checkpoint"] = ("trainstate::" if name == "streaming_train_state" else "params::") + self._path(name)
-                break
-        dataset_path = self._path("dataset.pkl")
-        out["dataset_state"] = load_pickle(dataset_path) if os.path.exists(dataset_path) else None
+        step, regular, metadata = max(saves, key=lambda s: (s[0], s[1]))
+        suffix = "" if regular else f"_{step}"
+        out = {"metadata": metadata, "step": step, "suffix": suffix}
+        listed = metadata.get("files")
+        if listed is not None:
+            missing = [f for f in listed if f not in names]
+            if missing:
+                raise ValueError(f"{storage.display(self.checkpoint_dir)}: the save of step {step} lists "
+                                 f"{', '.join(missing)}, which is missing; resume from a milestone with "
+                                 "--load_checkpoint instead, or restore the file")
+            tensors = [f for f in listed if f.startswith("streaming_")]
+        else:  # written by the original LWM (or an older version of this code)
+            tensors = [f for f in (f"streaming_train_state{suffix}", f"streaming_params{suffix}") if f in names]
+            if len(tensors) == 2 and saved_step(self._path(tensors[0])) != step:
+                log.warning("%s: streaming_train_state is not of step %d (a leftover of other checkpointer flags); "
+                            "resuming from streaming_params", self.checkpoint_dir, step)
+                tensors = tensors[1:]
+        exact = [f for f in tensors if f.startswith("streaming_train_state")]
+        if exact or tensors:
+            name = (exact or tensors)[0]
+            out["checkpoint"] = ("trainstate::" if exact else "params::") + self._path(name)
+        dataset = f"dataset{suffix}.pkl"
+        out["dataset_state"] = load_pickle(self._path(dataset)) if dataset in names else None
         return out
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes that report a failure; every process calls it (a barrier)."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
 
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    flags = np.asarray(multihost_utils.process_allgather(np.array([int(failed)], np.int32))).reshape(-1)
+    return [i for i, flag in enumerate(flags) if flag]

@@ -125,17 +125,31 @@ def run(main: Callable, program: str | None = None, expected: tuple[type[BaseExc
 
 
 def check_input_files(named) -> None:
-    """Every (flag, path) pair with a local path names an existing file (an fsspec URL such as
-    gs://bucket/x is left to the reader: checking it here would need its credentials)."""
+    """Every (flag, path) pair names an existing file: a local one, or an object in a bucket
+    (gs://..., s3://...: looked up with this machine's credentials, whose absence is one line)."""
+    from lwm import storage
+
     for flag, path in named:
-        if path and "://" not in path and not os.path.isfile(path):
+        if not path:
+            continue
+        if storage.is_remote(path):
+            try:
+                found = storage.isfile(path)
+            except OSError as e:
+                raise type(e)(f"{flag}: {e}") from None
+            if not found:
+                raise FileNotFoundError(f"{flag}: no such object: {path}")
+        elif not os.path.isfile(path):
             reason = "is a folder, not a file" if os.path.isdir(path) else "file not found"
             raise FileNotFoundError(f"{flag}: {reason}: {path}")
 
 
 def check_output_file(flag: str, path: str) -> None:
     """`path` can be written: not a folder, and its folder exists and is writable, or can be made
-    (its nearest existing parent is a writable folder). Nothing is created."""
+    (its nearest existing parent is a writable folder). Nothing is created. A bucket URL is
+    checked when it is written (its credentials are the writer's)."""
+    if "://" in path:
+        return
     if os.path.isdir(path):
         raise IsADirectoryError(f"{flag}: {path} is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path))

@@ -8,7 +8,8 @@ at start-up with the numbers in the message rather than deep inside a jitted fun
 
 Sources (`load_config`): a standard size name (`7b`, `debug`, ...), `json::PATH` (our JSON,
 or a `transformers` config dump written by the original code: unknown keys are ignored)
-and `pickle::PATH` (a `metadata.pkl` holding a `llama_config` entry). Updates come from
+and `pickle::PATH` (a `metadata.pkl` holding a `llama_config` entry); PATH may be a bucket URL
+(`json::gs://bucket/run/config.json`, read through `lwm.storage`). Updates come from
 `--update_llama_config="dict(theta=10000,scan_attention=True)"` strings, parsed as
 literals only (never `eval`).
 """
@@ -17,11 +18,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import pickle
 from typing import Any, Mapping
 
 from ml_collections import ConfigDict
+
+from lwm import storage
 
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "pallas")
 SEQUENCE_LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -213,10 +215,8 @@ class LLaMAConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def save_json(self, path: str) -> None:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json_string() + "\n")
-        os.replace(tmp, path)
+        """Written whole, atomically (a local file or a bucket object)."""
+        storage.write_text(path, self.to_json_string() + "\n")
 
     @classmethod
     def get_default_config(cls, updates: Mapping[str, Any] | None = None) -> ConfigDict:
@@ -325,17 +325,15 @@ def load_config(spec: str, cls: type[LLaMAConfig] = LLaMAConfig) -> LLaMAConfig:
                          "'json::PATH' or 'pickle::PATH'")
     kind, path = spec.split("::", 1)
     if kind == "json":
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        try:
+            raw = json.loads(storage.read_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         return cls.from_dict(raw)
     if kind == "pickle":
-        with open(path, "rb") as f:
-            raw = pickle.load(f)
+        raw = pickle.loads(storage.read_bytes(path))
         if isinstance(raw, dict) and "llama_config" in raw:
             raw = raw["llama_config"]
         if isinstance(raw, LLaMAConfig):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Iterable
 
+from lwm import storage
 from lwm.assets import builtin_corpus_files
 
 UNITS = ("paragraph", "document")
@@ -50,7 +50,8 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def write_corpus_jsonl(path: str, documents: Iterable[tuple[str, str] | str], unit: str = "paragraph") -> int:
-    """Write ``{"text": ...}`` lines atomically (temp file, then rename); returns the line count.
+    """Write ``{"text": ...}`` lines atomically (temp file then rename, or one bucket object
+    upload: ``path`` may be ``gs://...``); returns the line count.
 
     ``documents`` holds (name, text) pairs or plain strings. ``unit="document"`` writes each
     text whole (stripped); ``unit="paragraph"`` writes each paragraph (``split_paragraphs``).
@@ -66,20 +67,7 @@ def write_corpus_jsonl(path: str, documents: Iterable[tuple[str, str] | str], un
         lines.extend(json.dumps({"text": u}, ensure_ascii=False) for u in units)
     if not lines:
         raise ValueError(f"no text to write to {path}: the documents are empty")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    storage.write_text(path, "\n".join(lines) + "\n")
     return len(lines)
 
 
@@ -90,8 +78,8 @@ def write_train_eval_split(output_dir: str, eval_documents: int = 3, unit: str =
         raise ValueError(f"eval_documents must be in [1, {len(documents) - 1}], got {eval_documents}")
     train, held_out = documents[:-eval_documents], documents[-eval_documents:]
     return {
-        "train": write_corpus_jsonl(os.path.join(output_dir, "train.jsonl"), train, unit),
-        "eval": write_corpus_jsonl(os.path.join(output_dir, "eval.jsonl"), held_out, unit),
+        "train": write_corpus_jsonl(storage.join(output_dir, "train.jsonl"), train, unit),
+        "eval": write_corpus_jsonl(storage.join(output_dir, "eval.jsonl"), held_out, unit),
     }
 
 

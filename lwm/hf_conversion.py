@@ -10,6 +10,10 @@ The two differ in three ways:
 
 Both directions stream one tensor at a time: a 7B model converts on a host that holds
 one stacked tensor and one safetensors shard in memory.
+
+The LWM side may be in a bucket (`gs://bucket/run/streaming_params`, through `lwm.storage`);
+the Hugging Face folder is local in both directions (transformers and safetensors read and
+write local folders): copy it up or down with `gcloud storage cp -r`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from lwm import storage
 from lwm.checkpoint import AtomicWriter, cast_floats, iter_streaming
 from lwm.config import LLaMAConfig
 
@@ -69,6 +74,15 @@ def hf_to_lwm_tensor(key: tuple[str, ...], weight: np.ndarray, config: LLaMAConf
     elif key[:2] == ("attention", "wk"):
         weight = weight[np.argsort(rope_rows_to_hf(config.num_key_value_heads, config.head_dim))]
     return np.ascontiguousarray(weight.T)
+
+
+def check_local_folder(flag: str, path: str, output: bool) -> None:
+    """A Hugging Face folder given as a bucket URL is one line saying what to do instead."""
+    if storage.is_remote(path):
+        how = (f"write it locally, then copy it up: gcloud storage cp -r DIR {path}" if output else
+               f"copy it down first: gcloud storage cp -r {path} DIR")
+        raise ValueError(f"{flag}={path}: the Hugging Face folder must be a local path (transformers and "
+                         f"safetensors use local files); {how}")
 
 
 # ---- LWM -> Hugging Face ---------------------------------------------------------------------
@@ -147,6 +161,7 @@ def convert_lwm_to_hf(checkpoint_path: str, config: LLaMAConfig, output_dir: str
     """Write a folder `transformers.LlamaForCausalLM.from_pretrained` loads."""
     from safetensors.numpy import save_file
 
+    check_local_folder("output_dir", output_dir, output=True)
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
     os.makedirs(output_dir, exist_ok=True)
     shard, shard_size, shards, weight_map = {}, 0, [], {}
@@ -196,7 +211,12 @@ def convert_lwm_to_hf(checkpoint_path: str, config: LLaMAConfig, output_dir: str
     if tokenizer:
         from lwm.tokenizer import resolve_tokenizer_file
 
-        shutil.copyfile(resolve_tokenizer_file(tokenizer), os.path.join(output_dir, "tokenizer.model"))
+        source = resolve_tokenizer_file(tokenizer)
+        if storage.is_remote(source):
+            with AtomicWriter(os.path.join(output_dir, "tokenizer.model")) as f:
+                f.write(storage.read_bytes(source))
+        else:
+            shutil.copyfile(source, os.path.join(output_dir, "tokenizer.model"))
         with AtomicWriter(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, f, indent=2)
@@ -218,6 +238,7 @@ def _save_bf16(shard: dict, path: str) -> None:
 
 def config_from_hf(hf_dir: str, **overrides) -> LLaMAConfig:
     """Our config from a Hugging Face Llama config.json."""
+    check_local_folder("hf_dir", hf_dir, output=False)
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     if hf.get("model_type", "llama") != "llama":

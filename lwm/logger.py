@@ -4,17 +4,25 @@ The run's folder is `output_dir/<experiment_id>` (a uuid is appended to the id w
 `append_uuid`); checkpoints go there too. Every logged dict is appended to
 `metrics.jsonl` as one JSON line, so runs can be plotted and compared without wandb.
 `WANDB_MODE=disabled` in the environment turns wandb off entirely (tests).
+
+`output_dir` may be a bucket URL (gs://...). A bucket has no append: metrics.jsonl is then kept
+in memory and rewritten whole at most every `remote_flush_seconds`, at every checkpoint
+(`flush`) and at the end; wandb writes under a local folder (`wandb_dir`, default a temporary
+one), since it needs a file system.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 import uuid
 from typing import Any, Mapping
 
 import numpy as np
 from ml_collections import ConfigDict
+
+from lwm import storage
 
 
 class MetricsLogger:
@@ -31,6 +39,7 @@ class MetricsLogger:
         config.wandb_dir = ""  # '' = the run folder
         config.profile_dir = ""  # a jax.profiler trace of a few steps goes here when set
         config.online = False  # False: wandb runs offline, nothing leaves the machine
+        config.remote_flush_seconds = 30.0  # bucket output_dir: rewrite metrics.jsonl at most this often
         if updates is not None:
             config.update(ConfigDict(updates).copy_and_resolve_references())
         return config
@@ -43,17 +52,25 @@ class MetricsLogger:
             experiment_id = f"{experiment_id}-{uuid.uuid4().hex}"
         self.experiment_id = experiment_id
         base = config.output_dir or tempfile.mkdtemp(prefix="lwm-")
-        self.output_dir = os.path.join(base, experiment_id)
+        self.output_dir = storage.join(base, experiment_id)
+        self.metrics_path = storage.join(self.output_dir, "metrics.jsonl")
         self.run = None
         self._metrics_file = None
+        self._remote_lines = None  # a bucket's metrics.jsonl, kept whole in memory
+        self._last_flush = 0.0
         if not enable:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
-        self._metrics_file = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
+        storage.makedirs(self.output_dir)
+        if storage.is_remote(self.output_dir):
+            existing = storage.read_text(self.metrics_path) if storage.exists(self.metrics_path) else ""
+            self._remote_lines = [line for line in existing.splitlines() if line.strip()]
+        else:
+            self._metrics_file = open(self.metrics_path, "a")
         if os.environ.get("WANDB_MODE", "").lower() != "disabled":
             import wandb
 
-            wandb_dir = config.wandb_dir or self.output_dir
+            wandb_dir = config.wandb_dir or (os.path.join(tempfile.gettempdir(), "lwm-wandb", experiment_id)
+                                             if storage.is_remote(self.output_dir) else self.output_dir)
             os.makedirs(wandb_dir, exist_ok=True)
             self.run = wandb.init(
                 project=config.project_id, entity=config.project_entity or None,
@@ -69,12 +86,29 @@ class MetricsLogger:
         record = {k: _plain(v) for k, v in metrics.items()}
         if step is not None:
             record["step"] = int(step)
-        self._metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._metrics_file.flush()
+        line = json.dumps(record, allow_nan=True)
+        if self._remote_lines is not None:
+            self._remote_lines.append(line)
+            if time.time() - self._last_flush >= self.config.remote_flush_seconds:
+                self.flush()
+        else:
+            self._metrics_file.write(line + "\n")
+            self._metrics_file.flush()
         if self.run is not None:
             self.run.log(record, step=step)
 
+    def flush(self) -> None:
+        """Make every logged row durable (a bucket's metrics.jsonl is rewritten whole)."""
+        if self._remote_lines is not None:
+            storage.write_text(self.metrics_path, "".join(line + "\n" for line in self._remote_lines))
+            self._last_flush = time.time()
+        elif self._metrics_file is not None:
+            self._metrics_file.flush()
+
     def close(self) -> None:
+        if self._remote_lines is not None:
+            self.flush()
+            self._remote_lines = None
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
@@ -93,5 +127,4 @@ def _plain(value):
 
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl file (for plots, comparisons and tests)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(str(path)).splitlines() if line.strip()]

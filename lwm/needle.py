@@ -18,7 +18,8 @@ twice: `correct`, the original's (the response contains the number), and `correc
 (the response's first numbers are the needles, see `score_strict`); summaries and plots use
 the strict score unless told otherwise. Results are appended to `output_file` (a
 JSON list, rewritten atomically after every batch) and cases already there are skipped on a
-restart. Each case's city and number come from a generator seeded by (seed, case), so a
+restart. The haystack, the results and the heatmap may be in a bucket (`gs://...`, through
+`lwm.storage`): the list is then uploaded whole after every batch. Each case's city and number come from a generator seeded by (seed, case), so a
 resumed run asks exactly what a fresh run would.
 
     settings = NeedleSettings(haystack_file="pg19.jsonl", output_file="results.json",
@@ -29,17 +30,19 @@ resumed run asks exactly what a fresh run would.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import logging
 import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from lwm import storage
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,12 @@ def haystack_texts(path: str) -> Iterator[tuple[int, str]]:
     the file (pass 1, 2, ...), without holding the file in memory (PG-19 is ~11 GB)."""
     for pass_index in itertools.count():
         found = False
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
+        with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+            for line_no in itertools.count(1):
+                with storage.translate_errors(path):  # a bucket's read errors as one line naming it
+                    line = f.readline()
+                if not line:
+                    break
                 if not line.strip():
                     continue
                 try:
@@ -322,38 +329,21 @@ def score_strict(response: str, answers: Sequence[str]) -> list[bool]:
 
 
 def load_results(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        try:
-            results = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}; move it away to start over") from None
+    try:
+        results = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}; move it away to start over") from None
     if not isinstance(results, list):
         raise ValueError(f"{path}: expected a JSON list of results, got {type(results).__name__}")
     return results
 
 
 def save_results(path: str, results: list[dict]) -> None:
-    """Write the JSON list atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write the JSON list as a whole, atomically (a local temp file then a rename, or one
+    object upload): a reader or a resumed run sees the old list or the new one."""
+    storage.write_text(path, json.dumps(results, indent=1))
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -603,10 +593,10 @@ def plot_needle_results(results: Sequence[dict], path: str, title: str = "", sco
         right.legend()
         right.set_title(title or "accuracy by context length")
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()  # rendered in memory, then written whole (a local file or a bucket object)
+    fig.savefig(image, format=os.path.splitext(path)[1][1:] or None, dpi=120)  # the format by suffix, as for a path
     plt.close(fig)
+    storage.write_bytes(path, image.getvalue())
     return path
 
 

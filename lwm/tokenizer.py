@@ -16,6 +16,8 @@ prepends BOS when asked. transformers 5 no longer has that tokenizer (its
 ``load_tokenizer`` accepts what the original ``--tokenizer`` / ``--tokenizer.vocab_file``
 flags accepted: a ``tokenizer.model`` file, a folder holding one, or a Hugging Face hub
 name (downloaded when the hub is reachable), plus ``builtin`` for the tiny-world tokenizer.
+The file or folder may be in a bucket (``gs://bucket/LWM-Text-1M/tokenizer.model``, or the
+folder URL): SentencePiece then loads the model's bytes, read through ``lwm.storage``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lwm import storage
 from lwm.assets import BUILTIN_TOKENIZER, builtin_tokenizer_path
 
 DEFAULT_TOKENIZER = "LargeWorldModel/LWM-Text-1M"
@@ -35,10 +38,13 @@ class Tokenizer:
     """SentencePiece LLaMA tokenizer: ``encode``/``decode`` and padded batch encoding."""
 
     def __init__(self, model_file: str):
-        if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"tokenizer model file not found: {model_file}")
-        self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.model_file = model_file  # a path or URL: data-loader workers reload the tokenizer from it
+        if storage.is_remote(model_file):  # sentencepiece opens only local files; give it the bytes
+            self.sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_file))
+        else:
+            if not os.path.isfile(model_file):
+                raise FileNotFoundError(f"tokenizer model file not found: {model_file}")
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.vocab_size = self.sp.get_piece_size()
         self.unk_token_id = self.sp.unk_id()
         self.bos_token_id = self.sp.bos_id()
@@ -133,6 +139,8 @@ def resolve_tokenizer_file(spec: str) -> str:
     spec = (spec or "").strip()
     if spec in ("", BUILTIN_TOKENIZER):
         return builtin_tokenizer_path()
+    if storage.is_remote(spec):
+        return _resolve_remote(spec)
     spec = os.path.expanduser(spec)
     if os.path.isfile(spec):
         return spec
@@ -155,12 +163,25 @@ def resolve_tokenizer_file(spec: str) -> str:
     raise FileNotFoundError(f"tokenizer {spec!r}: no such file or folder")
 
 
+def _resolve_remote(url: str) -> str:
+    """A tokenizer.model object, or a bucket folder holding one."""
+    if storage.isfile(url):
+        return url
+    path = storage.join(url, "tokenizer.model")
+    if storage.isfile(path):
+        return path
+    if storage.isdir(url):
+        raise FileNotFoundError(f"tokenizer folder {url} holds no tokenizer.model")
+    raise FileNotFoundError(f"tokenizer {url}: no such file or object")
+
+
 _CACHE: dict[str, Tokenizer] = {}
 
 
 def load_tokenizer(spec: str = DEFAULT_TOKENIZER) -> Tokenizer:
     """A (cached) ``Tokenizer`` from a file, folder, hub name or ``builtin``."""
-    path = os.path.abspath(resolve_tokenizer_file(spec))
+    path = resolve_tokenizer_file(spec)
+    path = path if storage.is_remote(path) else os.path.abspath(path)
     if path not in _CACHE:
         _CACHE[path] = Tokenizer(path)
     return _CACHE[path]

@@ -30,8 +30,8 @@ import numpy as np
 from absl import app
 from tqdm import tqdm
 
-from lwm import cli
-from lwm.checkpoint import CheckpointWriteError, StreamingCheckpointer, load_pickle, saved_step
+from lwm import cli, storage
+from lwm.checkpoint import StreamingCheckpointer, float_dtype_by_name, load_pickle, saved_step
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
@@ -41,6 +41,7 @@ from lwm.llama import check_positions
 from lwm.logger import MetricsLogger
 from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
+from lwm.run_folder import RunLock, check_shared_folder, shared_token
 from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer_file
 from lwm.trainer import LOSS_AVERAGING, Trainer
 
@@ -162,11 +163,6 @@ def train():
     variant = FLAGS.flag_dict()
     check_input_files()  # before the run folder, the model or the data exist: a typo costs nothing
 
-    logger_config = MetricsLogger.get_default_config(FLAGS.logger)
-    logger_config.experiment_id = shared_experiment_id(logger_config)
-    logger_config.append_uuid = False
-    logger = MetricsLogger(logger_config, variant, enable=is_main or FLAGS.log_all_worker)
-
     mesh = build_mesh(FLAGS.mesh_dim)
     tokenizer = load_tokenizer(FLAGS.tokenizer)
     try:
@@ -202,17 +198,58 @@ def train():
         raise app.UsageError(f"seq_length={seq_length} is not divisible by the mesh's sp = {mesh.shape['sp']}")
     if seq_length > config.max_sequence_length:
         raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
-    rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
-    dataset = DatasetFactory.load_dataset(FLAGS.train_dataset, tokenizer, rank, world)
-    eval_iterator = None
-    if FLAGS.eval_steps > 0:
-        eval_iterator = iter(DatasetFactory.load_dataset(FLAGS.eval_dataset, tokenizer, rank, world))
-    eval_batch_size = dataset_shape(FLAGS.eval_dataset)[0] if eval_iterator else 0
+    checkpointer_config = StreamingCheckpointer.get_default_config(FLAGS.checkpointer)
+    float_dtype_by_name(checkpointer_config.float_dtype)  # a bad --checkpointer.float_dtype fails now, not at step 50
 
-    checkpointer = StreamingCheckpointer(FLAGS.checkpointer, logger.output_dir)
-    dataset_file = "dataset.pkl" if jax.process_count() == 1 else f"dataset.process{jax.process_index()}.pkl"
-    state, last_saved = restore_state(trainer, checkpointer, dataset, dataset_file)
+    # The run folder: seen by every host, held by this copy of the run only, before anything is written.
+    logger_config = MetricsLogger.get_default_config(FLAGS.logger)
+    logger_config.experiment_id = shared_experiment_id(logger_config)
+    logger_config.append_uuid = False
+    if not logger_config.output_dir:
+        logger_config.output_dir = shared_temp_folder()
+    run_dir = storage.join(logger_config.output_dir, logger_config.experiment_id)
+    token = shared_token()
+    check_shared_folder(run_dir, token)  # every host sees the same run folder, or all stop here
+    lock = None
+    if is_main:
+        lock = RunLock(run_dir, checkpointer_config.lock_ttl_seconds, checkpointer_config.take_over_lock)
+        log.info("%s", lock.acquire())
+    try:
+        logger = MetricsLogger(logger_config, variant, enable=is_main or FLAGS.log_all_worker)
+        rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
+        dataset = DatasetFactory.load_dataset(FLAGS.train_dataset, tokenizer, rank, world)
+        eval_iterator = None
+        if FLAGS.eval_steps > 0:
+            eval_iterator = iter(DatasetFactory.load_dataset(FLAGS.eval_dataset, tokenizer, rank, world))
+        eval_batch_size = dataset_shape(FLAGS.eval_dataset)[0] if eval_iterator else 0
+        checkpointer = StreamingCheckpointer(checkpointer_config, run_dir, lock=lock, token=token)
+        run_steps(trainer, checkpointer, logger, dataset, eval_iterator, eval_batch_size, config, mesh, variant,
+                  global_batch, seq_length)
+    finally:
+        if lock is not None:
+            lock.release()
+    if is_main:
+        print(f"run folder: {run_dir}")
+
+
+def shared_temp_folder() -> str:
+    """No --logger.output_dir: a new temporary folder (one host; with several, say where)."""
+    import tempfile
+
+    if jax.process_count() > 1:
+        raise app.UsageError("--logger.output_dir is required with several processes (a bucket URL such as "
+                             "gs://bucket/runs, or a shared file system)")
+    return tempfile.mkdtemp(prefix="lwm-")
+
+
+def run_steps(trainer, checkpointer, logger, dataset, eval_iterator, eval_batch_size, config, mesh, variant,
+              global_batch, seq_length):
+    """Restore (autoresume, --load_checkpoint or fresh), then train, log and save to the end."""
+    is_main = jax.process_index() == 0
+    state, last_saved = restore_state(trainer, checkpointer, dataset)
     start_step = int(jax.device_get(state.step))
+    last_regular = last_saved  # the resumable save (milestones are not it, unless they are the only saves)
+    milestones_resume = FLAGS.save_model_freq <= 0  # then autoresume starts from the newest milestone
 
     def to_global(batch, n):
         check_positions(batch["positions"], config)  # RoPE has no angles past max_sequence_length
@@ -223,16 +260,17 @@ def train():
         return batch_to_global({k: batch[k] for k in trainer.batch_keys}, mesh, n)
 
     def save(state, milestone=False):
-        nonlocal last_saved
+        # A CheckpointWriteError (disk full, quota, I/O, a lost lock) reaches lwm.cli: one line, and
+        # with several processes an immediate exit on every one of them (they all raise it together).
+        nonlocal last_saved, last_regular
         step = int(jax.device_get(state.step))
-        try:
-            checkpointer.save_all(step, state.params, state.opt_state, dataset_state=dataset.get_state_dict(),
-                                  metadata=dict(flags=variant, llama_config=config.to_dict(), modality=FLAGS.modality),
-                                  milestone=milestone)
-        except CheckpointWriteError as e:  # disk full, quota, I/O: one line, the last good save kept
-            log.error("%s", e)
-            raise SystemExit(1) from None
+        logger.flush()
+        checkpointer.save_all(step, state.params, state.opt_state, dataset_state=dataset.get_state_dict(),
+                              metadata=dict(flags=variant, llama_config=config.to_dict(), modality=FLAGS.modality),
+                              milestone=milestone, resumable=milestone and milestones_resume)
         last_saved = step
+        if not milestone:
+            last_regular = step
 
     flops_per_step = trainer.flops_per_token(seq_length) * global_batch * seq_length
     data_iterator = iter(dataset)
@@ -280,11 +318,9 @@ def train():
                 save(state)
     if pending is not None:
         check_finite(*pending, last_saved)
-    if FLAGS.save_model_freq > 0 and last_saved != int(jax.device_get(state.step)):
-        save(state)
+    if FLAGS.save_model_freq > 0 and last_regular != int(jax.device_get(state.step)):
+        save(state)  # the last step, also when it was a milestone: the resumable save is never behind
     logger.close()
-    if is_main:
-        print(f"run folder: {logger.output_dir}")
 
 
 def check_input_files() -> None:
@@ -309,7 +345,7 @@ def check_start_checkpoint(spec: str, total_steps: int) -> None:
     if not spec.startswith("trainstate::"):
         return
     path = spec.split("::", 1)[1]
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise app.UsageError(f"--load_checkpoint: checkpoint file not found: {path}")
     step = saved_step(path)
     if step is not None and step >= total_steps:
@@ -319,7 +355,20 @@ def check_start_checkpoint(spec: str, total_steps: int) -> None:
             f"{path} (fresh optimizer, step 0), or raise --total_steps above {step} to continue it")
 
 
-def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset, dataset_file: str):
+def describe_start_checkpoint(spec: str) -> str:
+    """`params::PATH (step N of run R)` when the file is a run's save whose metadata says so."""
+    path = spec.split("::", 1)[1]
+    folder, name = storage.dirname(path), storage.basename(path)
+    suffix = name.rsplit("_", 1)[1] if name.rsplit("_", 1)[-1].isdigit() else ""
+    meta = storage.join(folder, f"metadata_{suffix}.pkl" if suffix else "metadata.pkl")
+    try:
+        step = load_pickle(meta).get("step") if storage.exists(meta) else None
+    except (OSError, EOFError, ValueError):
+        step = None
+    return spec if step is None else f"{spec} (step {step} of run {storage.basename(folder)})"
+
+
+def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset):
     """The starting train state and dataset position: autoresume, --load_checkpoint, or fresh."""
     repaired = checkpointer.recover()
     if repaired:
@@ -346,14 +395,18 @@ def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset
                             trainer.accumulate_steps - latest["step"] % trainer.accumulate_steps,
                             trainer.accumulate_steps)
             state = trainer.state_from_params(state.params, latest["step"])
-        own = os.path.join(checkpointer.checkpoint_dir, dataset_file)
-        dataset_state = load_pickle(own) if os.path.exists(own) else latest["dataset_state"]
+        dataset_state = latest["dataset_state"]
+        if jax.process_count() > 1:  # each process resumes its own slice of the data
+            own = storage.join(checkpointer.checkpoint_dir,
+                               f"dataset.process{jax.process_index()}{latest['suffix']}.pkl")
+            dataset_state = load_pickle(own) if storage.exists(own) else dataset_state
         if dataset_state is not None:
             dataset.load_state_dict(dataset_state)
         log.info("resumed from %s at step %d", spec, latest["step"])
         return state, latest["step"]
     if FLAGS.load_checkpoint:
         state = trainer.load_state(FLAGS.load_checkpoint)
+        log.info("loaded %s", describe_start_checkpoint(FLAGS.load_checkpoint))
     else:
         state = trainer.init_state()
     if FLAGS.load_dataset_state:

@@ -26,7 +26,8 @@ scan_key_chunk_size) * sp` for power-of-two chunks). The answer is sampled at `-
 
 `--vqgan_checkpoint` is a pickle of the VQGAN's params; `--vqgan_config` is '' for LWM's
 VQGAN or a JSON file / string of `lwm.vqgan.VQGANConfig` fields (tiny VQGANs for tests and
-demos; frames are then read at that config's resolution).
+demos; frames are then read at that config's resolution). `--input_file` and the VQGAN files may
+be bucket URLs (`gs://bucket/clip.mp4`): the input is copied to a local temp file for its decoder.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ of `--n_frames` > 1 frames at 4 fps. Token streams (LWM's; docs/vision_inference
   every 257th forced to 8192. Each frame's codes (markers dropped) go through the VQGAN decoder.
 
 The first frame comes from the image prompt, as in LWM. Files are written atomically (temp
-file, then rename). `--vqgan_config` ('' = LWM's VQGAN) allows tiny VQGANs for tests and
+file, then rename; to a bucket URL such as `gs://bucket/out.mp4`, encoded locally and uploaded
+as one object). `--vqgan_config` ('' = LWM's VQGAN) allows tiny VQGANs for tests and
 demos; frames per token block follow its code grid (257 for LWM's 16 x 16).
 """
 from __future__ import annotations

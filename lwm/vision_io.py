@@ -11,9 +11,14 @@ each so its short side is `size` (PIL, bicubic), center-crop to size x size, sca
 Videos are read with decord when it is installed and reads the file, otherwise with imageio's
 ffmpeg plugin (decord 0.6 mis-sizes frames at some widths, e.g. 48 px; that raises and falls
 back). Files that neither can read raise VisionReadError naming the file.
+
+Paths may be bucket URLs (`gs://bucket/clip.mp4`, through `lwm.storage`): a file read from one
+is copied to a local temp file first (decord, ffmpeg and PIL open local files), and a file
+written to one is encoded locally, then uploaded as one object.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -22,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from lwm import storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_BACKENDS = ("auto", "decord", "imageio")
@@ -98,18 +105,19 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 def read_image(path: str) -> np.ndarray:
     """An image file -> uint8 [1, H, W, 3] (RGB)."""
     _check_exists(path)
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))[None]
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise VisionReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    with storage.local_copy(path) as local:
+        try:
+            with Image.open(local) as image:
+                return np.asarray(image.convert("RGB"))[None]
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise VisionReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-def _read_video_decord(path: str, max_n_frames: int) -> np.ndarray:
+def _read_video_decord(path: str, max_n_frames: int, name: str) -> np.ndarray:
     import decord  # optional dependency: only x86-64 Linux wheels exist
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0))
-    _check_not_empty(path, len(reader))
+    _check_not_empty(name, len(reader))
     indices = frame_indices(len(reader), max_n_frames)
     frames = reader.get_batch(indices).asnumpy()  # [k, H, W, 3] uint8
     if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
@@ -117,12 +125,12 @@ def _read_video_decord(path: str, max_n_frames: int) -> np.ndarray:
     return frames
 
 
-def _read_video_imageio(path: str, max_n_frames: int) -> np.ndarray:
+def _read_video_imageio(path: str, max_n_frames: int, name: str) -> np.ndarray:
     import imageio.v2 as imageio
 
     with imageio.get_reader(path, format="FFMPEG") as reader:
         n_frames = reader.count_frames()
-    _check_not_empty(path, n_frames)
+    _check_not_empty(name, n_frames)
     keep = frame_indices(n_frames, max_n_frames)
     wanted = set(keep)
     frames = {}
@@ -153,14 +161,15 @@ def read_video(path: str, max_n_frames: int = 8, backend: str = "auto") -> np.nd
     else:
         backends = [_read_video_decord if backend == "decord" else _read_video_imageio]
     errors = []
-    for read in backends:
-        try:
-            return read(path, max_n_frames)
-        except (ImportError, VisionReadError):
-            raise
-        except Exception as e:  # noqa: BLE001 (decord and ffmpeg raise many types on bad files)
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            errors.append(f"{read.__name__.removeprefix('_read_video_')}: {type(e).__name__}: {first_line}")
+    with storage.local_copy(path) as local:
+        for read in backends:
+            try:
+                return read(local, max_n_frames, path)
+            except (ImportError, VisionReadError):
+                raise
+            except Exception as e:  # noqa: BLE001 (decord and ffmpeg raise many types on bad files)
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                errors.append(f"{read.__name__.removeprefix('_read_video_')}: {type(e).__name__}: {first_line}")
     raise VisionReadError(f"{path}: not a readable video ({'; '.join(errors)})")
 
 
@@ -181,11 +190,31 @@ def _check_not_empty(path: str, n_frames: int) -> None:
 
 
 def _check_exists(path: str) -> None:
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _staged(path: str):
+    """A temp file path for a writer to fill; on success it becomes `path` (a local rename, or one
+    upload to a bucket), on an error it is removed and `path` is left as it was."""
+    if storage.is_remote(path):
+        fd, tmp = tempfile.mkstemp(prefix="lwm-", suffix=os.path.splitext(storage.basename(path))[1])
+        os.close(fd)
+    else:
+        tmp = _atomic_temp(path)
+    try:
+        yield tmp
+        if storage.is_remote(path):
+            with open(tmp, "rb") as f:
+                storage.write_bytes(path, f.read())
+        else:
+            _commit(tmp, path)
+    finally:
+        _remove_quietly(tmp)
 
 
 def _atomic_temp(path: str) -> str:
@@ -223,13 +252,8 @@ def write_image(path: str, frame: np.ndarray) -> None:
     if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[-1] not in (1, 3)):
         raise ValueError(f"{path}: expected one [H, W, 3] or [H, W] frame, got shape {frame.shape}")
     image = Image.fromarray(frame[:, :, 0] if frame.ndim == 3 and frame.shape[-1] == 1 else frame)
-    tmp = _atomic_temp(path)
-    try:
+    with _staged(path) as tmp:
         image.save(tmp, format=formats[suffix], **({"quality": 95} if formats[suffix] == "JPEG" else {}))
-        _commit(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray], fps: float = 4) -> None:
@@ -243,13 +267,8 @@ def write_video(path: str, frames: np.ndarray | Sequence[np.ndarray], fps: float
         raise ValueError(f"{path}: H.264 (yuv420p) needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     if fps <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
-    tmp = _atomic_temp(path)
-    try:
+    with _staged(path) as tmp:
         _encode_h264(tmp, frames, fps, name=path)
-        _commit(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def _encode_h264(path: str, frames: np.ndarray, fps: float, name: str) -> None:

@@ -11,6 +11,7 @@ pickled params load unchanged:
 Videos [B, T, H, W, C] are coded frame by frame; long inputs are cut into chunks of
 `frames_per_chunk` frames so device memory stays bounded whatever the length.
 The pure flax form is `VQGANModel(config).apply({'params': p}, x, method='encode')`.
+The checkpoint and a config file may be in a bucket (`VQGAN("gs://bucket/vqgan.pkl")`, through `lwm.storage`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from flax.core import unfreeze
 from tqdm.auto import tqdm
 
+from lwm import storage
 from lwm.checkpoint import AtomicWriter
 
 GROUPNORM_GROUPS = 32  # flax nn.GroupNorm's default, the one LWM's weights were trained with
@@ -132,11 +134,10 @@ class VQGANConfig:
             return cls()
         if not vqgan_config_file(text_or_path):
             return cls.from_dict(json.loads(text_or_path))
-        with open(text_or_path) as f:
-            try:
-                values = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{text_or_path}: not valid JSON ({e})") from None
+        try:
+            values = json.loads(storage.read_text(text_or_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{text_or_path}: not valid JSON ({e})") from None
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
@@ -437,13 +438,13 @@ def load_vqgan_params(path: str, config: VQGANConfig = VQGANConfig()) -> dict:
 
     A tree wrapped as {'params': {...}} is unwrapped. Leaves come back as numpy arrays.
     """
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"VQGAN checkpoint {path!r} does not exist")
-    with open(path, "rb") as f:
-        try:
-            params = pickle.load(f)
-        except Exception as e:  # noqa: BLE001 (pickle raises many types on a bad file)
-            raise ValueError(f"{path}: not a readable pickle of VQGAN params ({type(e).__name__}: {e})") from e
+    data = storage.read_bytes(path)  # read first: a bucket's read error is an OSError, not a bad pickle
+    try:
+        params = pickle.loads(data)
+    except Exception as e:  # noqa: BLE001 (pickle raises many types on a bad file)
+        raise ValueError(f"{path}: not a readable pickle of VQGAN params ({type(e).__name__}: {e})") from e
     if not isinstance(params, Mapping):
         raise ValueError(f"{path}: expected a pickled dict of params, got {type(params).__name__}")
     params = _as_plain_dict(params)
@@ -455,7 +456,8 @@ def load_vqgan_params(path: str, config: VQGANConfig = VQGANConfig()) -> dict:
 
 
 def save_vqgan_params(path: str, params: Mapping) -> None:
-    """Pickle params (numpy leaves, no outer 'params' key) atomically: temp file, then rename."""
+    """Pickle params (numpy leaves, no outer 'params' key) atomically: temp file then rename, or
+    one object upload to a bucket URL."""
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _as_plain_dict(params))
     with AtomicWriter(path) as f:
         pickle.dump(params, f, protocol=pickle.HIGHEST_PROTOCOL)

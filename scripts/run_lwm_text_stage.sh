@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
 # LWM-Text stage I, one stage of the paper's progressive context extension
 # (32K -> 128K -> 256K -> 512K -> 1M tokens, each stage from the previous one's weights):
-#     stage=128k dataset_path=books.jsonl bash scripts/run_lwm_text_stage.sh
+#     stage=128k dataset_path=books.jsonl bash scripts/run_lwm_text_stage.sh [--more.flags=...]
 # (or scripts/run_lwm_text_stage_<stage>.sh). 4M tokens a batch, constant learning rate 4e-5
 # after a short warmup. Runs on a TPU pod or GPU cluster as it is: change only the variables
 # and the mesh (docs/train.md, "Context extension stages"; docs/sharding.md for the mesh).
+# Arguments go to lwm.train after the script's flags (a repeated flag: the last one wins).
+# The scale-down knobs (length_divisor, min_length, steps_divisor, batch_tokens, chunk_size,
+# model, dtype) rehearse the whole chain at a tiny size; their defaults are the paper's run.
 set -euo pipefail
 
 stage="${stage:-}"  # 32k | 128k | 256k | 512k | 1m
-output_root="${output_root:-$HOME/experiment_output/lwm-text}"
+output_root="${output_root:-$HOME/experiment_output/lwm-text}"  # a folder or a bucket URL (gs://bucket/runs)
 dataset_path="${dataset_path:-}"  # JSONL of books ({"text": ...}), documents at least as long as the stage's context
 tokenizer="${tokenizer:-LargeWorldModel/LWM-Text-1M}"
-llama2_checkpoint="${llama2_checkpoint:-params::/path/to/llama-2-7b/streaming_params}"  # scripts/convert_hf_to_lwm.py
+llama2_checkpoint="${llama2_checkpoint-params::/path/to/llama-2-7b/streaming_params}"  # scripts/convert_hf_to_lwm.py; set empty: random init
+model="${model:-7b}"  # --load_llama_config: a size name or json::PATH
+dtype="${dtype:-bf16}"  # compute dtype; parameters and optimizer state stay float32
+length_divisor="${length_divisor:-1}"  # length = max(paper length / length_divisor, min_length)
+min_length="${min_length:-0}"
+steps_divisor="${steps_divisor:-1}"  # steps and warmup = paper's / steps_divisor, at least 1 (warmup below steps)
+batch_tokens="${batch_tokens:-4194304}"  # tokens a batch: batch = batch_tokens / length, at least 1
+chunk_size="${chunk_size:-1024}"  # attention and MLP scan chunks, each min(chunk_size, length)
+save_model_freq="${save_model_freq:-50}"  # steps between saves (save_milestone_freq: default steps / 4, at least 1)
 
-#                  length   theta     steps warmup  starts from
+# The paper's stages (docs/train.md, "Context extension stages"); from = the starting weights.
 case "$stage" in
-    32k)  set -- 32768   1000000   1200  100  "$llama2_checkpoint" ;;
-    128k) set -- 131072  10000000  3000  200  "params::$output_root/lwm-text-32k/streaming_params" ;;
-    256k) set -- 262144  10000000  3000  200  "params::$output_root/lwm-text-128k/streaming_params" ;;
-    512k) set -- 524288  25000000  720   50   "params::$output_root/lwm-text-256k/streaming_params" ;;
-    1m)   set -- 1048576 50000000  450   25   "params::$output_root/lwm-text-512k/streaming_params" ;;
+    32k)  length=32768   theta=1000000  steps=1200 warmup=100 from="$llama2_checkpoint" ;;
+    128k) length=131072  theta=10000000 steps=3000 warmup=200 from="params::$output_root/lwm-text-32k/streaming_params" ;;
+    256k) length=262144  theta=10000000 steps=3000 warmup=200 from="params::$output_root/lwm-text-128k/streaming_params" ;;
+    512k) length=524288  theta=25000000 steps=720  warmup=50  from="params::$output_root/lwm-text-256k/streaming_params" ;;
+    1m)   length=1048576 theta=50000000 steps=450  warmup=25  from="params::$output_root/lwm-text-512k/streaming_params" ;;
     *) echo "set stage to one of 32k, 128k, 256k, 512k, 1m (got '$stage')" >&2; exit 2 ;;
 esac
-length=$1 theta=$2 steps=$3 warmup=$4 init_checkpoint="${init_checkpoint:-$5}"
-batch=$(( 4 * 1024 * 1024 / length ))  # 4M tokens a batch
-mesh_dim="${mesh_dim:-1,-1,1,$(( length / 32768 ))}"  # dp,fsdp,tp,sp: sp splits each sequence over a ring
+init_checkpoint="${init_checkpoint:-$from}"
+length=$(( length / length_divisor )); length=$(( length > min_length ? length : min_length ))
+steps=$(( steps / steps_divisor )); steps=$(( steps > 1 ? steps : 1 ))
+warmup=$(( warmup / steps_divisor )); warmup=$(( warmup > 1 ? warmup : 1 ))
+warmup=$(( warmup < steps ? warmup : steps - 1 ))  # the schedule needs warmup < steps (0 for a 1-step stage)
+batch=$(( batch_tokens / length )); batch=$(( batch > 1 ? batch : 1 ))
+chunk=$(( chunk_size < length ? chunk_size : length ))
+save_milestone_freq="${save_milestone_freq:-$(( steps / 4 > 1 ? steps / 4 : 1 ))}"
+sp=$(( length / 32768 > 1 ? length / 32768 : 1 ))  # one sp shard per 32K tokens of the stage's length
+mesh_dim="${mesh_dim:-1,-1,1,$sp}"  # dp,fsdp,tp,sp: sp splits each sequence over a ring
 
 : "${dataset_path:?set dataset_path at the top of this script (or in the environment)}"
 PROJECT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$PROJECT_DIR"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PROJECT_DIR"  # relative paths stay relative to the caller
 
+# The trainer's default (--checkpointer.exact_resume=True) writes, at every save, the exact
+# float32 streaming_train_state that --autoresume continues from and the bf16 streaming_params
+# export that the next stage starts from.
 python3 -u -m lwm.train \
     --modality=text \
     --mesh_dim="$mesh_dim" \
-    --dtype=bf16 \
+    --dtype="$dtype" \
     --total_steps="$steps" \
     --log_freq=1 \
-    --save_model_freq=50 \
-    --save_milestone_freq=$(( steps / 4 )) \
-    --load_llama_config=7b \
-    --update_llama_config="dict(theta=$theta,max_sequence_length=$length,scan_attention=True,scan_query_chunk_size=1024,scan_key_chunk_size=1024,scan_mlp=True,scan_mlp_chunk_size=1024,scan_layers=True,remat_block='save_attention')" \
+    --save_model_freq="$save_model_freq" \
+    --save_milestone_freq="$save_milestone_freq" \
+    --load_llama_config="$model" \
+    --update_llama_config="dict(theta=$theta,max_sequence_length=$length,scan_attention=True,scan_query_chunk_size=$chunk,scan_key_chunk_size=$chunk,scan_mlp=True,scan_mlp_chunk_size=$chunk,scan_layers=True,remat_block='save_attention')" \
     --load_checkpoint="$init_checkpoint" \
     --tokenizer="$tokenizer" \
     --optimizer.type=adamw \
@@ -55,8 +76,8 @@ python3 -u -m lwm.train \
     --train_dataset.json_dataset.seq_length="$length" \
     --train_dataset.json_dataset.batch_size="$batch" \
     --train_dataset.json_dataset.packed=True \
-    --checkpointer.save_optimizer_state=True \
     --autoresume=True \
     --logger.append_uuid=False \
     --logger.experiment_id="lwm-text-$stage" \
-    --logger.output_dir="$output_root"
+    --logger.output_dir="$output_root" \
+    "$@"

@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # LWM-Text stage I at 128K tokens (its numbers: scripts/run_lwm_text_stage.sh, docs/train.md).
 set -euo pipefail
-stage=128k exec bash "$(dirname "${BASH_SOURCE[0]}")/run_lwm_text_stage.sh"
+stage=128k exec bash "$(dirname "${BASH_SOURCE[0]}")/run_lwm_text_stage.sh" "$@"

@@ -22,23 +22,30 @@ Re-running skips inputs already in the output (by id), so an interrupted run res
 are appended and fsync'ed per batch; a torn last line from a crash is cut off on resume.
 Inputs that cannot be read are counted, listed at the end and written to
 `<output>.failures.jsonl` (they are retried on the next run); `--strict` makes them exit 1.
+
+Every path may be a bucket URL (gs://bucket/clips/, gs://bucket/train.jsonl, through
+`lwm.storage`). Media in a bucket are copied to a local temp file to be decoded. A bucket
+object cannot be appended to, so an output in a bucket is uploaded whole after every batch:
+for a large data set, write the output locally and copy it up at the end.
 See docs/vision_data.md.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from lwm import cli
+from lwm import cli, storage
 from lwm.vision_io import IMAGE_SUFFIXES, VIDEO_BACKENDS, read_vision
 from lwm.vqgan import VQGAN, VQGANConfig, vqgan_config_file
 
@@ -86,28 +93,55 @@ def _is_media(name: str) -> bool:
 def list_folder(folder: str, caption_suffix: str = ".txt") -> tuple[list[Item], list[tuple[str, str]]]:
     """Media files under folder (sorted, recursive) with their caption files; missing captions are failures."""
     items, failures = [], []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in _walk(folder, caption_suffix):
         dirs.sort()
+        names = set(files)
         for name in sorted(files):
             if not _is_media(name):
                 continue
-            file = os.path.join(root, name)
-            rel = os.path.relpath(file, folder).replace(os.sep, "/")
+            file = storage.join(root, name)
+            rel = _relative(file, folder)
             caption_file = os.path.splitext(file)[0] + caption_suffix
-            if not os.path.isfile(caption_file):
-                failures.append((rel, f"no caption file {os.path.relpath(caption_file, folder)}"))
+            if os.path.splitext(name)[0] + caption_suffix not in names:  # the listing says; no request per file
+                failures.append((rel, f"no caption file {_relative(caption_file, folder)}"))
                 continue
-            with open(caption_file, encoding="utf-8") as f:
-                items.append(Item(rel, rel, file, f.read().strip()))
+            items.append(Item(rel, rel, file, _read_text(caption_file).strip()))
     return items, failures
+
+
+def _walk(folder: str, caption_suffix: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(folder)`, or the same (root, dirs, files) top-down for a bucket prefix, where a
+    name is a folder when objects lie under it (asked only of names that are not media or captions)."""
+    if not storage.is_remote(folder):
+        yield from os.walk(folder)
+        return
+    dirs, files = [], []
+    for name in storage.listdir(folder):
+        plain = _is_media(name) or name.endswith(caption_suffix)
+        (files if plain or not storage.isdir(storage.join(folder, name)) else dirs).append(name)
+    yield folder, dirs, files  # the caller may sort or prune dirs, as with os.walk
+    for name in dirs:
+        yield from _walk(storage.join(folder, name), caption_suffix)
+
+
+def _relative(path: str, folder: str) -> str:
+    if storage.is_remote(folder):
+        return path[len(folder.rstrip("/")) + 1:]
+    return os.path.relpath(path, folder).replace(os.sep, "/")
+
+
+def _read_text(path: str) -> str:
+    """A text file's content as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
+    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+        return f.read()
 
 
 def list_jsonl(path: str, path_key: str = "path", caption_key: str = "caption",
                id_key: str = "id") -> tuple[list[Item], list[tuple[str, str]]]:
     """Items of a JSONL list; malformed lines are failures (named by line number)."""
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
     items, failures = [], []
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -123,7 +157,8 @@ def list_jsonl(path: str, path_key: str = "path", caption_key: str = "caption",
                 continue
             media = record[path_key]
             item_id = str(record[id_key]) if id_key in record else media
-            items.append(Item(item_id, media, os.path.join(base, media), record[caption_key]))
+            file = media if storage.is_remote(media) else storage.join(base, media)
+            items.append(Item(item_id, media, file, record[caption_key]))
     return items, failures
 
 
@@ -141,11 +176,10 @@ def check_unique_ids(items: list[Item], id_key: str = "id") -> None:
 def completed_ids(output: str) -> set[str]:
     """Ids already in the output. A torn last line (a crash mid-write) is cut off; a bad line
     elsewhere means the file is not ours to append to, and is an error."""
-    if not os.path.exists(output):
+    if not storage.exists(output):
         return set()
     done = set()
-    with open(output, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(output)
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]  # tail: text after the last newline ('' when clean)
     keep_bytes = len(data) - len(tail)
@@ -161,20 +195,38 @@ def completed_ids(output: str) -> set[str]:
     if keep_bytes < len(data):
         print(f"{output}: cutting off an incomplete last line ({len(data) - keep_bytes} bytes) from an "
               f"interrupted run", file=sys.stderr)
-        with open(output, "r+b") as f:
-            f.truncate(keep_bytes)
-            os.fsync(f.fileno())
+        if storage.is_remote(output):
+            storage.write_bytes(output, data[:keep_bytes])
+        else:
+            with open(output, "r+b") as f:
+                f.truncate(keep_bytes)
+                os.fsync(f.fileno())
     return done
 
 
+@contextlib.contextmanager
+def _appender(output: str) -> Iterator[Callable[[str], None]]:
+    """`append(text)`: durable once it returns. A local file is appended to and fsync'ed; a bucket
+    object, which cannot be appended to, is uploaded whole again (atomically) each time."""
+    if not storage.is_remote(output):
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "a", encoding="utf-8") as out:
+            def append(text: str) -> None:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            yield append
+        return
+    content = bytearray(storage.read_bytes(output) if storage.exists(output) else b"")
+
+    def upload(text: str) -> None:
+        content.extend(text.encode("utf-8"))
+        storage.write_bytes(output, bytes(content))
+    yield upload
+
+
 def _write_atomic_jsonl(path: str, records: Iterable[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -207,7 +259,6 @@ def tokenize_vision(items: list[Item], output: str, vqgan: VQGAN, *, mode: str =
     done = completed_ids(output)
     todo = [item for item in items if item.id not in done]
     report.already_done += len(items) - len(todo)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     size = vqgan.config.resolution
 
     def read(item: Item) -> np.ndarray:
@@ -216,26 +267,25 @@ def tokenize_vision(items: list[Item], output: str, vqgan: VQGAN, *, mode: str =
     bar = tqdm(total=len(todo), desc="tokenize_vision", unit="input", disable=not progress)
     pending: list[tuple[Item, np.ndarray]] = []
 
-    def flush(out) -> None:
+    def flush(append) -> None:
         if not pending:
             return
         frames = np.concatenate([f for _, f in pending])  # [sum k, size, size, 3]
         codes = np.asarray(vqgan.encode(frames, progress=False)[1])  # [sum k, h, w]
-        start = 0
+        start, lines = 0, []
         for item, item_frames in pending:
             k = len(item_frames)
             record = {"id": item.id, "path": item.path, caption_key: item.caption, "n_frames": k,
                       vision_key: codes[start:start + k].reshape(-1).tolist(), "fields": fields}
-            out.write(json.dumps(record) + "\n")
+            lines.append(json.dumps(record) + "\n")
             start += k
-            report.written += 1
-            report.frames += k
-        out.flush()
-        os.fsync(out.fileno())
+        append("".join(lines))
+        report.written += len(pending)
+        report.frames += start
         bar.update(len(pending))
         pending.clear()
 
-    with open(output, "a", encoding="utf-8") as out, \
+    with _appender(output) as out, \
             concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
         queue: collections.deque = collections.deque()
         remaining = iter(todo)
@@ -269,8 +319,8 @@ def write_failures(output: str, failures: list[tuple[str, str]]) -> str:
     path = output + ".failures.jsonl"
     if failures:
         _write_atomic_jsonl(path, ({"path": p, "error": reason} for p, reason in failures))
-    elif os.path.exists(path):
-        os.remove(path)
+    elif storage.exists(path):
+        storage.remove(path)
     return path
 
 
@@ -307,12 +357,12 @@ def main(argv):
     FLAGS = flags.FLAGS
     if not (FLAGS.input and FLAGS.output and FLAGS.vqgan_checkpoint):
         raise app.UsageError("--input, --output and --vqgan_checkpoint are required")
-    if not os.path.exists(FLAGS.input):
+    if not storage.exists(FLAGS.input):
         raise app.UsageError(f"--input={FLAGS.input}: no such file or folder")
     cli.check_input_files([("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
                            ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
     cli.check_output_file("--output", FLAGS.output)
-    if os.path.isdir(FLAGS.input):
+    if storage.isdir(FLAGS.input):
         items, failures = list_folder(FLAGS.input, FLAGS.caption_suffix)
     else:
         items, failures = list_jsonl(FLAGS.input, FLAGS.path_key, FLAGS.caption_key, FLAGS.id_key)

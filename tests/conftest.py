@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # tests/gcs.py: no gRPC probe of the emulator
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -20,6 +21,22 @@ def pytest_collection_modifyitems(config, items):
             # the marker itself, not any keyword: a parametrize id "tpu" must not skip a CPU test
             if item.get_closest_marker(marker) is not None and platform != needed:
                 item.add_marker(pytest.mark.skip(reason=f"needs a {needed.upper()} (running on {platform})"))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs:// URL of a bucket in a GCS API emulator on 127.0.0.1 (tests/gcs.py), served to the real gcsfs."""
+    from tests.gcs import start_emulator
+
+    return start_emulator()
+
+
+@pytest.fixture
+def bucket_dir(gcs_bucket, request):
+    """A fresh folder in the emulated bucket for one test."""
+    import uuid
+
+    return f"{gcs_bucket}/{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

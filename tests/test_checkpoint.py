@@ -11,6 +11,7 @@ import pytest
 from flax.serialization import msgpack_serialize, to_bytes
 
 import lwm.checkpoint as checkpoint_module
+from lwm import storage
 from lwm.checkpoint import (COMMIT_RECORD, AtomicWriter, CheckpointWriteError, StreamingCheckpointer, flat_fns,
                             iter_streaming, load_checkpoint, load_pickle, load_streaming, save_streaming,
                             train_state_dict)
@@ -173,9 +174,9 @@ def test_run_folder_layout(tmp_path):
     names = set(os.listdir(tmp_path))
     assert {"streaming_train_state", "metadata.pkl", "dataset.pkl", "streaming_train_state_10",
             "metadata_10.pkl", "dataset_10.pkl"} <= names
-    latest = ckpt.latest()
-    assert latest["step"] == 5 and latest["dataset_state"] == {"loc": 3}
-    assert latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state"
+    latest = ckpt.latest()  # the newest save, milestone or not
+    assert latest["step"] == 10 and latest["dataset_state"] == {"loc": 9} and latest["suffix"] == "_10"
+    assert latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state_10"
     with open(tmp_path / "metadata_10.pkl", "rb") as f:
         assert pickle.load(f)["step"] == 10
     # The defaults: exported params in bf16 beside an exact float32 train state, which resumes.
@@ -266,7 +267,7 @@ def test_a_kill_between_the_renames_is_rolled_forward(tmp_path, monkeypatch):
             renamed.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    monkeypatch.setattr(storage.os, "replace", replace)
     with pytest.raises(Killed):
         ckpt.save_all(2, jax.tree.map(lambda x: x * 2, params), opt_state, dataset_state={"loc": 2})
     monkeypatch.undo()

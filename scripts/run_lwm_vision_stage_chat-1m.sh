@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# LWM vision-language stage Chat-1M (its numbers: scripts/run_lwm_vision_stage.sh, docs/train.md).
+set -euo pipefail
+stage=chat-1m exec bash "$(dirname "${BASH_SOURCE[0]}")/run_lwm_vision_stage.sh" "$@"
