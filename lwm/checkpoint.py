@@ -221,13 +221,14 @@ def iter_streaming(path: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
 
 
 def load_streaming(path: str, target=None, shard_fns: Mapping | None = None,
-                   remove_prefix: tuple[str, ...] | None = None, float_dtype=None) -> dict:
+                   remove_prefix: tuple[str, ...] | None = None, float_dtype=None, optional=()) -> dict:
     """Read a streaming file into a nested dict, checking it against `target`.
 
     target: a tree of arrays or ShapeDtypeStructs (e.g. from jax.eval_shape) the file must
         match; missing keys, unexpected keys and shape mismatches are reported by name.
     shard_fns: {key_path tuple: fn(host array) -> placed array}, applied as each tensor is read.
     remove_prefix: keep only keys under this prefix, with the prefix removed.
+        optional: key paths of `target` the file may lack (the result then lacks them too).
     """
     expected = None if target is None else flatten_dict(state_dict(target), keep_empty_nodes=False)
     flat, mismatched = {}, []
@@ -247,7 +248,7 @@ def load_streaming(path: str, target=None, shard_fns: Mapping | None = None,
         tensor = cast_floats(tensor, float_dtype)
         flat[key] = shard_fns[key](tensor) if shard_fns is not None and key in shard_fns else tensor
     if expected is not None:
-        _report(path, expected, flat, mismatched)
+        _report(path, {k: v for k, v in expected.items() if k not in set(optional) or k in flat}, flat, mismatched)
         # Empty subtrees (optax's EmptyState, ...) hold no tensor in the file; restore them.
         for key, value in flatten_dict(state_dict(target), keep_empty_nodes=True).items():
             if value is empty_node:
@@ -297,10 +298,11 @@ def load_flax_params(path: str, target=None, shard_fns: Mapping | None = None, f
 
 def load_checkpoint(spec: str, params_target=None, params_shard_fns: Mapping | None = None,
                     trainstate_target=None, trainstate_shard_fns: Mapping | None = None,
-                    float_dtype=None, allow_trainstate: bool = True):
+                    float_dtype=None, allow_trainstate: bool = True, optional_params=()):
     """Load a `TYPE::PATH` checkpoint; returns (train_state_dict or None, params or None).
 
     params_shard_fns / trainstate_shard_fns are flat {key_path: fn} dicts (see `flat_fns`).
+    optional_params: params key paths a params-only file may lack (absent from the result).
     """
     if "::" not in spec:
         raise ValueError(f"checkpoint {spec!r}: expected TYPE::PATH with TYPE one of {LOAD_TYPES}")
@@ -316,9 +318,10 @@ def load_checkpoint(spec: str, params_target=None, params_shard_fns: Mapping | N
         return state, None
     if kind == "trainstate_params":
         return None, load_streaming(path, params_target, params_shard_fns, remove_prefix=("params", "params"),
-                                    float_dtype=float_dtype)
+                                    float_dtype=float_dtype, optional=optional_params)
     if kind == "params":
-        return None, load_streaming(path, params_target, params_shard_fns, float_dtype=float_dtype)
+        return None, load_streaming(path, params_target, params_shard_fns, float_dtype=float_dtype,
+                                    optional=optional_params)
     return None, load_flax_params(path, params_target, params_shard_fns, float_dtype=float_dtype)
 
 

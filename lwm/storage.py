@@ -326,9 +326,12 @@ class AtomicWriter:
     def _discard(self) -> None:
         if self.remote:
             with contextlib.suppress(Exception):
+                # An unfinished upload never becomes an object. S3 keeps its parts until they are
+                # aborted (discard does that); GCS drops an unfinished resumable upload by itself,
+                # so gcsfs's cancel request, which some GCS-compatible servers do not serve, is skipped.
                 discard = getattr(self.file, "discard", None)
-                if discard is not None:
-                    discard()  # cancel a started multi-part upload: no object appears
+                if discard is not None and not str(self.path).startswith(("gs://", "gcs://")):
+                    discard()
                 self.file.closed = True  # never close(): that would upload what was buffered
             return
         try:

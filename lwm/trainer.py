@@ -22,6 +22,7 @@ fold_in(seed, step): a resumed run draws the same masks as an uninterrupted one.
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from flax.serialization import from_state_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lwm.checkpoint import flat_fns, load_checkpoint, train_state_dict
 from lwm.config import LLaMAConfig
@@ -45,6 +47,9 @@ from lwm.optimizers import OptimizerFactory, at_train_step, mask_from_regex, upd
 TEXT_KEYS = ("input_tokens", "target_tokens", "loss_masks", "segment_ids", "positions")
 VISION_KEYS = TEXT_KEYS + ("input_vision_masks", "target_vision_masks")
 LOSS_AVERAGING = ("per_row", "per_token")
+# What a vision-language model has beyond a text model (a text checkpoint starts it without them).
+VISION_ONLY_PARAMS = (("transformer", "vte", "embedding"), ("vision_head", "kernel"))
+log = logging.getLogger("lwm.trainer")
 
 
 @flax.struct.dataclass
@@ -124,7 +129,18 @@ class Trainer:
             return TrainState(step=jnp.asarray(raw["step"], jnp.int32), params=raw["params"]["params"],
                               opt_state=from_state_dict(shapes.opt_state, raw["opt_state"]))
         shard_fns, _ = make_shard_and_gather_fns(self.state_specs.params, self.mesh, jnp.float32)
-        _, params = load_checkpoint(spec, params_target=self.state_shapes.params, params_shard_fns=flat_fns(shard_fns))
+        optional = VISION_ONLY_PARAMS if self.vision else ()
+        _, params = load_checkpoint(spec, params_target=self.state_shapes.params, params_shard_fns=flat_fns(shard_fns),
+                                    optional_params=optional)
+        flat = flatten_dict(params)
+        missing = [key for key in optional if key not in flat]
+        if missing:
+            # A text model's weights starting a vision-language stage (the paper's LWM-1K from
+            # LWM-Text-1M): the vision embedding and head start from their random initialisation.
+            log.info("%s holds a text model: %s start from random initialisation (seed %d)", spec,
+                     ", ".join("/".join(k) for k in missing), self.seed)
+            fresh = flatten_dict(self.init_state().params)
+            params = unflatten_dict({**flat, **{key: fresh[key] for key in missing}})
         return self.state_from_params(params)
 
     # ---- loss ---------------------------------------------------------------------------

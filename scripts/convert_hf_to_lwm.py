@@ -5,6 +5,9 @@
         --scan_layers=True --float_dtype=bf16
 
 Then: `--load_checkpoint='params::/path/streaming_params' --load_llama_config='json::/path/config.json'`.
+--output_checkpoint and --output_config may be bucket URLs (gs://bucket/lwm/streaming_params);
+--hf_model must be a local folder (safetensors reads local files): copy it down first with
+`gcloud storage cp -r gs://bucket/hf_model /path/hf_model`.
 """
 import os
 
@@ -13,7 +16,7 @@ from absl import app
 from lwm import cli
 from lwm.checkpoint import float_dtype_by_name
 from lwm.flags import define_flags_with_default
-from lwm.hf_conversion import convert_hf_to_lwm
+from lwm.hf_conversion import check_local_folder, convert_hf_to_lwm
 
 FLAGS, _ = define_flags_with_default(
     hf_model="",
@@ -28,6 +31,7 @@ FLAGS, _ = define_flags_with_default(
 def main(argv):
     if not (FLAGS.hf_model and FLAGS.output_checkpoint and FLAGS.output_config):
         raise app.UsageError("--hf_model, --output_checkpoint and --output_config are required")
+    check_local_folder("--hf_model", FLAGS.hf_model, output=False)
     cli.check_input_files([("--hf_model", os.path.join(FLAGS.hf_model, "config.json"))])
     config = convert_hf_to_lwm(FLAGS.hf_model, FLAGS.output_checkpoint, FLAGS.output_config,
                                scan_layers=FLAGS.scan_layers, param_scan_axis=FLAGS.param_scan_axis,

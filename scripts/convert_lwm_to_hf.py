@@ -6,13 +6,16 @@
 
 Scanned and unscanned checkpoints are both accepted (detected from the keys);
 `trainstate::` / `trainstate_params::` files work too (their params are read).
+The checkpoint and the tokenizer may be in a bucket (`params::gs://bucket/run/streaming_params`);
+--output_dir must be a local folder (transformers loads local folders): copy it up afterwards
+with `gcloud storage cp -r /path/hf_model gs://bucket/hf_model`.
 """
 from absl import app
 
 from lwm import cli
 from lwm.config import LLaMAConfig, build_config
 from lwm.flags import define_flags_with_default
-from lwm.hf_conversion import convert_lwm_to_hf
+from lwm.hf_conversion import check_local_folder, convert_lwm_to_hf
 
 FLAGS, _ = define_flags_with_default(
     load_checkpoint="",
@@ -31,6 +34,7 @@ def main(argv):
     kind, path = FLAGS.load_checkpoint.split("::", 1) if "::" in FLAGS.load_checkpoint else ("params", FLAGS.load_checkpoint)
     if kind not in ("params", "trainstate", "trainstate_params"):
         raise app.UsageError(f"--load_checkpoint type {kind!r}: expected params::, trainstate:: or trainstate_params::")
+    check_local_folder("--output_dir", FLAGS.output_dir, output=True)
     cli.check_input_files([("--load_checkpoint", path)])
     try:
         config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config)

@@ -9,7 +9,9 @@
 Results go to --output_file (resumed on restart); a heatmap PNG of accuracy over
 (context length x depth) is written next to it (results.json -> results.png). Each result
 holds the original's score `correct` and the strict `correct_strict`; the summary and the
-heatmap use the strict one (`--score=substring` for the original's).
+heatmap use the strict one (`--score=substring` for the original's). The checkpoint, tokenizer,
+haystack and output may be bucket URLs (`--output_file=gs://bucket/needle/results.json`; the
+results are uploaded whole after every batch).
 """
 from absl import app
 

@@ -10,7 +10,8 @@ Results (each needle scored) go to --output_file (resumed on restart); a plot of
 (N, R) and context length is written next to it (multi.json -> multi.png). Each result holds
 the original's score `correct` and the strict `correct_strict` (a needle counts when it is among
 the response's first R numbers); the summary and plot use the strict one (`--score=substring`
-for the original's).
+for the original's). The checkpoint, tokenizer, haystack and output may be bucket URLs
+(`--output_file=gs://bucket/needle/multi.json`; the results are uploaded whole after every batch).
 """
 from absl import app
 

@@ -6,11 +6,13 @@ The model has LLaMA's layout of special ids (unk 0, <s> 1, </s> 2, no pad), byte
 text is ever unknown) and one piece per digit, so a 7-digit number is always 7 tokens and a
 model can copy it digit by digit. Use it anywhere a tokenizer is asked for
 (`--tokenizer=tok/tokenizer.model`). Why a small one: at width 128 a 32K-word LM head costs
-about ten times the FLOPs of two transformer layers per token.
+about ten times the FLOPs of two transformer layers per token. --input and --output may be
+bucket URLs (gs://bucket/tok/tokenizer.model).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -18,12 +20,12 @@ import tempfile
 
 import sentencepiece as spm
 
-from lwm import cli
+from lwm import cli, storage
 
 
 def read_texts(path: str, field: str = "text"):
     """The `field` of every JSON line; a line that is not JSON or lacks it is an error naming the line."""
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -38,7 +40,7 @@ def train_tokenizer(input_path: str, output: str, vocab_size: int = 2048, field:
     """Train on the texts of `input_path`; writes `output` (a .model file) and returns its path."""
     if not output.endswith(".model"):
         raise ValueError(f"--output must end in .model (SentencePiece's file), got {output!r}")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    storage.makedirs(storage.dirname(storage.display(output)))  # a local folder fails here, before training
     with tempfile.TemporaryDirectory() as tmp:
         text_file = os.path.join(tmp, "text.txt")
         with open(text_file, "w", encoding="utf-8") as f:
@@ -50,7 +52,8 @@ def train_tokenizer(input_path: str, output: str, vocab_size: int = 2048, field:
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
             character_coverage=1.0, max_sentence_length=1 << 20, num_threads=os.cpu_count() or 1,
             minloglevel=2)
-        os.replace(prefix + ".model", output)
+        with open(prefix + ".model", "rb") as f:
+            storage.write_bytes(output, f.read())  # atomic: a local rename, or one object upload
     return output
 
 
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with cli.user_errors(args.verbose, expected=(RuntimeError,)):  # sentencepiece's errors are RuntimeErrors
         path = train_tokenizer(args.input, args.output, args.vocab_size, args.field, args.model_type)
-    print(f"tokenizer: {path} ({spm.SentencePieceProcessor(model_file=path).get_piece_size()} pieces)")
+    pieces = spm.SentencePieceProcessor(model_proto=storage.read_bytes(path)).get_piece_size()
+    print(f"tokenizer: {path} ({pieces} pieces)")
     return 0
 
 

@@ -195,6 +195,14 @@ def test_run_folder_layout(tmp_path):
     assert sorted(os.listdir(tmp_path / "c")) == ["metadata.pkl", "streaming_params"]
 
 
+@pytest.fixture(params=["local", "bucket"])
+def folder(request, tmp_path):
+    """A run folder on the local disk, or in a GCS bucket (an emulator, through the real gcsfs)."""
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("bucket_dir")
+
+
 def saved_folder(tmp_path, steps=(1,)):
     params = jax.tree.map(jnp.asarray, small_params())
     opt_state = optax.adam(1e-3).init(params)
@@ -209,7 +217,7 @@ def folder_step(ckpt):
     """The step every file of the folder agrees on (asserting that they do)."""
     latest = ckpt.latest()
     state = load_streaming(latest["checkpoint"].split("::")[1])
-    exported = load_streaming(os.path.join(ckpt.checkpoint_dir, "streaming_params"))
+    exported = load_streaming(storage.join(ckpt.checkpoint_dir, "streaming_params"))
     step = latest["step"]
     assert int(state["step"]) == step and latest["dataset_state"] == {"loc": step}
     base = small_params()["lm_head"]["kernel"]
@@ -223,11 +231,11 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("kill_after", range(5))
-def test_a_save_killed_anywhere_leaves_the_last_committed_one(tmp_path, monkeypatch, kill_after):
+def test_a_save_killed_anywhere_leaves_the_last_committed_one(folder, monkeypatch, kill_after):
     """Kill the save of step 2 after each of its file writes (4 staged files, then the commit
-    record): recovery brings the folder to step 1 before the commit point and to
-    step 2 after it, every file agreeing, and no staged file left."""
-    ckpt, params, opt_state = saved_folder(tmp_path)
+    record), on a local disk and in a bucket: recovery brings the folder to step 1 before the
+    commit point and to step 2 after it, every file agreeing, and no staged file left."""
+    ckpt, params, opt_state = saved_folder(folder)
     calls = {"n": 0}
     real_save = checkpoint_module.save_pickle
 
@@ -247,27 +255,29 @@ def test_a_save_killed_anywhere_leaves_the_last_committed_one(tmp_path, monkeypa
     with pytest.raises(Killed):
         ckpt.save_all(2, scaled, opt_state, metadata={"note": 2}, dataset_state={"loc": 2})
     monkeypatch.undo()
-    committed = os.path.exists(tmp_path / COMMIT_RECORD)
+    committed = storage.exists(storage.join(folder, COMMIT_RECORD))
     assert committed == (kill_after == 4)
     message = ckpt.recover()
     assert message is not None
     assert folder_step(ckpt) == (2 if committed else 1)
-    assert [n for n in os.listdir(tmp_path) if ".saving-" in n or ".tmp." in n or n == COMMIT_RECORD] == []
+    assert [n for n in storage.listdir(folder) if ".saving-" in n or ".tmp." in n or n == COMMIT_RECORD] == []
     assert ckpt.recover() is None  # nothing left to do
 
 
-def test_a_kill_between_the_renames_is_rolled_forward(tmp_path, monkeypatch):
-    ckpt, params, opt_state = saved_folder(tmp_path)
-    real_replace, renamed = os.replace, []
+def test_a_kill_between_the_renames_is_rolled_forward(folder, monkeypatch):
+    """In a bucket a "rename" is a copy then a delete: killed between any two of those steps,
+    the roll-forward redoes what is left and the folder is the new save."""
+    ckpt, params, opt_state = saved_folder(folder)
+    real_rename, renamed = storage.rename, []
 
-    def replace(src, dst):  # the commit's renames are staged -> final; let two of four happen
+    def rename(src, dst):  # the commit's renames are staged -> final; let two of four happen
         if str(src).endswith(".saving-2"):
             if len(renamed) == 2:
                 raise Killed()
             renamed.append(dst)
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(storage.os, "replace", replace)
+    monkeypatch.setattr(storage, "rename", rename)
     with pytest.raises(Killed):
         ckpt.save_all(2, jax.tree.map(lambda x: x * 2, params), opt_state, dataset_state={"loc": 2})
     monkeypatch.undo()
@@ -292,4 +302,139 @@ def test_a_full_disk_keeps_the_previous_save(tmp_path, monkeypatch):
         ckpt.save_all(2, params, opt_state, dataset_state={"loc": 2})
     assert sorted(os.listdir(tmp_path)) == ["dataset.pkl", "metadata.pkl", "streaming_params",
                                             "streaming_train_state"]
+    assert folder_step(ckpt) == 1
+
+
+# ---- tensors over msgpack's 4 GiB object limit ---------------------------------------------------
+
+
+def test_msgpack_refuses_one_byte_over_the_limit_the_splitter_uses(tmp_path):
+    """The real limit, without allocating 4 GiB: a sparse file mapped into memory is a 4 GiB
+    buffer that msgpack measures and refuses before copying it."""
+    import mmap
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(checkpoint_module.MSGPACK_LIMIT + 1)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        with pytest.raises(ValueError, match="too large"):
+            msgpack.Packer().pack(memoryview(buffer))
+    assert checkpoint_module.MAX_RECORD_BYTES == checkpoint_module.MSGPACK_LIMIT == 2**32 - 1
+
+
+def test_a_7b_stacked_kernel_is_planned_in_records_under_the_limit():
+    """32 x 4096 x 11008 float32 (5.8 GB, a 7B model's scanned MLP kernel in the exact train
+    state): pieces that cover it exactly, each well under the limit with room for headers;
+    in bf16 (2.9 GB, the original's saves) and for every small tensor: one record, as before."""
+    shape = (32, 4096, 11008)
+    plan = checkpoint_module.split_plan(shape, np.float32)
+    assert len(plan) == 2 and plan[0][0] == 0 and plan[-1][1] == np.prod(shape)
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+    assert all((stop - start) * 4 + checkpoint_module.RECORD_OVERHEAD <= checkpoint_module.MSGPACK_LIMIT
+               for start, stop in plan)
+    assert checkpoint_module.split_plan(shape, jnp.bfloat16) == [(0, int(np.prod(shape)))]
+    assert checkpoint_module.split_plan((4096, 4096), np.float32) == [(0, 4096 * 4096)]
+
+
+def test_tensors_over_the_record_limit_round_trip(tmp_path, monkeypatch):
+    """With the writer's limit lowered to 4 KiB, a 3 x 40 x 50 float32 kernel (24 KB) is written
+    as consecutive pieces and read back exactly, sharded or not; the small tensors beside it
+    stay single records in the original format; a piece missing is a named error."""
+    monkeypatch.setattr(checkpoint_module, "MAX_RECORD_BYTES", 4096)
+    rng = np.random.default_rng(0)
+    tree = {**small_params(), "big": {"kernel": rng.normal(size=(3, 40, 50)).astype(np.float32)}}
+    path = str(tmp_path / "split")
+    save_streaming(path, tree)
+    with open(path, "rb") as f:
+        keys = [tuple(k) for k, _ in msgpack.Unpacker(f, max_buffer_size=0)]
+    parts = [k for k in keys if k[:2] == ("big", "kernel")]
+    assert len(parts) == 8 and parts[0][-1] == "__lwm_part__:0:8:3x40x50"  # 768 floats a piece
+    assert ("lm_head", "kernel") in keys  # a small tensor: unchanged record
+    loaded = load_streaming(path, target=tree)
+    jax.tree.map(np.testing.assert_array_equal, loaded, tree)
+    mesh = build_mesh("1,2,1,4")
+    from jax.sharding import NamedSharding, PartitionSpec as PS
+
+    place = lambda x: jax.device_put(x, NamedSharding(mesh, PS(None, "fsdp", None)))  # noqa: E731
+    sharded = load_streaming(path, target=tree, shard_fns={("big", "kernel"): place})
+    np.testing.assert_array_equal(np.asarray(sharded["big"]["kernel"]), tree["big"]["kernel"])
+    with open(path, "rb") as f:
+        records = list(msgpack.Unpacker(f, max_buffer_size=0))
+    with open(tmp_path / "gap", "wb") as f:
+        for record in records:
+            if record[0][-1] != "__lwm_part__:3:8:3x40x50":
+                f.write(msgpack.packb(record))
+    with pytest.raises(ValueError, match=r"big/kernel: piece 4 follows piece 2"):
+        load_streaming(str(tmp_path / "gap"))
+
+
+# ---- what autoresume starts from ---------------------------------------------------------------
+
+
+def test_resume_follows_the_newest_saves_own_file_list(tmp_path):
+    """Flags changed between runs: a leftover exact train state of step 1 beside a newer
+    params-only save of step 2 resumes from step 2's params (its metadata lists them), not
+    from the stale train state; a folder the original wrote (no file list) is read by name."""
+    params = jax.tree.map(jnp.asarray, small_params())
+    opt_state = optax.adam(1e-3).init(params)
+    StreamingCheckpointer(None, str(tmp_path)).save_all(1, params, opt_state, dataset_state={"loc": 1})
+    later = StreamingCheckpointer(dict(exact_resume=False), str(tmp_path))
+    later.save_all(2, params, opt_state, dataset_state={"loc": 2})
+    assert {"streaming_train_state", "streaming_params"} <= set(os.listdir(tmp_path))
+    latest = later.latest()
+    assert latest["step"] == 2 and latest["checkpoint"] == f"params::{tmp_path}/streaming_params"
+    assert latest["dataset_state"] == {"loc": 2}
+    # the same folder without file lists (as the original LWM leaves it): the stale train state is skipped
+    import pickle as pkl
+
+    meta = load_pickle(str(tmp_path / "metadata.pkl"))
+    del meta["files"]
+    (tmp_path / "metadata.pkl").write_bytes(pkl.dumps(meta))
+    assert later.latest()["checkpoint"] == f"params::{tmp_path}/streaming_params"
+    # a listed file that is gone is named, not silently replaced by another
+    meta["files"] = ["streaming_params", "streaming_train_state_7", "metadata.pkl"]
+    (tmp_path / "metadata.pkl").write_bytes(pkl.dumps(meta))
+    with pytest.raises(ValueError, match="lists streaming_train_state_7, which is missing"):
+        later.latest()
+
+
+def test_milestone_only_runs_resume_from_their_newest_milestone(tmp_path):
+    """save_model_freq=0: the milestones are the only saves, so they keep the exact train state
+    (resumable=True) and autoresume starts from the newest one, with its own data position."""
+    params = jax.tree.map(jnp.asarray, small_params())
+    opt_state = optax.adam(1e-3).init(params)
+    ckpt = StreamingCheckpointer(None, str(tmp_path))
+    for step in (3, 6):
+        ckpt.save_all(step, params, opt_state, dataset_state={"loc": step}, milestone=True, resumable=True)
+    latest = ckpt.latest()
+    assert latest["step"] == 6 and latest["suffix"] == "_6" and latest["dataset_state"] == {"loc": 6}
+    assert latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state_6"
+    assert int(load_streaming(latest["checkpoint"].split("::")[1])["step"]) == 6
+
+
+def test_a_commit_with_a_staged_file_missing_is_refused(folder):
+    """Process 0 lists another process's staged file that it cannot see (a folder on each host's
+    own disk): nothing is committed, the previous save stays, and the message says why."""
+    ckpt, params, opt_state = saved_folder(folder)
+    storage.write_bytes(storage.join(folder, "metadata.pkl.saving-2"), b"x")
+    names = [("metadata.pkl.saving-2", "metadata.pkl"), ("dataset.process1.pkl.saving-2", "dataset.process1.pkl")]
+    with pytest.raises(CheckpointWriteError, match=r"staged file\(s\) dataset.process1.pkl.saving-2 are missing .*"
+                                                   r"one shared run folder"):
+        ckpt._commit(2, names)
+    assert COMMIT_RECORD not in storage.listdir(folder) and folder_step(ckpt) == 1
+
+
+def test_a_copy_that_lost_the_run_lock_does_not_commit(tmp_path):
+    """A second copy of the run took the lock over: the first one's next save stops before its
+    commit point, naming the new holder, and the folder keeps the last committed save."""
+    class TakenOver:
+        def verify(self):
+            raise CheckpointWriteError("the run lock was taken over by another copy of this run (host h, pid 1)")
+
+    ckpt, params, opt_state = saved_folder(tmp_path)
+    ckpt.lock = TakenOver()
+    with pytest.raises(CheckpointWriteError, match="taken over"):
+        ckpt.save_all(2, params, opt_state, dataset_state={"loc": 2})
+    ckpt.lock = None
+    ckpt.recover()
     assert folder_step(ckpt) == 1

@@ -320,3 +320,29 @@ def test_bf16_compute_tracks_fp32():
         {"params": params}, global_batch["input_tokens"], segment_ids=global_batch["segment_ids"],
         position_ids=global_batch["positions"], compute_logits=True).logits, np.float32)
     assert np.mean(np.abs(damaged - ref)) / scale > 10 * bf16_error
+
+
+def test_a_text_checkpoint_starts_a_vision_language_stage(tmp_path):
+    """The paper's LWM-1K stage starts from LWM-Text-1M: a params file without the vision
+    embedding and head loads into the vision-language model, every text weight as saved and
+    the two vision tensors from their initialisation; any other missing key is still an error."""
+    from lwm.checkpoint import load_streaming, save_streaming
+
+    mesh = build_mesh("1,2,1,4")
+    text = Trainer(tiny_config(), mesh, OPT, seed=0)
+    text_params = jax.device_get(text.init_state().params)
+    save_streaming(str(tmp_path / "text"), text_params)
+    vision_config = VideoLLaMAConfig(**{**tiny_config().to_dict(), "vision_vocab_size": 8448})
+    vision = Trainer(vision_config, mesh, OPT, vision=True, seed=3)
+    state = vision.load_state(f"params::{tmp_path}/text")
+    loaded = jax.device_get(state.params)
+    fresh = jax.device_get(vision.init_state().params)
+    np.testing.assert_array_equal(loaded["transformer"]["wte"]["embedding"], text_params["transformer"]["wte"]["embedding"])
+    np.testing.assert_array_equal(loaded["lm_head"]["kernel"], text_params["lm_head"]["kernel"])
+    np.testing.assert_array_equal(loaded["vision_head"]["kernel"], fresh["vision_head"]["kernel"])
+    np.testing.assert_array_equal(loaded["transformer"]["vte"]["embedding"], fresh["transformer"]["vte"]["embedding"])
+    partial = load_streaming(str(tmp_path / "text"))
+    del partial["lm_head"]
+    save_streaming(str(tmp_path / "broken"), partial)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): lm_head/kernel"):
+        vision.load_state(f"params::{tmp_path}/broken")

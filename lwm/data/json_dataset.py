@@ -13,6 +13,7 @@ from typing import Iterator
 
 from ml_collections import ConfigDict
 
+from lwm import storage
 from lwm.data.common import DataError, _update_config
 from lwm.data.dataset import _Blank, _Dataset, _Problem, _Wrap
 
@@ -62,14 +63,6 @@ def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _open_binary(path: str):
-    if "://" in path:
-        import fsspec  # optional: remote or in-memory files (gs://, s3://, memory://)
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
-
-
 def _reader_defaults(config: ConfigDict) -> None:
     """The reading, resuming and tokenizing fields both JSON datasets share (same defaults)."""
     config.always_start_with_bos = False  # overwrite column 0 of input_tokens with BOS
@@ -111,7 +104,7 @@ class JsonDataset(_Dataset):
         self._set_layout()
         if not self.config.path:
             raise ValueError(f"{type(self).__name__}: set path to a JSONL file")
-        if "://" not in self.config.path and not os.path.isfile(self.config.path):
+        if not storage.isfile(self.config.path):
             raise FileNotFoundError(f"{type(self).__name__}: no such file: {self.config.path}")
         super().__init__(self.config, tokenizer, text_processor, data_rank, data_world,
                          self.config.use_data_sharded_loader)
@@ -131,7 +124,7 @@ class JsonDataset(_Dataset):
 
     def _lines(self) -> Iterator:
         """(index, end_loc, raw) of this rank's lines from the saved position, then _Wrap at each EOF."""
-        with _open_binary(self.config.path) as f:
+        with storage.open_file(self.config.path, "rb") as f:
             f.seek(self._file_loc)
             index, from_start, n_read = self._next_index, self._file_loc == 0, 0
             while True:

@@ -1,0 +1,81 @@
+"""lwm.storage against a real GCS API (an emulator on 127.0.0.1, the real gcsfs client) and
+a local folder: the same operations, the same guarantees, errors that name the URL."""
+import pytest
+
+from lwm import storage
+
+
+@pytest.fixture(params=["local", "bucket"])
+def folder(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return request.getfixturevalue("bucket_dir")
+
+
+def test_operations_agree_on_disk_and_in_a_bucket(folder):
+    storage.makedirs(folder)
+    assert storage.listdir(folder) == []
+    path = storage.join(folder, "a.bin")
+    storage.write_bytes(path, b"first")
+    storage.write_bytes(path, b"second")  # replaced whole
+    assert storage.read_bytes(path) == b"second" and storage.size(path) == 6
+    assert storage.exists(path) and storage.isfile(path) and not storage.isfile(storage.join(folder, "b"))
+    with storage.open_file(path, "rb") as f:
+        f.seek(2)
+        assert f.read(3) == b"con"
+    storage.rename(path, storage.join(folder, "b.bin"))
+    assert storage.listdir(folder) == ["b.bin"]
+    assert storage.read_text(storage.join(folder, "b.bin")) == "second"
+    with storage.local_copy(storage.join(folder, "b.bin")) as local:
+        assert open(local, "rb").read() == b"second"
+    storage.remove(storage.join(folder, "b.bin"))
+    storage.remove(storage.join(folder, "b.bin"))  # already gone: fine
+    assert storage.listdir(folder) == []
+
+
+def test_a_write_that_fails_leaves_the_previous_object(folder):
+    path = storage.join(folder, "state")
+    storage.write_bytes(path, b"committed")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with storage.AtomicWriter(path) as f:
+            f.write(b"x" * (6 << 20))  # past gcsfs's 5 MiB block: a multi-part upload was started
+            raise Boom()
+    assert storage.read_bytes(path) == b"committed"
+    assert storage.listdir(folder) == ["state"]
+
+
+def test_a_missing_object_is_one_line_naming_the_url(bucket_dir):
+    missing = f"{bucket_dir}/nope/streaming_params"
+    with pytest.raises(FileNotFoundError) as error:
+        storage.read_bytes(missing)
+    assert str(error.value) == f"{missing}: no such file or object"
+    from lwm.checkpoint import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=f"checkpoint file not found: {missing}"):
+        load_checkpoint(f"params::{missing}")
+    from lwm.cli import check_input_files
+
+    with pytest.raises(FileNotFoundError, match=f"--load_checkpoint: no such object: {missing}"):
+        check_input_files([("--load_checkpoint", missing)])
+
+
+def test_a_missing_client_library_names_the_extra(monkeypatch):
+    import fsspec
+
+    def no_client(url, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_client)
+    with pytest.raises(ImportError, match=r"s3://b/x: s3:// paths need a client library .*pip install -e '\.\[s3\]'"):
+        storage.exists("s3://b/x")
+
+
+def test_paths_join_and_split_like_their_kind():
+    assert storage.join("gs://b/runs/", "r", "streaming_params") == "gs://b/runs/r/streaming_params"
+    assert storage.basename("gs://b/runs/r/metadata.pkl") == "metadata.pkl"
+    assert storage.dirname("gs://b/runs/r/metadata.pkl") == "gs://b/runs/r"
+    assert storage.join("runs", "r") == "runs/r" and not storage.is_remote("file:///x") and storage.is_remote("s3://b")
