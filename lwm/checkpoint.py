@@ -115,10 +115,11 @@ def save_streaming(path: str, tree, float_dtype=None, gather_fns: Mapping | None
 
     gather_fns: optional {key_path tuple: fn} turning a (sharded) leaf into a host array
     (default: `gather_array`, which all-gathers arrays spread over several processes).
-    Only process 0 writes; every process takes part in gathering.
+    Only process 0 writes; every process takes part in gathering. path=None: gather only (a
+    process whose save already failed still keeps the others' collectives company).
     """
     flat = flatten_dict(state_dict(tree), keep_empty_nodes=False)
-    writer = AtomicWriter(path) if jax.process_index() == 0 else None
+    writer = AtomicWriter(path) if jax.process_index() == 0 and path is not None else None
     packer = msgpack.Packer()
     fout = writer.__enter__() if writer else None
     failure = None  # a write error: the other processes still gather the rest, so keep gathering
@@ -452,15 +453,24 @@ class StreamingCheckpointer:
             staged.append((self._staged(final, step), final))
             write(staged[-1][0])
 
-        try:
-            for name in tensors:  # every process takes part: gathering a sharded tensor is collective
-                if name.startswith("streaming_train_state"):  # exact: no cast
-                    tree, fns, dtype = train_state_dict(step, params, opt_state), gather_fns, None
-                else:
-                    tree, dtype = params, float_dtype_by_name(self.config.float_dtype)
-                    fns = None if gather_fns is None else gather_fns["params"]["params"]
-                fns = None if fns is None else flat_fns(fns)
+        failure = None
+        for name in tensors:  # every process gathers every tensor (collective), even after a failure
+            if name.startswith("streaming_train_state"):  # exact: no cast
+                tree, fns, dtype = train_state_dict(step, params, opt_state), gather_fns, None
+            else:
+                tree, dtype = params, float_dtype_by_name(self.config.float_dtype)
+                fns = None if gather_fns is None else gather_fns["params"]["params"]
+            fns = None if fns is None else flat_fns(fns)
+            if failure is not None:
+                save_streaming(None, tree, dtype, fns)
+                continue
+            try:
                 stage(name, lambda path: save_streaming(path, tree, dtype, fns))
+            except OSError as e:
+                failure = e
+        try:
+            if failure is not None:
+                raise failure
             if dataset_state is not None and count > 1:
                 stage(f"dataset.process{index}{suffix}.pkl", lambda path: save_pickle(dataset_state, path))
             if main:

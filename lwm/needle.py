@@ -18,9 +18,10 @@ twice: `correct`, the original's (the response contains the number), and `correc
 (the response's first numbers are the needles, see `score_strict`); summaries and plots use
 the strict score unless told otherwise. Results are appended to `output_file` (a
 JSON list, rewritten atomically after every batch) and cases already there are skipped on a
-restart. The haystack, the results and the heatmap may be in a bucket (`gs://...`, through
-`lwm.storage`): the list is then uploaded whole after every batch. Each case's city and number come from a generator seeded by (seed, case), so a
-resumed run asks exactly what a fresh run would.
+restart. Each case's city and number come from a generator seeded by (seed, case), so a
+resumed run asks exactly what a fresh run would. The haystack, the results and the heatmap
+may be in a bucket (`gs://...`, through `lwm.storage`): the list is then uploaded whole after
+every batch.
 
     settings = NeedleSettings(haystack_file="pg19.jsonl", output_file="results.json",
                               context_lengths_min=1000, context_lengths_max=32000)

@@ -192,9 +192,18 @@ def test_a_multi_process_run_leaves_at_once(monkeypatch, capsys):
     assert capsys.readouterr().err == "prog: --f: file not found: /x\n"
 
 
-def test_file_checks_leave_urls_to_their_readers(tmp_path):
+def test_file_checks_look_up_urls_too(tmp_path):
+    """A URL is looked up through its client (here fsspec's in-memory store) before any work:
+    an existing object passes, a missing one is one line naming the flag and the URL."""
+    import fsspec
+
     from lwm import cli
 
-    cli.check_input_files([("--load_checkpoint", "gs://bucket/run/streaming_params")])  # no error
+    url = "memory://lwm-cli-check/run/streaming_params"
+    with fsspec.open(url, "wb") as f:
+        f.write(b"x")
+    cli.check_input_files([("--load_checkpoint", url)])  # no error
+    with pytest.raises(FileNotFoundError, match="--load_checkpoint: no such object: memory://lwm-cli-check/nope"):
+        cli.check_input_files([("--load_checkpoint", "memory://lwm-cli-check/nope")])
     with pytest.raises(FileNotFoundError, match="--haystack_file: file not found"):
         cli.check_input_files([("--haystack_file", str(tmp_path / "missing.jsonl"))])
