@@ -571,9 +571,9 @@ class StreamingCheckpointer:
 
     def latest(self) -> dict | None:
         """What autoresume needs from this folder (after `recover`), or None when nothing was
-        saved yet: the newest committed save, regular or milestone, read from the file list its
-        metadata recorded (older folders: the files its name implies). The exact train state is
-        preferred to exported params.
+        saved yet: the newest committed save, regular or milestone, that holds an exact train
+        state (else the newest save), read from the file list its metadata recorded (older
+        folders: the files its name implies). The exact train state is preferred to exported params.
 
         Returns {"step", "metadata", "suffix" ('' or '_<step>'), "checkpoint" ('TYPE::PATH', absent
         when the save holds no tensors), "dataset_state" (None when not saved)}."""
@@ -587,7 +587,11 @@ class StreamingCheckpointer:
                 saves.append((step, match.group(1) is None, metadata))
         if not saves:
             return None
-        step, regular, metadata = max(saves, key=lambda s: (s[0], s[1]))
+        # The newest save that continues the run exactly (a train state), else the newest save:
+        # a params-only milestone newer than the last exact save would lose the optimizer state.
+        exact = [s for s in saves if any(f.startswith("streaming_train_state") for f in s[2].get("files", ()))
+                 or (s[2].get("files") is None and f"streaming_train_state{'' if s[1] else f'_{s[0]}'}" in names)]
+        step, regular, metadata = max(exact or saves, key=lambda s: (s[0], s[1]))
         suffix = "" if regular else f"_{step}"
         out = {"metadata": metadata, "step": step, "suffix": suffix}
         listed = metadata.get("files")

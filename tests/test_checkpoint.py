@@ -438,3 +438,13 @@ def test_a_copy_that_lost_the_run_lock_does_not_commit(tmp_path):
     ckpt.lock = None
     ckpt.recover()
     assert folder_step(ckpt) == 1
+
+
+def test_resume_prefers_the_newest_exact_save_to_a_newer_params_only_milestone(tmp_path):
+    params = jax.tree.map(jnp.asarray, small_params())
+    opt_state = optax.adam(1e-3).init(params)
+    ckpt = StreamingCheckpointer(None, str(tmp_path))
+    ckpt.save_all(4, params, opt_state, dataset_state={"loc": 4})
+    ckpt.save_all(6, params, opt_state, dataset_state={"loc": 6}, milestone=True)  # bf16 params only
+    latest = ckpt.latest()
+    assert latest["step"] == 4 and latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state"
