@@ -158,6 +158,7 @@ def size(path: str) -> int:
         return os.path.getsize(_local(path))
     fs, inner = _filesystem(path)
     with _remote_errors(path):
+        fs.invalidate_cache()  # a listing cached earlier holds the size an object had then
         return int(fs.size(inner))
 
 
@@ -259,6 +260,7 @@ def open_file(path: str, mode: str = "rb") -> Iterator[IO]:
         return
     fs, inner = _filesystem(path)
     with _remote_errors(path):
+        fs.invalidate_cache()  # reads take the object's size from a listing: never a stale one
         f = fs.open(inner, mode)
     with f:
         yield f

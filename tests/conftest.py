@@ -8,7 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # tests/gcs.py: no gRPC probe of the emulator
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # lwm/gcs_emulator.py: no gRPC probe of the emulator
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """gs:// URL of a bucket in a GCS API emulator on 127.0.0.1 (tests/gcs.py), served to the real gcsfs."""
-    from tests.gcs import start_emulator
+    """gs:// URL of a bucket in a GCS API emulator on 127.0.0.1 (lwm/gcs_emulator.py), served to the real gcsfs."""
+    from lwm.gcs_emulator import start_emulator
 
     return start_emulator()
 

@@ -81,3 +81,33 @@ def test_sample_pyt_matches_our_greedy_decoding(tmp_path):
         logits = model.apply({"params": params}, jnp.asarray([ids])).logits
         ids.append(int(jnp.argmax(logits[0, -1])))
     assert text == tok.decode(ids[-6:])
+
+
+def test_the_converter_reads_a_checkpoint_and_config_from_a_bucket(tmp_path, bucket_dir):
+    """The run's files in a GCS bucket (an emulator, through the real gcsfs): convert_lwm_to_hf.py
+    reads the checkpoint and config from gs:// and writes the same Hugging Face weights as from
+    a local copy; a missing object is one line naming it."""
+    from lwm import storage
+
+    config = tiny_config(num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    params = init_params(config, jax.random.key(1))
+    save_streaming(f"{bucket_dir}/streaming_params", params)
+    config.save_json(str(tmp_path / "config.json"))
+    storage.write_bytes(f"{bucket_dir}/config.json", (tmp_path / "config.json").read_bytes())
+    run_script("convert_lwm_to_hf.py", f"--load_checkpoint=params::{bucket_dir}/streaming_params",
+               f"--load_llama_config=json::{bucket_dir}/config.json", f"--output_dir={tmp_path / 'hf'}",
+               "--tokenizer=builtin")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = random_ids(4, (2, 16), config.vocab_size)
+    with torch.no_grad():
+        ref = hf(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
+    ours = LLaMAForCausalLM(config.replace(attention_impl="dense")).apply({"params": params}, ids).logits
+    assert max_rel_error(ours, ref) <= 1e-4
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_lwm_to_hf.py"),
+                           f"--load_checkpoint=params::{bucket_dir}/missing", f"--output_dir={tmp_path / 'x'}",
+                           f"--load_llama_config=json::{tmp_path}/config.json"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"convert_lwm_to_hf.py: --load_checkpoint: no such object: {bucket_dir}/missing"

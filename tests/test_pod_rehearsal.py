@@ -24,7 +24,7 @@ import pytest
 from lwm import storage
 from lwm.logger import read_metrics
 from lwm.mesh import cpu_xla_flags
-from tests.gcs import free_port
+from lwm.gcs_emulator import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,17 +96,22 @@ def test_the_stage_chain_on_two_processes_in_a_bucket(bucket_dir, tmp_path):
     for stage in TEXT_STAGES:
         procs = start_stage(f"run_lwm_text_stage_{stage}.sh", env)
         if stage == "128k":  # a preemption in the middle of the stage: one process dies in a save
+            first_log = []
             for line in procs[0].stderr:
+                first_log.append(line)
                 if "checkpoint step 8: saving" in line:
                     os.killpg(procs[1].pid, signal.SIGKILL)  # the script's shell and its python
                     break
-            for p in procs:
-                p.communicate(timeout=300)
+            first_log.append(procs[0].communicate(timeout=300)[1])
+            procs[1].communicate(timeout=300)
             assert procs[0].returncode == 1 and procs[1].returncode == -signal.SIGKILL
-            assert final_step(f"{root}/lwm-text-128k") == 6  # a params-only milestone; the last exact save is 4
+            assert final_step(f"{root}/lwm-text-128k") == 4  # the last exact save (milestone 6 holds params only)
+            assert "metadata_6.pkl" in storage.listdir(f"{root}/lwm-text-128k")
             procs = start_stage(f"run_lwm_text_stage_{stage}.sh", env)  # the same command on both
-            log = finish(procs)
-            assert f"resumed from trainstate::{root}/lwm-text-128k/streaming_train_state at step 4" in log
+            resumed_log = finish(procs)
+            assert f"resumed from trainstate::{root}/lwm-text-128k/streaming_train_state at step 4" in resumed_log
+            assert "another process has probably stopped" in first_log[-1]
+            log = "".join(first_log)  # the stage's first start loaded the previous stage's weights
         else:
             log = finish(procs)
         if previous is not None:

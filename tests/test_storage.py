@@ -79,3 +79,17 @@ def test_paths_join_and_split_like_their_kind():
     assert storage.basename("gs://b/runs/r/metadata.pkl") == "metadata.pkl"
     assert storage.dirname("gs://b/runs/r/metadata.pkl") == "gs://b/runs/r"
     assert storage.join("runs", "r") == "runs/r" and not storage.is_remote("file:///x") and storage.is_remote("s3://b")
+
+
+def test_a_read_sees_an_object_rewritten_by_another_process(bucket_dir):
+    """gcsfs caches listings with sizes: a read after another host rewrote an object (longer)
+    must see all of it, not the cached length."""
+    import subprocess
+    import sys
+
+    path = f"{bucket_dir}/metrics.jsonl"
+    storage.write_text(path, "one\n")
+    assert storage.listdir(bucket_dir) == ["metrics.jsonl"]  # caches the listing, size 4
+    subprocess.run([sys.executable, "-c", f"from lwm import storage; storage.write_text({path!r}, 'one\\ntwo\\n')"],
+                   check=True, timeout=120)
+    assert storage.read_text(path) == "one\ntwo\n" and storage.size(path) == 8

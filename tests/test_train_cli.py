@@ -410,3 +410,28 @@ def test_a_failed_write_on_one_host_stops_every_host_at_once(corpus, tmp_path):
     finish([start(0, 2, False), start(1, 2, False)])
     logged = all_losses(tmp_path / "run" / "metrics.jsonl")
     assert [s for s, _ in logged] == [1, 2, 2] and logged[1][1] == logged[2][1]
+
+
+def test_milestones_neither_hold_back_the_last_save_nor_block_resuming(corpus, tmp_path):
+    """A run whose last step is a milestone still writes its regular save at that step (it
+    used to stay one save behind); a milestone-only run (save_model_freq=0) resumes from its
+    newest milestone, exactly, instead of restarting at step 0 and overwriting its milestones."""
+    from lwm.checkpoint import load_pickle
+
+    run(train_args(corpus, tmp_path / "a", 4, ["--save_model_freq=3", "--save_milestone_freq=2", "--mesh_dim=1,1,1,1"]),
+        devices=1)
+    assert load_pickle(str(tmp_path / "a" / "run" / "metadata.pkl"))["step"] == 4
+    assert load_pickle(str(tmp_path / "a" / "run" / "metadata_4.pkl"))["step"] == 4
+
+    args = ["--save_model_freq=0", "--save_milestone_freq=2", "--autoresume=True", "--mesh_dim=1,1,1,1"]
+    run(train_args(corpus, tmp_path / "b", 4, args), devices=1)
+    reference = dict(all_losses(tmp_path / "b" / "run" / "metrics.jsonl"))
+    run(train_args(corpus, tmp_path / "c", 2, args), devices=1)
+    folder = tmp_path / "c" / "run"
+    assert "streaming_train_state_2" in os.listdir(folder) and "metadata.pkl" not in os.listdir(folder)
+    proc = run(train_args(corpus, tmp_path / "c", 4, args), devices=1)
+    assert f"resumed from trainstate::{folder}/streaming_train_state_2 at step 2" in proc.stderr
+    assert load_pickle(str(folder / "metadata_2.pkl"))["step"] == 2
+    logged = all_losses(folder / "metrics.jsonl")
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert all(loss == reference[step] for step, loss in logged), (logged, reference)

@@ -1,10 +1,10 @@
-"""A GCS API emulator on 127.0.0.1 for tests: the real gcsfs client talks to it.
+"""A GCS API emulator on 127.0.0.1 for tests and benchmarks: the real gcsfs client talks to it.
 
     bucket = start_emulator()   # 'gs://lwm-test'; STORAGE_EMULATOR_HOST set for this process and its children
 
 `gcp-storage-emulator` (PyPI) serves the JSON API in memory; gcsfs finds it through
 STORAGE_EMULATOR_HOST and needs no credentials then. GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
-(set in conftest before gcsfs is imported) skips a gRPC bucket-type probe the emulator does not
+(set here if unset, before gcsfs is first imported) skips a gRPC bucket-type probe the emulator does not
 answer, which would otherwise cost 60 s per first touch of a bucket.
 """
 import atexit
@@ -25,9 +25,10 @@ def free_port() -> int:
 
 
 def start_emulator() -> str:
-    """Start the emulator once per test process; returns the bucket URL."""
+    """Start the emulator once per process (`pip install gcp-storage-emulator`); returns the bucket URL."""
     if "url" in _started:
         return _started["url"]
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
                              f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
