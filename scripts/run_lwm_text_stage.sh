@@ -34,15 +34,7 @@ case "$stage" in
     *) echo "set stage to one of 32k, 128k, 256k, 512k, 1m (got '$stage')" >&2; exit 2 ;;
 esac
 init_checkpoint="${init_checkpoint:-$from}"
-length=$(( length / length_divisor )); length=$(( length > min_length ? length : min_length ))
-steps=$(( steps / steps_divisor )); steps=$(( steps > 1 ? steps : 1 ))
-warmup=$(( warmup / steps_divisor )); warmup=$(( warmup > 1 ? warmup : 1 ))
-warmup=$(( warmup < steps ? warmup : steps - 1 ))  # the schedule needs warmup < steps (0 for a 1-step stage)
-batch=$(( batch_tokens / length )); batch=$(( batch > 1 ? batch : 1 ))
-chunk=$(( chunk_size < length ? chunk_size : length ))
-save_milestone_freq="${save_milestone_freq:-$(( steps / 4 > 1 ? steps / 4 : 1 ))}"
-sp=$(( length / 32768 > 1 ? length / 32768 : 1 ))  # one sp shard per 32K tokens of the stage's length
-mesh_dim="${mesh_dim:-1,-1,1,$sp}"  # dp,fsdp,tp,sp: sp splits each sequence over a ring
+source "$(dirname -- "${BASH_SOURCE[0]}")/stage_scale.sh"  # length, steps, warmup, batch, chunk, mesh from the knobs
 
 : "${dataset_path:?set dataset_path at the top of this script (or in the environment)}"
 PROJECT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
