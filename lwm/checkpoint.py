@@ -484,7 +484,7 @@ class StreamingCheckpointer:
             error = CheckpointWriteError(e.errno, f"checkpoint step {step} not saved: writing "
                                          f"{e.filename or staged[-1][0]} failed: {e.strerror or e}; the previous "
                                          "checkpoint is intact (free space, then restart with --autoresume=True)")
-        failed = _failed_processes(error is not None)
+        failed = failed_processes(error is not None)
         if error is not None:
             raise error
         if failed:
@@ -505,7 +505,7 @@ class StreamingCheckpointer:
                 error = e if isinstance(e, CheckpointWriteError) else CheckpointWriteError(
                     e.errno, f"checkpoint step {step}: committing failed: {e.strerror or e}; restart with "
                              "--autoresume=True (the save is finished or discarded at the start)")
-        failed = _failed_processes(error is not None)
+        failed = failed_processes(error is not None)
         if error is not None:
             raise error
         if failed:
@@ -617,8 +617,9 @@ class StreamingCheckpointer:
         return out
 
 
-def _failed_processes(failed: bool) -> list[int]:
-    """The indices of the processes that report a failure; every process calls it (a barrier)."""
+def failed_processes(failed: bool) -> list[int]:
+    """The indices of the processes that report a failure; every process calls it (a barrier), so
+    all of them learn at once that one failed, instead of waiting for it in a later collective."""
     if jax.process_count() == 1:
         return [0] if failed else []
     from jax.experimental import multihost_utils

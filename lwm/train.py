@@ -31,7 +31,7 @@ from absl import app
 from tqdm import tqdm
 
 from lwm import cli, storage
-from lwm.checkpoint import StreamingCheckpointer, float_dtype_by_name, load_pickle, saved_step
+from lwm.checkpoint import StreamingCheckpointer, failed_processes, float_dtype_by_name, load_pickle, saved_step
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
@@ -41,7 +41,7 @@ from lwm.llama import check_positions
 from lwm.logger import MetricsLogger
 from lwm.mesh import batch_to_global, build_mesh, data_rank_and_world, sharding_table
 from lwm.optimizers import OptimizerFactory
-from lwm.run_folder import RunLock, check_shared_folder, shared_token
+from lwm.run_folder import RunFolderError, RunLock, check_shared_folder, shared_token
 from lwm.tokenizer import DEFAULT_TOKENIZER, load_tokenizer, resolve_tokenizer_file
 from lwm.trainer import LOSS_AVERAGING, Trainer
 
@@ -210,10 +210,16 @@ def train():
     run_dir = storage.join(logger_config.output_dir, logger_config.experiment_id)
     token = shared_token()
     check_shared_folder(run_dir, token)  # every host sees the same run folder, or all stop here
-    lock = None
+    lock, refused = None, None
     if is_main:
-        lock = RunLock(run_dir, checkpointer_config.lock_ttl_seconds, checkpointer_config.take_over_lock)
-        log.info("%s", lock.acquire())
+        try:
+            lock = RunLock(run_dir, checkpointer_config.lock_ttl_seconds, checkpointer_config.take_over_lock)
+            log.info("%s", lock.acquire())
+        except RunFolderError as e:
+            refused = e
+    if failed_processes(refused is not None):  # every process stops on process 0's refusal, at once
+        raise refused or RunFolderError(f"run folder {run_dir}: process 0 could not take the run's lock (its log "
+                                        "says why)")
     try:
         logger = MetricsLogger(logger_config, variant, enable=is_main or FLAGS.log_all_worker)
         rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
@@ -324,7 +330,8 @@ def run_steps(trainer, checkpointer, logger, dataset, eval_iterator, eval_batch_
 
 
 def check_input_files() -> None:
-    """Every local file the flags name exists (datasets, dataset state, checkpoint, tokenizer)."""
+    """Every file the flags name exists, locally or in a bucket (datasets, dataset state,
+    checkpoint, tokenizer)."""
     named = []
     for group, used in (("train_dataset", True), ("eval_dataset", FLAGS.eval_steps > 0)):
         config = getattr(FLAGS, group)

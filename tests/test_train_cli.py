@@ -435,3 +435,23 @@ def test_milestones_neither_hold_back_the_last_save_nor_block_resuming(corpus, t
     logged = all_losses(folder / "metrics.jsonl")
     assert [s for s, _ in logged] == [1, 2, 3, 4]
     assert all(loss == reference[step] for step, loss in logged), (logged, reference)
+
+
+def test_a_second_live_copy_of_a_run_is_refused(corpus, tmp_path):
+    """A requeued job started while the old one still runs: the new copy stops at the start
+    with one line naming the live holder, before it writes or deletes anything in the folder."""
+    args = ["--save_model_freq=1", "--autoresume=True", "--mesh_dim=1,1,1,1"]
+    first = subprocess.Popen(train_args(corpus, tmp_path, 200, args), env=env(1), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:
+            if "checkpoint step 1: saved" in line:
+                break
+        second = run(train_args(corpus, tmp_path, 200, args), devices=1, check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert (f"run folder {tmp_path / 'run'} is in use by another live copy of this run (host "
+                f"{__import__('socket').gethostname()}, pid {first.pid}") in second.stderr, second.stderr[-2000:]
+        assert first.poll() is None  # the first copy goes on
+    finally:
+        first.kill()
+        first.wait()
