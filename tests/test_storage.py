@@ -93,3 +93,22 @@ def test_a_read_sees_an_object_rewritten_by_another_process(bucket_dir):
     subprocess.run([sys.executable, "-c", f"from lwm import storage; storage.write_text({path!r}, 'one\\ntwo\\n')"],
                    check=True, timeout=120)
     assert storage.read_text(path) == "one\ntwo\n" and storage.size(path) == 8
+
+
+def test_missing_credentials_are_one_line_naming_the_url(monkeypatch):
+    """What google-auth raises on a machine without credentials becomes a PermissionError that
+    names the URL and what to do (the client itself cannot be made to fail so without a network)."""
+    import fsspec
+    from google.auth.exceptions import DefaultCredentialsError
+
+    class NoCredentials:
+        def invalidate_cache(self, path=None):
+            pass
+
+        def exists(self, path):
+            raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: (NoCredentials(), url.split("://", 1)[1]))
+    with pytest.raises(PermissionError, match=r"^gs://b/run/x: no usable credentials \(DefaultCredentialsError: "
+                                              r"Your default credentials were not found\.\); run gcloud auth"):
+        storage.exists("gs://b/run/x")
