@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow end-to-end tests first, the longest (the pod rehearsal, minutes) at the very start:
+    # with pytest-xdist one worker runs it while the other works through the rest, instead of
+    # one long test starting last.
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.path.name != "test_pod_rehearsal.py"))
     platform = jax.default_backend()
     for item in items:
         for marker, needed in (("gpu", "gpu"), ("tpu", "tpu")):
