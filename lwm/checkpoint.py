@@ -229,7 +229,7 @@ def load_streaming(path: str, target=None, shard_fns: Mapping | None = None,
         match; missing keys, unexpected keys and shape mismatches are reported by name.
     shard_fns: {key_path tuple: fn(host array) -> placed array}, applied as each tensor is read.
     remove_prefix: keep only keys under this prefix, with the prefix removed.
-        optional: key paths of `target` the file may lack (the result then lacks them too).
+    optional: key paths of `target` the file may lack (the result then lacks them too).
     """
     expected = None if target is None else flatten_dict(state_dict(target), keep_empty_nodes=False)
     flat, mismatched = {}, []
@@ -248,6 +248,9 @@ def load_streaming(path: str, target=None, shard_fns: Mapping | None = None,
                 continue
         tensor = cast_floats(tensor, float_dtype)
         flat[key] = shard_fns[key](tensor) if shard_fns is not None and key in shard_fns else tensor
+    if not flat and remove_prefix == ("params", "params"):
+        raise ValueError(f"checkpoint {path} holds no train state parameters (no params/params/...): if it is a "
+                         f"params file, load it with params::{path}")
     if expected is not None:
         _report(path, {k: v for k, v in expected.items() if k not in set(optional) or k in flat}, flat, mismatched)
         # Empty subtrees (optax's EmptyState, ...) hold no tensor in the file; restore them.
@@ -269,6 +272,12 @@ def _report(path: str, expected: Mapping, found: Mapping, mismatched: list[str])
                 not any(k[0] in tops for k in expected):
             raise ValueError(f"checkpoint {path} does not match the model: this file is a train state "
                              f"(keys {'/'.join(sorted(tops))}): use trainstate_params::{path}")
+        # ... and a params file read as trainstate:: lacks step and optimizer state altogether.
+        expected_tops = {k[0] for k in expected}
+        if expected_tops <= {"step", "params", "opt_state"} and "step" in expected_tops and \
+                not any(k[0] in expected_tops for k in found):
+            raise ValueError(f"checkpoint {path} is a params file (no step or optimizer state): load it with "
+                             f"params::{path}")
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))

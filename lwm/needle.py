@@ -538,7 +538,12 @@ def summary_table(results: Sequence[dict], scoring: str = "strict") -> str:
 
 
 def _length_label(n: int) -> str:
-    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+    """A context length as a tick label: 2048 -> '2K', 1048576 -> '1M', 1000 -> '1,000'."""
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return f"{n:,}"
 
 
 def plot_needle_results(results: Sequence[dict], path: str, title: str = "", scoring: str = "strict") -> str:

@@ -58,12 +58,15 @@ def train_tokenizer(input_path: str, output: str, vocab_size: int = 2048, field:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="JSONL corpus, one {\"text\": ...} a line")
-    parser.add_argument("--output", required=True, help="where the tokenizer.model goes")
-    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="python scripts/train_tokenizer.py --input=train.jsonl --output=tok/tokenizer.model [--vocab_size=2048]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", required=True, help="JSONL corpus, one {\"text\": ...} a line (a path or bucket URL)")
+    parser.add_argument("--output", required=True, help="where the tokenizer.model goes (a path or bucket URL)")
+    parser.add_argument("--vocab_size", type=int, default=2048, help="pieces in the model, special ids included")
     parser.add_argument("--field", default="text", help="the JSON key holding the text")
-    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece's algorithm")
     cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     with cli.user_errors(args.verbose, expected=(RuntimeError,)):  # sentencepiece's errors are RuntimeErrors

@@ -448,3 +448,18 @@ def test_resume_prefers_the_newest_exact_save_to_a_newer_params_only_milestone(t
     ckpt.save_all(6, params, opt_state, dataset_state={"loc": 6}, milestone=True)  # bf16 params only
     latest = ckpt.latest()
     assert latest["step"] == 4 and latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state"
+
+
+def test_a_params_file_read_as_a_train_state_gets_a_short_hint(tmp_path):
+    """trainstate:: or trainstate_params:: on a params-only file: one short line naming the
+    right prefix, not a list of every missing optimizer key."""
+    params = jax.tree.map(jnp.asarray, small_params())
+    path = str(tmp_path / "streaming_params")
+    save_streaming(path, params)
+    target = train_state_dict(jnp.asarray(0, jnp.int32), params, optax.adam(1e-3).init(params))
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(f"trainstate::{path}", trainstate_target=target)
+    assert str(error.value) == (f"checkpoint {path} is a params file (no step or optimizer state): load it with "
+                                f"params::{path}")
+    with pytest.raises(ValueError, match=f"if it is a params file, load it with params::{path}"):
+        load_checkpoint(f"trainstate_params::{path}", params_target=params)

@@ -364,3 +364,10 @@ def test_run_scripts_pass_flags_the_evals_accept(tmp_path, script, multi):
         assert (flags.n_needles_total, flags.n_needles_retrieve, flags.n_rounds) == (4, 2, 10)
     else:
         assert (flags.n_context_length_intervals, flags.n_document_depth_intervals, flags.n_rounds) == (20, 20, 3)
+
+
+def test_length_tick_labels_read_as_people_write_lengths():
+    from lwm.needle import _length_label
+
+    assert [_length_label(n) for n in (256, 1000, 2048, 3000, 32768, 131072, 1048576, 1536)] == [
+        "256", "1,000", "2K", "3,000", "32K", "128K", "1M", "1,536"]

@@ -277,3 +277,16 @@ def test_stage_scripts_refuse_an_unknown_stage(clean_knobs, script):
     env = dict(os.environ, stage="2k", dataset_path="/d/data.jsonl")
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "set stage to one of" in result.stderr and "'2k'" in result.stderr
+
+
+def test_train_tokenizer_help_shows_usage_and_defaults():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_tokenizer.py"), "--help"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python scripts/train_tokenizer.py --input=train.jsonl")
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert "(default: 2048)" in text and "(default: bpe)" in text
