@@ -237,13 +237,14 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
         record = {"name": name, "length": stage["seq_length"], "theta": stage["theta"], "steps": stage["steps"],
                   "tokens": stage["steps"] * stage["batch_size"] * stage["seq_length"], "wall_s": round(wall, 1),
                   "init_from": stage["init_from"] or None, "mesh_dim": stage["mesh_dim"],
-                  "checkpoint": os.path.join(run_folder(out, name), "streaming_params"), "evals_wall_s": 0.0}
+                  "checkpoint": project_path(os.path.join(run_folder(out, name), "streaming_params")),
+                  "evals_wall_s": 0.0}
         for spec in stage["evals"]:
             if spec["key"].startswith("ablation") and not ablations and name in MAIN_STAGES:
                 continue
             results_file, eval_wall = run_eval(stage, spec, tokenizer, out)
             record["evals_wall_s"] += round(eval_wall, 1)
-            summary["evals"][spec["key"]] = {"accuracy": accuracy(results_file), "results": results_file,
+            summary["evals"][spec["key"]] = {"accuracy": accuracy(results_file), "results": project_path(results_file),
                                              "stage": name, "lengths": [spec["min"], spec["max"]]}
             heatmap = os.path.splitext(results_file)[0] + ".png"
             if os.path.exists(heatmap) and assets:
@@ -325,6 +326,11 @@ def _add_wall(out: str, name: str, seconds: float) -> float:
     walls[name] = walls.get(name, 0.0) + seconds
     _write_lines(path, [json.dumps(walls)])
     return walls[name]
+
+
+def project_path(path: str) -> str:
+    """A path as the published summary holds it: relative to the project, not to this machine."""
+    return os.path.relpath(os.path.abspath(path), ROOT)
 
 
 def _write_lines(path: str, lines) -> None:

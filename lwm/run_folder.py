@@ -43,9 +43,9 @@ class RunFolderError(OSError):
     """The run folder cannot be used (not shared by every process, or held by a live run)."""
 
 
-def shared_token() -> str:
-    """A random hex token, the same on every process (process 0's)."""
-    token = np.frombuffer(uuid.uuid4().bytes[:8], np.uint32).copy()
+def shared_token(nbytes: int = 8) -> str:
+    """A random hex token of `nbytes` (at most 16), the same on every process (process 0's)."""
+    token = np.frombuffer(uuid.uuid4().bytes[:nbytes], np.uint32).copy()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

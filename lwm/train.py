@@ -106,17 +106,10 @@ def resolve_loss_averaging(choice: str, dataset_config) -> str:
 
 def shared_experiment_id(logger_config) -> str:
     """The run id every process agrees on (process 0's uuid when append_uuid is set)."""
-    import uuid
-
     base = logger_config.experiment_id
     if base and not logger_config.append_uuid:
         return base
-    token = np.frombuffer(uuid.uuid4().bytes, np.uint32).copy()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
-    suffix = token.astype(np.uint32).tobytes().hex()
+    suffix = shared_token(16)
     return f"{base}-{suffix}" if base else suffix
 
 

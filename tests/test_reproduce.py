@@ -32,11 +32,13 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
                 "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage"):
         assert 0.0 <= summary[key] <= 1.0, key
-        results = load_results(summary["evals"][key]["results"])
+        assert not os.path.isabs(summary["evals"][key]["results"])  # relative to the project: no machine's paths
+        results = load_results(os.path.join(ROOT, summary["evals"][key]["results"]))
         assert results and all("correct_strict" in r for r in results)
         assert (tmp_path / "assets" / f"{key}.png").exists()
     for stage in summary["stages"]:
-        assert os.path.exists(stage["checkpoint"]) and stage["wall_s"] > 0
+        assert not os.path.isabs(stage["checkpoint"])
+        assert os.path.exists(os.path.join(ROOT, stage["checkpoint"])) and stage["wall_s"] > 0
     out = tmp_path / "out"
     assert {"train.jsonl", "eval.jsonl"} <= set(os.listdir(out / "data"))
     assert (out / "tokenizer" / "tokenizer.model").exists()
