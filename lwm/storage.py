@@ -27,6 +27,7 @@ missing credentials or access is a PermissionError saying which.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -208,7 +209,9 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
+    """UTF-8 text as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
+    with open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+        return f.read()
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -14,7 +14,6 @@ A line holds a whole document (`--unit=document`, the original's layout) or one 
 object upload). Inputs and output may be bucket URLs (gs://bucket/texts/, gs://bucket/pg19.jsonl).
 """
 import argparse
-import io
 import json
 import os
 import sys
@@ -41,16 +40,10 @@ def local_documents(inputs: list[str]) -> list[tuple[str, str]]:
     documents = []
     for path in paths:
         try:
-            documents.append((path, _read_text(path)))
+            documents.append((path, storage.read_text(path)))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     return documents
-
-
-def _read_text(path: str) -> str:
-    """A text file's content as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
-    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-        return f.read()
 
 
 def _walk_files(folder: str) -> list[str]:

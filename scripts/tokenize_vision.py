@@ -105,7 +105,7 @@ def list_folder(folder: str, caption_suffix: str = ".txt") -> tuple[list[Item], 
             if os.path.splitext(name)[0] + caption_suffix not in names:  # the listing says; no request per file
                 failures.append((rel, f"no caption file {_relative(caption_file, folder)}"))
                 continue
-            items.append(Item(rel, rel, file, _read_text(caption_file).strip()))
+            items.append(Item(rel, rel, file, storage.read_text(caption_file).strip()))
     return items, failures
 
 
@@ -128,12 +128,6 @@ def _relative(path: str, folder: str) -> str:
     if storage.is_remote(folder):
         return path[len(folder.rstrip("/")) + 1:]
     return os.path.relpath(path, folder).replace(os.sep, "/")
-
-
-def _read_text(path: str) -> str:
-    """A text file's content as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
-    with storage.open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-        return f.read()
 
 
 def list_jsonl(path: str, path_key: str = "path", caption_key: str = "caption",
