@@ -47,15 +47,15 @@ class TextChat:
         import jax
         import numpy as np
 
-        from lwm.generation import SamplingParams, padded_prompt_length, room_for_new_tokens
+        from lwm.generation import SamplingParams, padded_prompt_length, room_error, room_for_new_tokens
 
         tok = self.tokenizer
         ids = tok.encode(chat_prompt(question), add_bos=True)
         room = room_for_new_tokens(padded_prompt_length(len(ids), self.loaded.config, self.loaded.mesh),
                                    self.loaded.config, self.loaded.mesh)
         if room <= 0:
-            raise ValueError(f"the question is {len(ids)} tokens: no room left in max_sequence_length="
-                             f"{self.loaded.config.max_sequence_length} for an answer")
+            raise ValueError(room_error("the question (in the chat template)", len(ids), 1, self.loaded.config,
+                                        self.loaded.mesh, fixes="a shorter question"))
         sampling = SamplingParams(max_new_tokens=min(self.max_new_tokens, room), temperature=self.temperature,
                                   top_k=self.top_k, top_p=self.top_p, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.eos_token_id)

@@ -29,7 +29,9 @@ unwritable output before it builds anything, naming the flag:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -43,6 +45,24 @@ from absl import app
 # OSError covers a missing or unreadable file, a full disk and lwm.checkpoint's CheckpointWriteError.
 USER_ERRORS: tuple[type[BaseException], ...] = (app.UsageError, ValueError, OSError)
 VERBOSE_HELP = "on a bad input, show the full traceback instead of one line"
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help of an argparse entry point: the docstring's examples as written, every default shown
+    (also for options without a help text, which argparse's own formatter leaves bare)."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and (action.required or action.default is not None):
+            action = copy.copy(action)
+            action.help = "required" if action.required else "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.required and action.option_strings:
+            return action.help if "required" in action.help else f"{action.help} (required)"
+        if "default" in (action.help or ""):  # the help text says it already, in words
+            return action.help
+        return super()._get_help_string(action)
+
 
 # `--verbose` defined from here belongs to the entry point that calls `run` (its --help lists it).
 absl.flags.disclaim_key_flags()
@@ -119,6 +139,18 @@ def run(main: Callable, program: str | None = None, expected: tuple[type[BaseExc
     """`app.run(main)` with --verbose defined and bad inputs reported in one line."""
     define_verbose_flag()
     app.run(guarded(main, program, expected))
+
+
+@contextlib.contextmanager
+def naming(flag: str) -> Iterator[None]:
+    """A bad value's ValueError raised inside gets the flag's name in front (`--dtype: ...`), so
+    the one line says which flag to fix."""
+    try:
+        yield
+    except ValueError as e:
+        if str(e).startswith(flag):
+            raise
+        raise app.UsageError(f"{flag}: {e}") from None
 
 
 # ---- files, checked before anything is built ------------------------------------------------

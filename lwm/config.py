@@ -19,7 +19,8 @@ import ast
 import dataclasses
 import json
 import pickle
-from typing import Any, Mapping
+import re
+from typing import Any, Collection, Mapping
 
 from ml_collections import ConfigDict
 
@@ -318,8 +319,14 @@ def parse_config_updates(text: str) -> dict:
 
 def load_config(spec: str, cls: type[LLaMAConfig] = LLaMAConfig) -> LLaMAConfig:
     """A config from a standard size name, `json::PATH` or `pickle::PATH`."""
+    return cls.from_dict(read_config_fields(spec))
+
+
+def read_config_fields(spec: str) -> dict:
+    """The fields a standard size name, `json::PATH` or `pickle::PATH` writes down, as a dict
+    (before defaults fill the rest: which fields a file sets decides where a value comes from)."""
     if spec in STANDARD_CONFIGS:
-        return cls.from_dict(STANDARD_CONFIGS[spec])
+        return dict(STANDARD_CONFIGS[spec])
     if "::" not in spec:
         raise ValueError(f"unknown config {spec!r}: expected one of {sorted(STANDARD_CONFIGS)}, "
                          "'json::PATH' or 'pickle::PATH'")
@@ -331,18 +338,16 @@ def load_config(spec: str, cls: type[LLaMAConfig] = LLaMAConfig) -> LLaMAConfig:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        return raw
     if kind == "pickle":
         raw = pickle.loads(storage.read_bytes(path))
         if isinstance(raw, dict) and "llama_config" in raw:
             raw = raw["llama_config"]
-        if isinstance(raw, LLaMAConfig):
-            raw = raw.to_dict()
-        elif hasattr(raw, "to_dict"):
+        if hasattr(raw, "to_dict"):
             raw = raw.to_dict()
         if not isinstance(raw, Mapping):
             raise ValueError(f"{path}: expected a dict with a 'llama_config' entry, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        return dict(raw)
     raise ValueError(f"unknown config source {kind!r} in {spec!r}: expected 'json' or 'pickle'")
 
 
@@ -354,37 +359,101 @@ def build_config(
     mesh_dim: str | None = None,
     cls: type[LLaMAConfig] = LLaMAConfig,
     grow_vocab: bool = True,
+    explicit: Collection[str] | None = None,
 ) -> LLaMAConfig:
-    """The model config every entry point uses, assembled in the original's order.
+    """The model config every entry point uses (`build_config_with_sources` without the sources)."""
+    return build_config_with_sources(load_llama_config, llama_flags, update_llama_config, tokenizer, mesh_dim, cls,
+                                     grow_vocab, explicit)[0]
 
-    1. `load_llama_config` (size name or file), taking only the runtime fields (scan_*,
-       remat_*, chunk sizes, kernel choice) from `--llama.*`; without it, all of `--llama.*`.
+
+def build_config_with_sources(
+    load_llama_config: str,
+    llama_flags: Mapping[str, Any],
+    update_llama_config: str = "",
+    tokenizer=None,
+    mesh_dim: str | None = None,
+    cls: type[LLaMAConfig] = LLaMAConfig,
+    grow_vocab: bool = True,
+    explicit: Collection[str] | None = None,
+) -> tuple[LLaMAConfig, dict[str, str]]:
+    """The model config, assembled in the original's order, and where each run-time field came from.
+
+    1. `load_llama_config` (size name or file). Its run-time fields (scan_*, remat_*, chunk
+       sizes, kernel choice) come from `--llama.*` when that flag is given on the command line
+       (`explicit`: the `--llama.*` names present; None = all of `llama_flags`), else from the
+       file when it writes them down, else from the flag defaults. (The original took them from
+       `--llama.*` always, so a file's chunk sizes were silently replaced by the 1024 defaults;
+       its scripts pass the flags explicitly and behave as before.) Without it, all of `--llama.*`.
     2. `--update_llama_config` literals.  3. bos/eos from the tokenizer, and (with `grow_vocab`,
     as the original's training did) vocab_size grown to the tokenizer's size if smaller.
     4. mesh_dim recorded. Inference passes grow_vocab=False: a checkpoint's shapes are fixed.
 
     With `load_llama_config`, a model field set through `--llama.*` to anything but its flag
     default is an error: the original ignored it silently (a context-extension stage that set
-    `--llama.theta` trained at the loaded theta). Flags carry no "was set" bit here, so a
-    value equal to the default passes, which is harmless since it would change nothing.
+    `--llama.theta` trained at the loaded theta).
+
+    Sources map each RUNTIME_FIELDS name to `--update_llama_config`, `--llama.X`, the config
+    spec (`json::configs/tiny_text.json`) or `default` (`describe_runtime_fields` prints them).
     """
     flags = {k: v for k, v in dict(llama_flags).items() if k in cls.field_names()}
+    given = set(flags) if explicit is None else set(explicit) & set(flags)
+    updates = _parse_named_updates(update_llama_config)
+    sources = {}
     if load_llama_config:
         defaults = cls.get_default_config()
         for k, v in flags.items():
-            if k not in RUNTIME_FIELDS and v != defaults[k]:
+            if k not in RUNTIME_FIELDS and k in given and v != defaults[k]:
                 raise ValueError(f"--llama.{k}={v!r} is ignored when --load_llama_config is given (only run-time "
                                  f"fields are taken from --llama.*); use --update_llama_config=\"dict({k}={v!r})\" "
                                  "instead")
-        config = load_config(load_llama_config, cls)
-        config = config.replace(**{k: flags[k] for k in RUNTIME_FIELDS if k in flags})
+        written = read_config_fields(load_llama_config)
+        try:
+            config = cls.from_dict(written)
+        except ValueError as e:
+            raise ValueError(f"--load_llama_config={load_llama_config}: {e}") from None
+        runtime = {}
+        for k in RUNTIME_FIELDS:
+            if k in given or k not in written:
+                runtime[k] = flags.get(k, getattr(config, k))
+                sources[k] = f"--llama.{k}" if k in given else "default"
+            else:
+                sources[k] = load_llama_config
+        config = _with_flag_names(config, runtime, "--llama")
     else:
-        config = cls.from_dict(flags, strict=True)
-    config = config.replace(**parse_config_updates(update_llama_config))
+        config = _with_flag_names(cls(), flags, "--llama")
+        sources = {k: f"--llama.{k}" if k in given else "default" for k in RUNTIME_FIELDS}
+    config = _with_flag_names(config, updates, "--update_llama_config")
+    sources.update({k: "--update_llama_config" for k in updates if k in RUNTIME_FIELDS})
     if tokenizer is not None:
         config = config.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         if grow_vocab and config.vocab_size < tokenizer.vocab_size:
             config = config.replace(vocab_size=tokenizer.vocab_size)
     if mesh_dim is not None:
         config = config.replace(mesh_dim=mesh_dim)
-    return config
+    return config, sources
+
+
+def _parse_named_updates(text: str) -> dict:
+    """parse_config_updates, its errors naming the flag."""
+    try:
+        return parse_config_updates(text)
+    except ValueError as e:
+        raise ValueError(f"--update_llama_config: {e}") from None
+
+
+def _with_flag_names(config: LLaMAConfig, updates: Mapping[str, Any], flag: str) -> LLaMAConfig:
+    """config.replace(**updates), a bad value's error naming the flag it came from."""
+    try:
+        return config.replace(**updates)
+    except ValueError as e:
+        if flag == "--update_llama_config":
+            raise ValueError(f"{flag}: {e}") from None
+        message = str(e)
+        # the field the message is about: the first named in it (the longest name where two start there)
+        named = [(m.start(), -len(k), k) for k in updates if (m := re.search(rf"\b{k}\b", message))]
+        raise ValueError(f"{flag}.{min(named)[2] if named else '*'}: {message}") from None
+
+
+def describe_runtime_fields(config: LLaMAConfig, sources: Mapping[str, str]) -> str:
+    """`scan_query_chunk_size=128 (json::configs/tiny_text.json), remat_block='' (default), ...`"""
+    return ", ".join(f"{k}={getattr(config, k)!r} ({sources.get(k, 'default')})" for k in RUNTIME_FIELDS)

@@ -88,7 +88,8 @@ if __name__ == "__main__":  # python -m lwm.corpus OUTPUT_DIR [EVAL_DOCUMENTS]
 
     from lwm import cli
 
-    parser = argparse.ArgumentParser(prog="python -m lwm.corpus", description="write train.jsonl and eval.jsonl "
+    parser = argparse.ArgumentParser(prog="python -m lwm.corpus", formatter_class=cli.HelpFormatter,
+                                     description="write train.jsonl and eval.jsonl "
                                      "of the built-in corpus into OUTPUT_DIR")
     parser.add_argument("output_dir")
     parser.add_argument("eval_documents", nargs="?", type=int, default=3, help="documents held out for eval")

@@ -102,6 +102,12 @@ class ParsedFlags:
             out[key] = self._group(name, value) if isinstance(value, ConfigDict) else _value(name, value)
         return out
 
+    def explicit(self, group: str) -> set[str]:
+        """The keys of a flag group given on the command line (`--llama.theta=...` -> 'theta')."""
+        default = self.__dict__["_defaults"][group]
+        return {key for key, value in default.items()
+                if not isinstance(value, ConfigDict) and _FLAGS[f"{group}.{key}"].present}
+
     def flag_dict(self) -> dict:
         """Every flag's value (groups as plain nested dicts), for metadata and logs."""
         return {k: (getattr(self, k).to_dict() if isinstance(getattr(self, k), ConfigDict) else getattr(self, k))

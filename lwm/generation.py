@@ -174,8 +174,10 @@ def padded_prompt_length(length: int, config, mesh=None) -> int:
     return max(1, -(-length // block)) * block
 
 
-def cache_length(prompt_length: int, max_new_tokens: int, config, mesh=None) -> int:
-    """Cache slots for a padded prompt plus new tokens, checked against max_sequence_length."""
+def cache_length(prompt_length: int, max_new_tokens: int, config, mesh=None, unpadded: int | None = None,
+                 what: str = "the prompt", fixes: str = "") -> int:
+    """Cache slots for a padded prompt plus new tokens, checked against max_sequence_length
+    (`unpadded`, `what` and `fixes` word the error: `room_error`)."""
     sp = mesh_shape(mesh)["sp"]
     needed = prompt_length + max_new_tokens
     # The cache splits evenly over sp, and decode attention scans each shard in chunks of the
@@ -186,10 +188,8 @@ def cache_length(prompt_length: int, max_new_tokens: int, config, mesh=None) -> 
         if length <= config.max_sequence_length:
             break
     if length > config.max_sequence_length:
-        raise ValueError(f"prompt padded to {prompt_length} tokens (block size {block_size(config, mesh)}) + "
-                         f"max_new_tokens={max_new_tokens} needs {length} cache slots, more than "
-                         f"max_sequence_length={config.max_sequence_length}; shorten the prompt, generate fewer "
-                         f"tokens or raise max_sequence_length (--update_llama_config)")
+        raise ValueError(room_error(what, prompt_length if unpadded is None else unpadded, max_new_tokens, config,
+                                    mesh, fixes=fixes))
     return length
 
 
@@ -197,6 +197,44 @@ def room_for_new_tokens(prompt_length: int, config, mesh=None) -> int:
     """How many tokens fit in the cache after a prompt padded to `prompt_length`."""
     sp = mesh_shape(mesh)["sp"]
     return config.max_sequence_length // sp * sp - prompt_length
+
+
+def room_error(what: str, prompt_tokens: int, answer_tokens: int, config, mesh=None, fixes: str = "") -> str:
+    """Why a prompt and its answer do not fit, with the arithmetic and the changes that would fit:
+
+    the question is 37 tokens, padded to 8192 (prompts are padded to a multiple of the block size
+    8192 = attention chunk 1024 x sp 8); with 1 token for the answer that needs 8193 positions, more
+    than max_sequence_length=2048. To fit: attention chunks of at most 128 (...), ... or
+    max_sequence_length >= 8200 (...)
+    """
+    sp = mesh_shape(mesh)["sp"]
+    q, k = config.scan_query_chunk_size, config.scan_key_chunk_size
+    block = block_size(config, mesh)
+    chunk = f"attention chunk {q}" if q == k else f"lcm(query chunk {q}, key chunk {k}) = {math.lcm(q, k)}"
+    padded = padded_prompt_length(prompt_tokens, config, mesh)
+    needed = padded + answer_tokens
+    room = config.max_sequence_length // sp * sp - answer_tokens  # what the padded prompt may take
+
+    def fits(chunk_size: int, shards: int) -> bool:
+        return -(-prompt_tokens // (chunk_size * shards)) * chunk_size * shards <= room
+
+    ways = []
+    smaller = next((c for c in (2 ** i for i in range(min(q, k).bit_length() - 1, -1, -1)) if c < max(q, k)
+                    and fits(c, sp)), None)
+    if smaller:
+        ways.append(f"attention chunks of at most {smaller} (--llama.scan_query_chunk_size and "
+                    "--llama.scan_key_chunk_size, or the same in --update_llama_config)")
+    if sp > 1 and fits(math.lcm(q, k), 1):
+        ways.append(f"less sequence parallelism (sp={sp} in --mesh_dim)")
+    if fixes:
+        ways.append(fixes)
+    ways.append(f"max_sequence_length >= {-(-needed // sp) * sp} "
+                "(--update_llama_config=\"dict(max_sequence_length=...)\")")
+    unit = "token" if answer_tokens == 1 else "tokens"
+    return (f"{what} is {prompt_tokens} tokens, padded to {padded} (prompts are padded to a multiple of the block "
+            f"size {block} = {chunk} x sp {sp}); with {answer_tokens} {unit} for the answer that needs {needed} "
+            f"positions, more than max_sequence_length={config.max_sequence_length}. To fit: "
+            + (f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0]))
 
 
 def left_pad(array: np.ndarray, length: int, value=0) -> np.ndarray:

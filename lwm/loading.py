@@ -20,8 +20,8 @@ from absl import app
 from jax.sharding import Mesh, NamedSharding
 
 from lwm.checkpoint import LOAD_TYPES, flat_fns, float_dtype_by_name, load_checkpoint
-from lwm.cli import check_input_files
-from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
+from lwm.cli import check_input_files, naming
+from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config_with_sources, describe_runtime_fields
 from lwm.llama import LLaMAForCausalLM, init_params
 from lwm.mesh import build_mesh, make_shard_and_gather_fns, match_partition_rules, partition_rules, sharding_table
 from lwm.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_file
@@ -86,25 +86,35 @@ def load_model_from_flags(flags, vision: bool = False) -> LoadedModel:
     return load_model(mesh_dim=flags.mesh_dim, dtype=flags.dtype, load_llama_config=flags.load_llama_config,
                       update_llama_config=flags.update_llama_config, llama_flags=flags.llama,
                       load_checkpoint_spec=flags.load_checkpoint, tokenizer=flags.tokenizer, vision=vision,
-                      seed=flags.seed)
+                      seed=flags.seed, explicit_llama_flags=flags.explicit("llama"))
 
 
 def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_config: str = "",
                update_llama_config: str = "", llama_flags=None, load_checkpoint_spec: str = "",
-               tokenizer: str = "", vision: bool = False, seed: int = 0) -> LoadedModel:
+               tokenizer: str = "", vision: bool = False, seed: int = 0,
+               explicit_llama_flags=None) -> LoadedModel:
     """Everything an inference entry point needs; params are random (with a warning) when
-    no checkpoint is given, which is how tests and demos run tiny models."""
-    mesh = build_mesh(mesh_dim)
+    no checkpoint is given, which is how tests and demos run tiny models. `explicit_llama_flags`:
+    the `--llama.*` names given on the command line (a config file's run-time fields win over
+    the others); None = all of `llama_flags` when given, none otherwise."""
+    with naming("--mesh_dim"):
+        mesh = build_mesh(mesh_dim)
+    with naming("--dtype"):
+        compute_dtype(dtype)
     tok = load_tokenizer(tokenizer)
     cls = VideoLLaMAConfig if vision else LLaMAConfig
     flags = llama_flags if llama_flags is not None else cls.get_default_config()
+    if llama_flags is None:
+        explicit_llama_flags = ()
     try:
         # With a checkpoint its shapes win (the original's eval never grew vocab_size); random
         # weights grow it so that any token of the tokenizer has a row.
-        config = build_config(load_llama_config, flags, update_llama_config, tok, mesh_dim, cls,
-                              grow_vocab=not load_checkpoint_spec)
+        config, sources = build_config_with_sources(load_llama_config, flags, update_llama_config, tok, mesh_dim,
+                                                    cls, grow_vocab=not load_checkpoint_spec,
+                                                    explicit=explicit_llama_flags)
     except ValueError as e:  # a bad --llama.* / --update_llama_config: one line, not a traceback
         raise app.UsageError(str(e)) from None
+    log.info("run-time fields: %s", describe_runtime_fields(config, sources))
     config.check_mesh(dict(mesh.shape))
     if config.vocab_size < tok.vocab_size:
         log.warning("vocab_size %d < the tokenizer's %d: prompts with ids >= %d are refused", config.vocab_size,
@@ -124,6 +134,8 @@ def load_model(*, mesh_dim: str = "1,-1,1,1", dtype: str = "fp32", load_llama_co
         params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(compute_dtype(dtype)),
                                               init_params(config, jax.random.key(seed), model_class(config))),
                          out_shardings=shardings)()
-    log.info("%s: %.1fM parameters on mesh %s", type(config).__name__, config.num_params() / 1e6, dict(mesh.shape))
+    log.info("%s: %.1fM parameters on mesh %s; attention: %s kernel (attention_impl=%s), k/v across sp=%d: "
+             "sp_attention=%s", type(config).__name__, config.num_params() / 1e6, dict(mesh.shape),
+             config.resolved_attention_impl(), config.attention_impl, mesh.shape["sp"], config.sp_attention)
     log.debug("parameters:\n%s", sharding_table(shapes, specs, mesh))
     return LoadedModel(config, model, params, specs, mesh, tok)

@@ -2,7 +2,9 @@
 
 The run's folder is `output_dir/<experiment_id>` (a uuid is appended to the id with
 `append_uuid`); checkpoints go there too. Every logged dict is appended to
-`metrics.jsonl` as one JSON line, so runs can be plotted and compared without wandb.
+`metrics.jsonl` as one JSON line, so runs can be plotted and compared without wandb. A
+restarted run keeps one row per step there: `restart_at(step)` moves the rows it is about to
+log again to `metrics.replaced.jsonl`.
 `WANDB_MODE=disabled` in the environment turns wandb off entirely (tests).
 
 `output_dir` may be a bucket URL (gs://...). A bucket has no append: metrics.jsonl is then kept
@@ -96,6 +98,32 @@ class MetricsLogger:
             self._metrics_file.flush()
         if self.run is not None:
             self.run.log(record, step=step)
+
+    def restart_at(self, step: int) -> int:
+        """A run restarting at `step` (0, or the step it resumed from): rows of later steps, logged
+        before the restart and about to be logged again, move to `metrics.replaced.jsonl`, so
+        metrics.jsonl keeps one row per step. Returns how many moved. (wandb, resumed as the same
+        run, ignores steps at or below the last it recorded.)"""
+        if not self.enable:
+            return 0
+        lines = self._remote_lines if self._remote_lines is not None else \
+            storage.read_text(self.metrics_path).splitlines()
+        lines = [line for line in lines if line.strip()]
+        later = [line for line in lines if json.loads(line).get("step", 0) > step]
+        if not later:
+            return 0
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        aside = storage.join(self.output_dir, "metrics.replaced.jsonl")
+        before = storage.read_text(aside) if storage.exists(aside) else ""
+        storage.write_text(aside, before + "".join(line + "\n" for line in later))  # first: a crash loses no row
+        if self._remote_lines is not None:
+            self._remote_lines = kept
+            self.flush()
+        else:
+            self._metrics_file.close()
+            storage.write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            self._metrics_file = open(self.metrics_path, "a")
+        return len(later)
 
     def flush(self) -> None:
         """Make every logged row durable (a bucket's metrics.jsonl is rewritten whole)."""

@@ -95,25 +95,25 @@ class NeedleSettings:
             raise ValueError("--haystack_file is required (a JSONL of {\"text\": ...}; scripts/create_needle_data.py "
                              "writes one)")
         if not 0 < self.context_lengths_min <= self.context_lengths_max:
-            raise ValueError(f"need 0 < context_lengths_min <= context_lengths_max, got {self.context_lengths_min} "
+            raise ValueError(f"need 0 < --context_lengths_min <= --context_lengths_max, got {self.context_lengths_min} "
                              f"and {self.context_lengths_max}")
         for name in ("n_context_length_intervals", "n_document_depth_intervals", "n_rounds", "max_tokens_per_batch"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.prompt_buffer_tokens < 0:
-            raise ValueError(f"prompt_buffer_tokens must be >= 0, got {self.prompt_buffer_tokens}")
+            raise ValueError(f"--prompt_buffer_tokens must be >= 0, got {self.prompt_buffer_tokens}")
         if self.context_lengths_min <= self.prompt_buffer_tokens:
-            raise ValueError(f"context_lengths_min={self.context_lengths_min} leaves no haystack: it must exceed "
-                             f"the prompt_buffer_tokens={self.prompt_buffer_tokens} kept for the prompt and answer")
+            raise ValueError(f"--context_lengths_min={self.context_lengths_min} leaves no haystack: it must exceed "
+                             f"--prompt_buffer_tokens={self.prompt_buffer_tokens} kept for the prompt and answer")
         if self.multi:
             if not 0 < self.n_needles_retrieve <= self.n_needles_total:
-                raise ValueError(f"need 0 < n_needles_retrieve <= n_needles_total, got {self.n_needles_retrieve} "
+                raise ValueError(f"need 0 < --n_needles_retrieve <= --n_needles_total, got {self.n_needles_retrieve} "
                                  f"and {self.n_needles_total}")
             if self.n_needles_total > self.n_document_depth_intervals:
-                raise ValueError(f"n_needles_total={self.n_needles_total} needles need as many distinct depths, but "
-                                 f"n_document_depth_intervals={self.n_document_depth_intervals}")
+                raise ValueError(f"--n_needles_total={self.n_needles_total} needles need as many distinct depths, but "
+                                 f"--n_document_depth_intervals={self.n_document_depth_intervals}")
             if self.n_needles_total > len(CITIES):
-                raise ValueError(f"n_needles_total={self.n_needles_total} exceeds the {len(CITIES)} needle cities")
+                raise ValueError(f"--n_needles_total={self.n_needles_total} exceeds the {len(CITIES)} needle cities")
 
     @property
     def context_lengths(self) -> list[int]:
@@ -360,16 +360,18 @@ def batch_size_for(max_tokens_per_batch: int, prompt_length: int, block: int, da
 MIN_ANSWER_TOKENS = 16
 
 
-def answer_budget(requested: int, prompt_length: int, config, mesh) -> int:
+def answer_budget(requested: int, prompt_tokens: int, config, mesh) -> int:
     """Tokens to generate: `requested`, reduced to what the cache has room for after the
-    padded prompt (a context length at max_sequence_length leaves less than a block)."""
-    from lwm.generation import room_for_new_tokens
+    prompt of `prompt_tokens`, padded (a context length at max_sequence_length leaves less than a block)."""
+    from lwm.generation import padded_prompt_length, room_error, room_for_new_tokens
 
+    prompt_length = padded_prompt_length(prompt_tokens, config, mesh)
     room = room_for_new_tokens(prompt_length, config, mesh)
     if room < MIN_ANSWER_TOKENS:
-        raise ValueError(f"prompts padded to {prompt_length} tokens leave {room} of max_sequence_length="
-                         f"{config.max_sequence_length} for the answer (at least {MIN_ANSWER_TOKENS} needed): lower "
-                         f"context_lengths_max or raise max_sequence_length (--update_llama_config)")
+        raise ValueError(room_error(
+            "the longest prompt (context, needle and question)", prompt_tokens, MIN_ANSWER_TOKENS, config, mesh,
+            fixes="a lower --context_lengths_max (it and --prompt_buffer_tokens leave room for the answer at "
+                  "max_sequence_length minus one block; docs/needle.md)"))
     if room < requested:
         log.info("generating %d tokens (not %d): the cache has room for no more after a %d-token prompt",
                  room, requested, prompt_length)
@@ -417,8 +419,9 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True, sam
         if not cases:
             continue
         encoded = [tokenizer.encode(c.prompt, add_bos=True) for c in cases]
-        prompt_length = padded_prompt_length(max(len(e) for e in encoded), config, mesh)
-        budget = answer_budget(max_new, prompt_length, config, mesh)
+        longest = max(len(e) for e in encoded)
+        prompt_length = padded_prompt_length(longest, config, mesh)
+        budget = answer_budget(max_new, longest, config, mesh)
         planned.append((cases, encoded, prompt_length, dataclasses.replace(greedy, max_new_tokens=budget)))
     write = jax.process_index() == 0
     bar = tqdm(total=sum(len(c) for c in per_length.values()), desc="needle cases", disable=not progress)

@@ -85,9 +85,9 @@ class OptimizerFactory:
         """
         config = cls.get_default_config(config)
         if config.type not in OPTIMIZER_TYPES:
-            raise ValueError(f"optimizer.type must be one of {OPTIMIZER_TYPES}, got {config.type!r}")
+            raise ValueError(f"--optimizer.type must be one of {OPTIMIZER_TYPES}, got {config.type!r}")
         if int(config.accumulate_gradient_steps) < 1:
-            raise ValueError("optimizer.accumulate_gradient_steps must be >= 1, "
+            raise ValueError("--optimizer.accumulate_gradient_steps must be >= 1, "
                              f"got {config.accumulate_gradient_steps}")
         if config.type == "palm":
             optimizer, info = PalmOptimizerFactory.get_optimizer(config.palm_optimizer,
@@ -126,11 +126,11 @@ class AdamWOptimizerFactory:
     @classmethod
     def get_optimizer(cls, config=None, weight_decay_mask=None):
         config = cls.get_default_config(config)
-        _check_common(config, "adamw_optimizer")
+        _check_common(config, "--optimizer.adamw_optimizer")
         if not 0 <= config.b2 < 1:
-            raise ValueError(f"adamw_optimizer.b2 must be in [0, 1), got {config.b2}")
+            raise ValueError(f"--optimizer.adamw_optimizer.b2 must be in [0, 1), got {config.b2}")
         if config.lr_warmup_steps < 0 or config.lr_decay_steps <= config.lr_warmup_steps:
-            raise ValueError("adamw_optimizer needs 0 <= lr_warmup_steps < lr_decay_steps, got "
+            raise ValueError("--optimizer.adamw_optimizer needs 0 <= lr_warmup_steps < lr_decay_steps, got "
                              f"lr_warmup_steps={config.lr_warmup_steps}, "
                              f"lr_decay_steps={config.lr_decay_steps}")
         schedule = warmup_cosine_schedule(config.init_lr, config.lr, config.end_lr,
@@ -171,11 +171,11 @@ class PalmOptimizerFactory:
     @classmethod
     def get_optimizer(cls, config=None, weight_decay_mask=None):
         config = cls.get_default_config(config)
-        _check_common(config, "palm_optimizer")
+        _check_common(config, "--optimizer.palm_optimizer")
         if config.lr_warmup_steps < 1:  # lr(0) would be 1/sqrt(0)
-            raise ValueError(f"palm_optimizer.lr_warmup_steps must be >= 1, got {config.lr_warmup_steps}")
+            raise ValueError(f"--optimizer.palm_optimizer.lr_warmup_steps must be >= 1, got {config.lr_warmup_steps}")
         if config.b2 <= 0:
-            raise ValueError(f"palm_optimizer.b2 (a decay exponent) must be > 0, got {config.b2}")
+            raise ValueError(f"--optimizer.palm_optimizer.b2 (a decay exponent) must be > 0, got {config.b2}")
         schedule = palm_schedule(config.lr, config.lr_warmup_steps)
 
         def weight_decay_schedule(step):

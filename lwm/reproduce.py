@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from lwm import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "reproduce")
 MAIN_STAGES = ("stage1", "stage2")
@@ -349,7 +351,7 @@ def _progress(iterable, total: int, desc: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce"))
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "reproduction.json"))
     parser.add_argument("--assets", default=os.path.join(ROOT, "docs", "assets", "reproduction"))

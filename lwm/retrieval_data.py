@@ -39,6 +39,7 @@ import random
 import sys
 from typing import Iterator, Sequence
 
+from lwm import cli
 from lwm.needle import (CITIES, MULTI_PROMPT, NEEDLE, PROMPT, QUESTION, insert_needles, multi_question,
                         period_token_ids, random_number)
 
@@ -154,7 +155,7 @@ def write_retrieval_jsonl(path: str, examples) -> str:
 def main(argv=None) -> int:
     from lwm.tokenizer import load_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--haystack", required=True, help="JSONL of {\"text\": ...} (training text only)")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--seq_length", type=int, required=True)

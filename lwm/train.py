@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lwm import cli, storage
 from lwm.checkpoint import StreamingCheckpointer, failed_processes, float_dtype_by_name, load_pickle, saved_step
-from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config
+from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config_with_sources, describe_runtime_fields
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
@@ -156,14 +156,17 @@ def train():
     variant = FLAGS.flag_dict()
     check_input_files()  # before the run folder, the model or the data exist: a typo costs nothing
 
-    mesh = build_mesh(FLAGS.mesh_dim)
+    with cli.naming("--mesh_dim"):
+        mesh = build_mesh(FLAGS.mesh_dim)
     tokenizer = load_tokenizer(FLAGS.tokenizer)
     try:
-        config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config, tokenizer,
-                              FLAGS.mesh_dim, VideoLLaMAConfig if vision else LLaMAConfig)
+        config, sources = build_config_with_sources(
+            FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config, tokenizer, FLAGS.mesh_dim,
+            VideoLLaMAConfig if vision else LLaMAConfig, explicit=FLAGS.explicit("llama"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    dtype = compute_dtype(FLAGS.dtype)
+    with cli.naming("--dtype"):
+        dtype = compute_dtype(FLAGS.dtype)
     check_start_checkpoint(FLAGS.load_checkpoint, FLAGS.total_steps)
     if FLAGS.loss_averaging not in ("auto", *LOSS_AVERAGING):
         raise app.UsageError(f"--loss_averaging must be auto, {' or '.join(LOSS_AVERAGING)}; got {FLAGS.loss_averaging!r}")
@@ -176,6 +179,7 @@ def train():
     if is_main:
         log.info("loss averaging: %s", trainer.loss_averaging)
         log.info("model config: %s", config.to_json_string())
+        log.info("run-time fields: %s", describe_runtime_fields(config, sources))
         log.info("parameters (%.2fM):\n%s", config.num_params() / 1e6,
                  sharding_table(trainer.state_shapes.params, trainer.state_specs.params, mesh))
 
@@ -191,8 +195,19 @@ def train():
         raise app.UsageError(f"seq_length={seq_length} is not divisible by the mesh's sp = {mesh.shape['sp']}")
     if seq_length > config.max_sequence_length:
         raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
+    if is_main:
+        log.info("mesh %s over %d devices (%d processes); attention: %s", dict(mesh.shape), jax.device_count(),
+                 jax.process_count(), describe_attention(config, mesh, global_batch // FLAGS.micro_batches,
+                                                         seq_length, dtype))
     checkpointer_config = StreamingCheckpointer.get_default_config(FLAGS.checkpointer)
-    float_dtype_by_name(checkpointer_config.float_dtype)  # a bad --checkpointer.float_dtype fails now, not at step 50
+    with cli.naming("--checkpointer.float_dtype"):  # a bad value fails now, not at step 50
+        float_dtype_by_name(checkpointer_config.float_dtype)
+    rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
+    dataset = open_dataset("train_dataset", tokenizer, rank, world)
+    eval_iterator = None
+    if FLAGS.eval_steps > 0:
+        eval_iterator = iter(open_dataset("eval_dataset", tokenizer, rank, world))
+    eval_batch_size = dataset_shape(FLAGS.eval_dataset)[0] if eval_iterator else 0
 
     # The run folder: seen by every host, held by this copy of the run only, before anything is written.
     logger_config = MetricsLogger.get_default_config(FLAGS.logger)
@@ -215,12 +230,6 @@ def train():
                                         "says why)")
     try:
         logger = MetricsLogger(logger_config, variant, enable=is_main or FLAGS.log_all_worker)
-        rank, world = data_rank_and_world(mesh, global_batch) if FLAGS.use_data_sharded_loader else (0, 1)
-        dataset = DatasetFactory.load_dataset(FLAGS.train_dataset, tokenizer, rank, world)
-        eval_iterator = None
-        if FLAGS.eval_steps > 0:
-            eval_iterator = iter(DatasetFactory.load_dataset(FLAGS.eval_dataset, tokenizer, rank, world))
-        eval_batch_size = dataset_shape(FLAGS.eval_dataset)[0] if eval_iterator else 0
         checkpointer = StreamingCheckpointer(checkpointer_config, run_dir, lock=lock, token=token)
         run_steps(trainer, checkpointer, logger, dataset, eval_iterator, eval_batch_size, config, mesh, variant,
                   global_batch, seq_length)
@@ -229,6 +238,27 @@ def train():
             lock.release()
     if is_main:
         print(f"run folder: {run_dir}")
+
+
+def open_dataset(group: str, tokenizer, rank: int, world: int):
+    """The dataset of --train_dataset.* or --eval_dataset.*, its option errors naming the group."""
+    try:
+        return DatasetFactory.load_dataset(getattr(FLAGS, group), tokenizer, rank, world)
+    except ValueError as e:
+        raise app.UsageError(f"--{group}: {e}") from None
+
+
+def describe_attention(config, mesh, batch: int, seq_length: int, dtype) -> str:
+    """The attention plan a training step of this shape follows (lwm.ops.plan_attention)."""
+    from lwm.ops import plan_attention
+
+    k = jax.ShapeDtypeStruct((batch, seq_length, config.num_key_value_heads, config.head_dim), dtype)
+    try:
+        return plan_attention(k, impl=config.resolved_attention_impl(), query_chunk_size=config.scan_query_chunk_size,
+                              key_chunk_size=config.scan_key_chunk_size, mesh=mesh, layout=config.sequence_layout,
+                              sp_attention=config.sp_attention, requested=config.attention_impl).describe()
+    except ValueError as e:
+        raise app.UsageError(f"attention at seq_length={seq_length}: {e}") from None
 
 
 def shared_temp_folder() -> str:
@@ -247,6 +277,10 @@ def run_steps(trainer, checkpointer, logger, dataset, eval_iterator, eval_batch_
     is_main = jax.process_index() == 0
     state, last_saved = restore_state(trainer, checkpointer, dataset)
     start_step = int(jax.device_get(state.step))
+    moved = logger.restart_at(start_step)
+    if moved:
+        log.info("%s: %d rows of steps after %d (logged before this restart) moved to metrics.replaced.jsonl",
+                 logger.metrics_path, moved, start_step)
     last_regular = last_saved  # the resumable save (milestones are not it, unless they are the only saves)
     milestones_resume = FLAGS.save_model_freq <= 0  # then autoresume starts from the newest milestone
 
@@ -328,6 +362,9 @@ def check_input_files() -> None:
     named = []
     for group, used in (("train_dataset", True), ("eval_dataset", FLAGS.eval_steps > 0)):
         config = getattr(FLAGS, group)
+        if used:
+            with cli.naming(f"--{group}.type"):
+                dataset_options(config)
         if used and config.type in ("json", "json_vision"):
             flag, path = f"--{group}.{config.type}_dataset.path", dataset_options(config).path
             if not path:

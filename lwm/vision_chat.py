@@ -42,7 +42,7 @@ from absl import app
 from lwm import cli
 from lwm.distributed import JaxDistributedConfig
 from lwm.flags import define_flags_with_default
-from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length
+from lwm.generation import Sampler, SamplingParams, block_size, padded_prompt_length, room_error
 from lwm.loading import LoadedModel, check_model_files, load_model_from_flags, model_flag_defaults
 from lwm.tokenizer import Tokenizer
 from lwm.vision_io import read_vision
@@ -155,13 +155,10 @@ class VisionChat:
         length = padded_prompt_length(len(tokens), self.config, self.loaded.mesh)
         needed = length + self.max_new_tokens
         if needed > self.config.max_sequence_length:
-            raise PromptTooLongError(
-                f"the prompt is {len(tokens)} tokens ({codes.shape[0]} frames x {codes[0].size + 1} vision tokens "
-                f"plus the question and markers), padded to {length} (block size "
-                f"{block_size(self.config, self.loaded.mesh)}); with max_new_tokens={self.max_new_tokens} it needs "
-                f"{needed} positions, more than max_sequence_length={self.config.max_sequence_length}. Use fewer "
-                f"frames (--max_n_frames), a shorter question, or a larger max_sequence_length "
-                f"(--update_llama_config)")
+            raise PromptTooLongError(room_error(
+                f"the prompt ({codes.shape[0]} frames x {codes[0].size + 1} vision tokens plus the question and "
+                "markers)", len(tokens), self.max_new_tokens, self.config, self.loaded.mesh,
+                fixes="fewer frames (--max_n_frames), a shorter question, a smaller --max_new_tokens"))
         return pad_chat_input(tokens, vision, length, self.tokenizer.pad_token_id, codes.shape[0])
 
     def generate(self, batch: ChatInput, rng) -> np.ndarray:

@@ -127,11 +127,9 @@ class VisionGenerator:
         self.seconds = 0.0
 
     def _check_fits(self, prompt_length: int, n_tokens: int, what: str) -> None:
-        try:
-            cache_length(padded_prompt_length(prompt_length, self.config, self.loaded.mesh), n_tokens, self.config,
-                         self.loaded.mesh)
-        except ValueError as e:
-            raise ValueError(f"{what} does not fit the model: {e}") from None
+        cache_length(padded_prompt_length(prompt_length, self.config, self.loaded.mesh), n_tokens, self.config,
+                     self.loaded.mesh, unpadded=prompt_length, what=what,
+                     fixes="fewer frames (--n_frames) or a shorter prompt")
 
     def _sample(self, ids, mask, vision_masks, rng, n_tokens: int, temperature: float, top_k: int,
                 cfg_scale: float) -> np.ndarray:
@@ -166,7 +164,7 @@ class VisionGenerator:
         vision_masks = np.concatenate([np.zeros(frame.shape[:1] + (PROMPT_LENGTH,), bool),
                                        np.ones(frame.shape, bool)], axis=1)
         n_tokens = (n_frames - 1) * self.tokens_per_frame
-        self._check_fits(ids.shape[1], n_tokens, f"a video of {n_frames} frames")
+        self._check_fits(ids.shape[1], n_tokens, f"the prompt for a video of {n_frames} frames")
         rest = self._sample(ids, mask, vision_masks, rng, n_tokens, temperature, top_k, cfg_scale)
         return np.concatenate([first, rest], axis=1)
 

@@ -37,7 +37,8 @@ def main(argv):
     check_local_folder("--output_dir", FLAGS.output_dir, output=True)
     cli.check_input_files([("--load_checkpoint", path)])
     try:
-        config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config)
+        config = build_config(FLAGS.load_llama_config, FLAGS.llama, FLAGS.update_llama_config,
+                              explicit=FLAGS.explicit("llama"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     convert_lwm_to_hf(path, config, FLAGS.output_dir, tokenizer=FLAGS.tokenizer or None, dtype=FLAGS.dtype)

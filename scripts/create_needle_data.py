@@ -90,7 +90,7 @@ def _chain(first, rest):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--output_path", default="data/pg19.jsonl", help="JSONL to write")
     parser.add_argument("--source", choices=("pg19", "builtin", "files"), default="pg19")
     parser.add_argument("--inputs", nargs="*", default=[], help="files/folders for --source=files")

@@ -18,7 +18,7 @@ from lwm.needle import SCORES, load_results, plot_needle_results, plot_path_for,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSON file(s) written by scripts/eval_needle*.py")
     parser.add_argument("--output", default="", help="PNG path (default: the first results file with .png)")
     parser.add_argument("--title", default="", help="plot title")

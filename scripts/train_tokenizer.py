@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="python scripts/train_tokenizer.py --input=train.jsonl --output=tok/tokenizer.model [--vocab_size=2048]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", required=True, help="JSONL corpus, one {\"text\": ...} a line (a path or bucket URL)")
     parser.add_argument("--output", required=True, help="where the tokenizer.model goes (a path or bucket URL)")
     parser.add_argument("--vocab_size", type=int, default=2048, help="pieces in the model, special ids included")

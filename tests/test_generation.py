@@ -229,7 +229,34 @@ def test_generation_past_max_sequence_length_fails_before_any_work(text_model):
     for call in (lambda: sampler.generate(ids, mask, 0, one_too_many),
                  lambda: sampler.prefill(ids, mask, 0, one_too_many),
                  lambda: next(sampler.stream(ids, mask, 0, one_too_many))):
-        with pytest.raises(ValueError, match="needs 257 cache slots, more than max_sequence_length=256; .*"
-                                             r"raise max_sequence_length \(--update_llama_config\)"):
+        with pytest.raises(ValueError, match="241 tokens for the answer that needs 257 positions, more than "
+                                             r"max_sequence_length=256. To fit: .*max_sequence_length >= 257 "
+                                             r"\(--update_llama_config="):
             call()
     assert sampler._compiled == {}  # nothing was compiled, let alone run
+
+
+def test_a_prompt_that_does_not_fit_is_explained_with_its_arithmetic():
+    """The case a user hit: a 37-token question, chunks of 1024 and sp = 8 pad it to one block
+    of 8192 > max_sequence_length=2048. The message gives that arithmetic and only changes that
+    fit (computed by hand: chunks <= 128 give 128 x 8 = 1024 + 1 <= 2048; sp = 1 pads to 1024)."""
+    from lwm.config import LLaMAConfig
+    from lwm.generation import room_error
+
+    class Mesh:
+        shape = {"dp": 1, "fsdp": 1, "tp": 1, "sp": 8}
+
+    config = LLaMAConfig(max_sequence_length=2048)
+    message = room_error("the question", 37, 1, config, Mesh())
+    assert message.startswith(
+        "the question is 37 tokens, padded to 8192 (prompts are padded to a multiple of the block size 8192 = "
+        "attention chunk 1024 x sp 8); with 1 token for the answer that needs 8193 positions, more than "
+        "max_sequence_length=2048. To fit: attention chunks of at most 128 (--llama.scan_query_chunk_size and "
+        "--llama.scan_key_chunk_size, or the same in --update_llama_config), less sequence parallelism (sp=8 in "
+        "--mesh_dim) or max_sequence_length >= 8200 ("), message
+    # 2000 tokens at sp = 8 and chunk 256: no chunk (a block is at least 8) leaves room, nor does sp = 1
+    message = room_error("the prompt", 2000, 100, LLaMAConfig(max_sequence_length=2048, scan_query_chunk_size=256,
+                                                              scan_key_chunk_size=512), Mesh())
+    assert "lcm(query chunk 256, key chunk 512) = 512 x sp 8" in message and "padded to 4096" in message
+    assert "attention chunks" not in message and "sequence parallelism" not in message
+    assert message.endswith("To fit: max_sequence_length >= 4200 (--update_llama_config=\"dict(max_sequence_length=...)\")")

@@ -1,5 +1,6 @@
 """Shipped configs load, and the training scripts' flags parse with the meaning they had."""
 import glob
+import json
 import os
 import subprocess
 
@@ -279,14 +280,48 @@ def test_stage_scripts_refuse_an_unknown_stage(clean_knobs, script):
     assert result.returncode == 2 and "set stage to one of" in result.stderr and "'2k'" in result.stderr
 
 
-def test_train_tokenizer_help_shows_usage_and_defaults():
+ARGPARSE_ENTRY_POINTS = ["scripts/train_tokenizer.py", "scripts/create_needle_data.py", "scripts/plot_needle.py",
+                         "lwm.corpus", "lwm.reproduce", "lwm.retrieval_data", "lwm.benchmarks.attention",
+                         "lwm.benchmarks.checkpoint", "lwm.benchmarks.decode", "lwm.benchmarks.train_step",
+                         "lwm.benchmarks.vqgan"]
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+out = {}
+for entry in sys.argv[1:]:
+    sys.argv = [entry, "--help"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            runpy.run_path(entry, run_name="__main__") if entry.endswith(".py") else \\
+                runpy.run_module(entry, run_name="__main__", alter_sys=True)
+        except SystemExit:
+            pass
+    out[entry] = buffer.getvalue()
+print(json.dumps(out))
+"""
+
+
+def test_every_argparse_entry_point_help_has_a_usage_line_and_every_default():
+    """--help of every argparse entry point starts with a usage line and shows the default of
+    every option that takes a value (argparse leaves options without help text bare)."""
+    import re
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_tokenizer.py"), "--help"],
-                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage: python scripts/train_tokenizer.py --input=train.jsonl")
-    text = " ".join(out.stdout.split())  # argparse wraps lines
-    assert "(default: 2048)" in text and "(default: bpe)" in text
+    proc = subprocess.run([sys.executable, "-c", HELP_DRIVER, *ARGPARSE_ENTRY_POINTS], capture_output=True,
+                          text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    helps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert helps["scripts/train_tokenizer.py"].startswith(
+        "usage: python scripts/train_tokenizer.py --input=train.jsonl")
+    assert "(default: 2048)" in " ".join(helps["scripts/train_tokenizer.py"].split())
+    for entry, text in helps.items():
+        assert text.startswith("usage: "), (entry, text[:300])
+        options = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])  # one chunk per option
+        for option in options:
+            first = option.split("\n")[0].strip()
+            takes_value = re.match(r"-[-\w]+ [A-Z_{\[]", first) and not first.startswith("-h")
+            if takes_value:
+                assert "default" in option or "(required)" in option or option.split()[-1] == "required", \
+                    (entry, option)

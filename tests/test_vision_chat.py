@@ -165,9 +165,9 @@ def test_errors_name_the_problem(world, tmp_path, monkeypatch):
 
     short = dataclasses.replace(world["loaded"], config=world["loaded"].config.replace(max_sequence_length=1024))
     codes = np.zeros((4, 16, 16), np.int32)
-    with pytest.raises(PromptTooLongError, match=r"the prompt is 1061 tokens \(4 frames x 257 vision tokens .*"
+    with pytest.raises(PromptTooLongError, match=r"the prompt \(4 frames x 257 vision tokens .*\) is 1061 tokens, "
                                                   r"padded to 1088 .* needs 1096 positions, more than "
-                                                  r"max_sequence_length=1024"):
+                                                  r"max_sequence_length=1024. To fit: .*fewer frames \(--max_n_frames\)"):
         VisionChat(short, world["vqgan"], max_new_tokens=8).build_input(QUESTION, codes)
 
     class EmptyReader:  # a container whose video stream has no frames

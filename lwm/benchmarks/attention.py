@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from lwm import cli
 from lwm.benchmarks import matmul_gflops
 from lwm.host_memory import env_with_huge_pages
 from lwm.mesh import cpu_xla_flags
@@ -222,7 +223,7 @@ def print_table(report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--lengths", default="1024,4096,16384,65536",
                         help="comma-separated lengths; with --beyond, doubling continues past the last")
     parser.add_argument("--beyond", type=int, default=0, help="extra doublings after the last length")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lwm import storage
+from lwm import cli, storage
 from lwm.checkpoint import StreamingCheckpointer, save_pickle, save_streaming, train_state_dict
 from lwm.config import load_config
 from lwm.mesh import batch_to_global, build_mesh
@@ -137,7 +137,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="", help="write the result as JSON here")
     parser.add_argument("--bucket", action="store_true", help="also save into a GCS emulator on 127.0.0.1")

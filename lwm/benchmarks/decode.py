@@ -24,6 +24,8 @@ import time
 import jax
 import numpy as np
 
+from lwm import cli
+
 
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (first-run allocations)
@@ -106,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)

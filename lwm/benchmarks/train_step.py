@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from lwm import cli
 from lwm.benchmarks import MatmulReference
 from lwm.host_memory import env_with_huge_pages
 from lwm.mesh import cpu_xla_flags
@@ -88,7 +89,7 @@ def child(seq: int, steps: int, chunk: int, loss_chunk: int, mesh_dim: str, layo
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--seqs", default="2048,8192,32768,131072")
     parser.add_argument("--steps", default="", help="timed steps per length (default: 5,3,2,1 by length)")
     parser.add_argument("--chunk", type=int, default=512, help="attention and MLP chunk (the original's 512)")

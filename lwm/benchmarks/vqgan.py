@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from lwm import cli
 from lwm.vqgan import VQGAN, VQGANConfig
 
 
@@ -88,7 +89,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("--batch", type=int, default=4, help="frames per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per op (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,8 @@ Decoding against a KV cache is separate: `lwm.ops.decode.cached_attention`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -34,12 +36,14 @@ from lwm.ops.decode import cached_attention
 from lwm.ops.layout import LAYOUTS, chunk_limit, from_layout, global_index, to_layout
 from lwm.ops.reference import reference_attention
 from lwm.config import SP_ATTENTION
-from lwm.ops.ring import gather_kv_fits, ring_attention
+from lwm.ops import ring as _ring
+from lwm.ops.ring import ring_attention
 
 IMPLS = ("auto", "dense", "blockwise", "pallas")
 
 __all__ = ["attention", "cached_attention", "reference_attention", "blockwise_attention", "ring_attention",
-           "IMPLS", "LAYOUTS", "global_index", "to_layout", "from_layout", "resolve_impl"]
+           "IMPLS", "LAYOUTS", "global_index", "to_layout", "from_layout", "resolve_impl", "plan_attention",
+           "AttentionPlan"]
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -71,14 +75,10 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     ...                 key_chunk_size=512, mesh=mesh, layout="zigzag")
     """
     check_qkv(q, k, v, segment_ids)
-    impl = resolve_impl(impl)
+    plan = plan_attention(k, impl=impl, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+                          mesh=mesh, layout=layout, sp_attention=sp_attention, seq=q.shape[1])
+    impl, query_chunk_size, key_chunk_size, sp = plan.impl, plan.query_chunk_size, plan.key_chunk_size, plan.sp
     seq = q.shape[1]
-    sp = 1 if mesh is None else mesh.shape["sp"]
-    limit = chunk_limit(layout, seq, sp)  # validates layout, seq % sp (and % 2*sp for zigzag)
-    local = seq // sp
-    if impl != "dense":  # the dense kernel has no chunks, so any length works
-        query_chunk_size = fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size")
-        key_chunk_size = fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size")
     if mesh is not None and q.shape[2] % mesh.shape["tp"]:
         raise ValueError(f"query heads {q.shape[2]} not divisible by tp={mesh.shape['tp']}")
     if mesh is not None and k.shape[2] % mesh.shape["tp"]:
@@ -98,9 +98,57 @@ def attention(q, k, v, segment_ids=None, *, causal=True, impl="auto", query_chun
     if impl == "blockwise" and mesh is None:
         return blockwise_attention(q, k, v, segment_ids, causal=causal, query_chunk_size=query_chunk_size,
                                    key_chunk_size=key_chunk_size, softmax_scale=softmax_scale)
-    if sp_attention not in SP_ATTENTION:
-        raise ValueError(f"sp_attention={sp_attention!r}; expected one of {SP_ATTENTION}")
-    gather_kv = sp_attention == "all_gather" or (sp_attention == "auto" and gather_kv_fits(k, mesh))
     return ring_attention(q, k, v, segment_ids, mesh=mesh, causal=causal, layout=layout, block_impl=impl,
                           query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-                          softmax_scale=softmax_scale, gather_kv=gather_kv and sp > 1)
+                          softmax_scale=softmax_scale, gather_kv=plan.sp_strategy == "all_gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """What `attention` runs for given shapes: the kernel, its chunks, how k/v cross sp shards."""
+
+    impl: str  # dense | blockwise | pallas
+    query_chunk_size: int
+    key_chunk_size: int
+    sp: int
+    sp_strategy: str  # none (sp = 1) | gspmd (dense) | ring | all_gather
+    why: str  # how impl and sp_strategy were chosen
+
+    def describe(self) -> str:
+        chunks = "" if self.impl == "dense" else f", chunks {self.query_chunk_size}/{self.key_chunk_size} (query/key)"
+        across = "no sequence sharding" if self.sp == 1 else f"k/v across sp={self.sp}: {self.sp_strategy}"
+        return f"{self.impl} kernel{chunks}; {across} ({self.why})"
+
+
+def plan_attention(k, *, impl="auto", query_chunk_size=1024, key_chunk_size=1024, mesh=None, layout="contiguous",
+                   sp_attention="auto", seq=None, platform=None, requested=None) -> AttentionPlan:
+    """The plan for keys/values shaped like `k` ([batch, seq, kv_heads, head_dim], an array or a
+    jax.ShapeDtypeStruct): the one `attention` follows, and what entry points log. `requested`:
+    the user's setting `impl` was derived from, for the plan's `why` (default: impl)."""
+    requested = requested or impl
+    impl = resolve_impl(impl, platform)
+    seq = k.shape[1] if seq is None else seq
+    sp = 1 if mesh is None else mesh.shape["sp"]
+    limit = chunk_limit(layout, seq, sp)  # validates layout, seq % sp (and % 2*sp for zigzag)
+    local = seq // sp
+    if impl != "dense":  # the dense kernel has no chunks, so any length works
+        query_chunk_size = fit_chunk(min(query_chunk_size, limit), local, "query_chunk_size")
+        key_chunk_size = fit_chunk(min(key_chunk_size, limit), local, "key_chunk_size")
+    if sp_attention not in SP_ATTENTION:
+        raise ValueError(f"sp_attention={sp_attention!r}; expected one of {SP_ATTENTION}")
+    why = [f"attention_impl={requested}"]
+    if requested == "auto":
+        why[0] += ", scan_attention=False" if impl == "dense" else f" on {platform or jax.default_backend()}"
+    if sp == 1:
+        strategy = "none"
+    elif impl == "dense":
+        strategy = "gspmd"
+    elif sp_attention == "auto":
+        per_device, limit = _ring.kv_bytes_per_device(k, mesh), _ring.GATHER_KV_MAX_BYTES  # read now: tests lower it
+        strategy = "all_gather" if per_device <= limit else "ring"
+        why.append(f"sp_attention=auto: one layer's gathered k/v take {per_device / 2**20:.2f} MiB per device, "
+                   f"{'within' if strategy == 'all_gather' else 'over'} the {limit / 2**20:g} MiB limit")
+    else:
+        strategy = sp_attention
+        why.append(f"sp_attention={sp_attention}")
+    return AttentionPlan(impl, query_chunk_size, key_chunk_size, sp, strategy, "; ".join(why))

@@ -229,12 +229,16 @@ def _make_ring(config):
 GATHER_KV_MAX_BYTES = 32 * 2 ** 20
 
 
+def kv_bytes_per_device(k, mesh) -> int:
+    """Bytes of one layer's whole-sequence k and v on each device once gathered over sp."""
+    b, seq, kv_heads, d = k.shape
+    per_device = 2 * b * seq * kv_heads * d * jnp.dtype(k.dtype).itemsize
+    return per_device // (mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]] * mesh.shape[HEAD_AXIS])
+
+
 def gather_kv_fits(k, mesh) -> bool:
     """Whether one layer's whole-sequence k and v, per device, fit GATHER_KV_MAX_BYTES."""
-    b, seq, kv_heads, d = k.shape
-    per_device = 2 * b * seq * kv_heads * d * k.dtype.itemsize
-    per_device //= mesh.shape[BATCH_AXES[0]] * mesh.shape[BATCH_AXES[1]] * mesh.shape[HEAD_AXIS]
-    return per_device <= GATHER_KV_MAX_BYTES
+    return kv_bytes_per_device(k, mesh) <= GATHER_KV_MAX_BYTES
 
 
 @functools.lru_cache(maxsize=128)
