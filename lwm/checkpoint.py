@@ -192,6 +192,12 @@ def iter_streaming(path: str) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
             except Exception as e:
                 raise ValueError(f"checkpoint {path} is corrupt at byte {offset} of {size}: {e}") from None
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))):
+                if offset == 0 and isinstance(item, dict) and item and unpacker.tell() == size:
+                    raise ValueError(f"checkpoint {path} is a flax msgpack file (one tree, not streaming records): "
+                                     f"load it with flax_params::{path}")
+                if offset == 0:
+                    raise ValueError(f"{path} is not an LWM streaming checkpoint (it does not start with a (key "
+                                     "path, tensor) record); pass a streaming_params or streaming_train_state file")
                 raise ValueError(f"checkpoint {path} is corrupt at byte {offset}: expected a (key_path, "
                                  f"tensor bytes) pair, got {type(item).__name__}")
             key, value = tuple(str(k) for k in item[0]), item[1]
@@ -290,7 +296,13 @@ def _report(path: str, expected: Mapping, found: Mapping, mismatched: list[str])
 
 def load_flax_params(path: str, target=None, shard_fns: Mapping | None = None, float_dtype=None) -> dict:
     """A non-streaming flax msgpack file of the params tree (needs the whole file in memory)."""
-    tree = msgpack_restore(storage.read_bytes(path))
+    try:
+        tree = msgpack_restore(storage.read_bytes(path))
+    except msgpack.ExtraData:  # several top-level objects: the streaming format's records
+        first = next(iter_streaming(path))[0]
+        kind = "trainstate_params" if first[0] in ("step", "params", "opt_state") else "params"
+        raise ValueError(f"checkpoint {path} is a streaming checkpoint, not a flax msgpack tree: load it with "
+                         f"{kind}::{path}") from None
     if isinstance(tree, Mapping) and set(tree) == {"params"}:
         tree = tree["params"]
     flat = flatten_dict(tree, keep_empty_nodes=False)

@@ -156,13 +156,23 @@ def hf_config_dict(config: LLaMAConfig, torch_dtype: str) -> dict:
     }
 
 
+HF_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}  # None: written through torch
+
+
+def hf_dtype(name: str):
+    """The numpy dtype of a safetensors dtype name (None for bfloat16); a bad name names the flag."""
+    if name not in HF_DTYPES:
+        raise ValueError(f"--dtype={name!r}: expected one of {', '.join(HF_DTYPES)}")
+    return HF_DTYPES[name]
+
+
 def convert_lwm_to_hf(checkpoint_path: str, config: LLaMAConfig, output_dir: str, tokenizer: str | None = None,
                       dtype: str = "float32", shard_bytes: int = 5 * 2**30) -> None:
     """Write a folder `transformers.LlamaForCausalLM.from_pretrained` loads."""
     from safetensors.numpy import save_file
 
     check_local_folder("output_dir", output_dir, output=True)
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": None}[dtype]
+    np_dtype = hf_dtype(dtype)
     os.makedirs(output_dir, exist_ok=True)
     shard, shard_size, shards, weight_map = {}, 0, [], {}
     umask = os.umask(0)

@@ -31,11 +31,15 @@ FLAGS, _ = define_flags_with_default(
 def main(argv):
     if not (FLAGS.hf_model and FLAGS.output_checkpoint and FLAGS.output_config):
         raise app.UsageError("--hf_model, --output_checkpoint and --output_config are required")
+    with cli.naming("--float_dtype"):
+        float_dtype = float_dtype_by_name(FLAGS.float_dtype)
+    if FLAGS.param_scan_axis not in (0, 1):
+        raise app.UsageError(f"--param_scan_axis must be 0 or 1, got {FLAGS.param_scan_axis}")
     check_local_folder("--hf_model", FLAGS.hf_model, output=False)
     cli.check_input_files([("--hf_model", os.path.join(FLAGS.hf_model, "config.json"))])
     config = convert_hf_to_lwm(FLAGS.hf_model, FLAGS.output_checkpoint, FLAGS.output_config,
                                scan_layers=FLAGS.scan_layers, param_scan_axis=FLAGS.param_scan_axis,
-                               float_dtype=float_dtype_by_name(FLAGS.float_dtype))
+                               float_dtype=float_dtype)
     print(f"wrote {FLAGS.output_checkpoint} and {FLAGS.output_config} "
           f"({config.num_hidden_layers} layers, hidden {config.hidden_size})")
 

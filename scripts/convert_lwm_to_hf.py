@@ -15,7 +15,7 @@ from absl import app
 from lwm import cli
 from lwm.config import LLaMAConfig, build_config
 from lwm.flags import define_flags_with_default
-from lwm.hf_conversion import check_local_folder, convert_lwm_to_hf
+from lwm.hf_conversion import check_local_folder, convert_lwm_to_hf, hf_dtype
 
 FLAGS, _ = define_flags_with_default(
     load_checkpoint="",
@@ -34,6 +34,7 @@ def main(argv):
     kind, path = FLAGS.load_checkpoint.split("::", 1) if "::" in FLAGS.load_checkpoint else ("params", FLAGS.load_checkpoint)
     if kind not in ("params", "trainstate", "trainstate_params"):
         raise app.UsageError(f"--load_checkpoint type {kind!r}: expected params::, trainstate:: or trainstate_params::")
+    hf_dtype(FLAGS.dtype)
     check_local_folder("--output_dir", FLAGS.output_dir, output=True)
     cli.check_input_files([("--load_checkpoint", path)])
     try:

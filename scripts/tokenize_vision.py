@@ -226,6 +226,21 @@ def _write_atomic_jsonl(path: str, records: Iterable[dict]) -> None:
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def check_options(mode: str, caption_key: str, vision_key: str, batch_size: int, num_workers: int):
+    """The options' errors (named as the flags), before anything is read or written; returns the fields."""
+    if "vision" not in vision_key:
+        raise ValueError(f"--vision_key={vision_key!r} must contain 'vision' (the loader finds code fields by that)")
+    if "vision" in caption_key:
+        raise ValueError(f"--caption_key={caption_key!r} must not contain 'vision' (the loader would read it as "
+                         "codes)")
+    for flag, key in (("--caption_key", caption_key), ("--vision_key", vision_key)):
+        if any(ch in key for ch in ",+[]"):
+            raise ValueError(f"{flag}={key!r} may not contain ',', '+', '[' or ']' (field-spec syntax)")
+    if batch_size < 1 or num_workers < 1:
+        raise ValueError(f"--batch_size and --num_workers must be >= 1, got {batch_size} and {num_workers}")
+    return field_specs(mode, caption_key, vision_key)
+
+
 def tokenize_vision(items: list[Item], output: str, vqgan: VQGAN, *, mode: str = "understanding",
                     max_n_frames: int = 8, batch_size: int = 16, caption_key: str = "caption",
                     vision_key: str = "vision", video_backend: str = "auto", num_workers: int = 2,
@@ -235,19 +250,10 @@ def tokenize_vision(items: list[Item], output: str, vqgan: VQGAN, *, mode: str =
     Frames are read by `num_workers` threads (a bounded look-ahead), gathered until a batch
     holds >= batch_size frames, encoded in one VQGAN call and written (then fsync'ed).
     """
-    if "vision" not in vision_key:
-        raise ValueError(f"vision_key={vision_key!r} must contain 'vision' (the loader finds code fields by that)")
-    if "vision" in caption_key:
-        raise ValueError(f"caption_key={caption_key!r} must not contain 'vision' (the loader would read it as codes)")
-    for key in (caption_key, vision_key):
-        if any(ch in key for ch in ",+[]"):
-            raise ValueError(f"field name {key!r} may not contain ',', '+', '[' or ']' (field-spec syntax)")
+    fields = check_options(mode, caption_key, vision_key, batch_size, num_workers)
     if vqgan.config.num_embeddings > END_OF_FRAME:
         raise ValueError(f"the VQGAN has {vqgan.config.num_embeddings} codes; json_vision needs codes below "
                          f"the end-of-frame token {END_OF_FRAME}")
-    if batch_size < 1 or num_workers < 1:
-        raise ValueError(f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}")
-    fields = field_specs(mode, caption_key, vision_key)
     report = report or Report()
     check_unique_ids(items)
     done = completed_ids(output)
@@ -351,6 +357,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     if not (FLAGS.input and FLAGS.output and FLAGS.vqgan_checkpoint):
         raise app.UsageError("--input, --output and --vqgan_checkpoint are required")
+    check_options(FLAGS.mode, FLAGS.caption_key, FLAGS.vision_key, FLAGS.batch_size, FLAGS.num_workers)
     if not storage.exists(FLAGS.input):
         raise app.UsageError(f"--input={FLAGS.input}: no such file or folder")
     cli.check_input_files([("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),

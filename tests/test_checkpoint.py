@@ -450,16 +450,43 @@ def test_resume_prefers_the_newest_exact_save_to_a_newer_params_only_milestone(t
     assert latest["step"] == 4 and latest["checkpoint"] == f"trainstate::{tmp_path}/streaming_train_state"
 
 
-def test_a_params_file_read_as_a_train_state_gets_a_short_hint(tmp_path):
-    """trainstate:: or trainstate_params:: on a params-only file: one short line naming the
-    right prefix, not a list of every missing optimizer key."""
+def test_every_wrong_prefix_gets_one_short_line_naming_the_right_one(tmp_path):
+    """Each file kind (params, train state, flax msgpack tree, not a checkpoint) read with each
+    prefix that does not fit it: one short line naming the prefix that does, never a list of
+    every missing key (the first report was a 1,787-character line of 39 opt_state keys)."""
     params = jax.tree.map(jnp.asarray, small_params())
-    path = str(tmp_path / "streaming_params")
-    save_streaming(path, params)
     target = train_state_dict(jnp.asarray(0, jnp.int32), params, optax.adam(1e-3).init(params))
-    with pytest.raises(ValueError) as error:
-        load_checkpoint(f"trainstate::{path}", trainstate_target=target)
-    assert str(error.value) == (f"checkpoint {path} is a params file (no step or optimizer state): load it with "
-                                f"params::{path}")
-    with pytest.raises(ValueError, match=f"if it is a params file, load it with params::{path}"):
-        load_checkpoint(f"trainstate_params::{path}", params_target=params)
+    files = {"params": str(tmp_path / "streaming_params"), "trainstate": str(tmp_path / "streaming_train_state"),
+             "flax": str(tmp_path / "params.msgpack"), "pickle": str(tmp_path / "metadata.pkl")}
+    save_streaming(files["params"], params)
+    save_streaming(files["trainstate"], target)
+    (tmp_path / "params.msgpack").write_bytes(msgpack_serialize(jax.tree.map(np.asarray, {"params": params})))
+    (tmp_path / "metadata.pkl").write_bytes(pickle.dumps({"step": 3}))
+    kwargs = dict(params_target=params, trainstate_target=target)
+    expected = {
+        ("params", "trainstate"): "is a params file (no step or optimizer state): load it with params::",
+        ("params", "trainstate_params"): "holds no train state parameters (no params/params/...): if it is a params "
+                                         "file, load it with params::",
+        ("params", "flax_params"): "is a streaming checkpoint, not a flax msgpack tree: load it with params::",
+        ("trainstate", "params"): "does not match the model: this file is a train state (keys "
+                                  "opt_state/params/step): use trainstate_params::",
+        ("trainstate", "flax_params"): "is a streaming checkpoint, not a flax msgpack tree: load it with "
+                                       "trainstate_params::",
+        ("flax", "params"): "is a flax msgpack file (one tree, not streaming records): load it with flax_params::",
+        ("flax", "trainstate"): "is a flax msgpack file (one tree, not streaming records): load it with flax_params::",
+        ("flax", "trainstate_params"): "is a flax msgpack file (one tree, not streaming records): load it with "
+                                       "flax_params::",
+        ("pickle", "params"): "is not an LWM streaming checkpoint (it does not start with a (key path, tensor) record)",
+    }
+    for (kind, prefix), text in expected.items():
+        path = files[kind]
+        with pytest.raises(ValueError) as error:
+            load_checkpoint(f"{prefix}::{path}", **kwargs)
+        message = str(error.value)
+        assert text in message and "\n" not in message and len(message.replace(path, "P")) < 200, (kind, prefix, message)
+        if "load it with" in text or "use " in text:
+            assert message.endswith(path), message  # the prefix and the path, ready to paste
+    # and each file read with its own prefix loads
+    assert load_checkpoint(f"params::{files['params']}", **kwargs)[1] is not None
+    assert load_checkpoint(f"trainstate::{files['trainstate']}", **kwargs)[0] is not None
+    assert load_checkpoint(f"flax_params::{files['flax']}", **kwargs)[1] is not None

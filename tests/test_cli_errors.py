@@ -87,6 +87,23 @@ def cases(f):
          "create_needle_data.py", f"input {missing}: no such file or folder"),
         ("corpus bad count", module("lwm.corpus") + [str(f / "corpus"), "999"],
          "lwm.corpus", "eval_documents must be in [1, "),
+        # bad flag values (nothing may be written for these either)
+        ("eval_needle bad dtype", script("eval_needle.py") + needle + ["--dtype=f32"],
+         "eval_needle.py", "--dtype: unknown float dtype 'f32'"),
+        ("eval_needle_multi bad rounds", script("eval_needle_multi.py") + needle + ["--n_rounds=0"],
+         "eval_needle_multi.py", "--n_rounds must be positive, got 0"),
+        ("vision_generation frames for an image", module("lwm.vision_generation") + MODEL +
+         [f"--output_file={f / 'out' / 'x.png'}", "--n_frames=2"],
+         "lwm.vision_generation", f"--output_file={f / 'out' / 'x.png'} is an image, so --n_frames must be 1"),
+        ("tokenize_vision bad vision key", script("tokenize_vision.py") +
+         [f"--input={hay}", f"--output={f / 'out' / 'tv.jsonl'}", f"--vqgan_checkpoint={missing}.pkl",
+          "--vision_key=codes"], "tokenize_vision.py", "--vision_key='codes' must contain 'vision'"),
+        ("convert_lwm_to_hf bad dtype", script("convert_lwm_to_hf.py") +
+         [f"--load_checkpoint=params::{hay}", "--load_llama_config=debug", f"--output_dir={f / 'out' / 'hf'}",
+          "--dtype=fp8"], "convert_lwm_to_hf.py", "--dtype='fp8': expected one of float32, float16, bfloat16"),
+        ("convert_hf_to_lwm bad dtype", script("convert_hf_to_lwm.py") +
+         [f"--hf_model={f}", f"--output_checkpoint={f / 'out' / 'o'}", f"--output_config={f / 'out' / 'o.json'}",
+          "--float_dtype=f33"], "convert_hf_to_lwm.py", "--float_dtype"),
     ]
 
 
@@ -103,15 +120,74 @@ def messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
 
 
+def tree(folder) -> set[str]:
+    """Every file and folder under `folder`, relative to it."""
+    return {os.path.relpath(os.path.join(d, n), folder) for d, dirs, names in os.walk(folder) for n in dirs + names}
+
+
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_a_bad_input_is_one_line_before_any_model_is_built(files, case):
+    """... and before anything is written: no output file, folder or run folder appears."""
     _, argv, program, named = next(c for c in cases(files) if c[0] == case)
+    before = tree(files)
     proc = run(argv)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = messages(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"{program}: ") and named in lines[0], proc.stderr[-3000:]
     assert "parameters on mesh" not in proc.stderr  # lwm.loading logs it once a model is built
+    assert tree(files) == before, tree(files) - before
+
+
+TRAIN_DRIVER = """
+import json, sys
+from lwm import cli, flags
+import lwm.train as train
+out = []
+for argv in json.loads(sys.argv[1]):
+    flags.parse_flags_for_test(argv)
+    try:
+        cli.guarded(train.main, program="lwm.train")(["lwm.train"])
+        out.append("no error")
+    except SystemExit as e:
+        out.append(str(e.code))
+print(json.dumps(out))
+"""
+
+
+def test_bad_training_flags_are_one_line_naming_the_flag_and_create_nothing(files):
+    """The values a user got wrong (the first four from the issue report): each is one line
+    naming its flag, and no run folder, metrics.jsonl or wandb run appears. One process runs
+    them all (lwm.train's main on freshly parsed flags), since each would pay jax's start-up."""
+    data, out = files / "hay.jsonl", files / "runs"
+    base = ["--tokenizer=builtin", "--load_llama_config=debug", "--train_dataset.type=json",
+            f"--train_dataset.json_dataset.path={data}", "--train_dataset.text_processor.fields=text",
+            "--train_dataset.json_dataset.seq_length=64", "--train_dataset.json_dataset.batch_size=8",
+            f"--logger.output_dir={out}", "--logger.experiment_id=run", "--logger.append_uuid=False",
+            "--total_steps=1"]
+    bad = {
+        "--train_dataset.type=jsonl": "--train_dataset.type: unknown dataset type 'jsonl'",
+        "--dtype=f32": "--dtype: unknown float dtype 'f32'",
+        "--mesh_dim=1,1,1,9": "--mesh_dim: mesh_dim '1,1,1,9' gives",
+        "--update_llama_config=__import__('os').system('true')": "--update_llama_config: config updates must be "
+                                                                 "dict(key=value, ...)",
+        "--llama.scan_query_chunk_size=0": "--llama.scan_query_chunk_size: scan_query_chunk_size must be positive",
+        "--llama.attention_impl=flash": "--llama.attention_impl: attention_impl='flash'; expected one of",
+        "--optimizer.type=sgd": "--optimizer.type must be one of",
+        "--train_dataset.json_dataset.packed=True": "--train_dataset: json_dataset: pad and packed are exclusive",
+        "--checkpointer.float_dtype=f16": "--checkpointer.float_dtype: unknown float dtype 'f16'",
+    }
+    argvs = [base + [flag] + (["--train_dataset.json_dataset.pad=True"] if "packed" in flag else [])
+             for flag in bad]
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, WANDB_MODE="offline")
+    before = tree(files)
+    proc = subprocess.run([sys.executable, "-c", TRAIN_DRIVER, json.dumps(argvs)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (flag, named), line in zip(bad.items(), lines):
+        assert line.startswith("lwm.train: ") and named in line and "\n" not in line, (flag, line)
+    assert tree(files) == before and not out.exists(), tree(files) - before  # wandb was on: offline, not disabled
 
 
 @pytest.mark.parametrize("argv", [
