@@ -196,8 +196,8 @@ def train():
     if seq_length > config.max_sequence_length:
         raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
     if is_main:
-        log.info("mesh %s over %d devices (%d processes); attention: %s", dict(mesh.shape), jax.device_count(),
-                 jax.process_count(), describe_attention(config, mesh, global_batch // FLAGS.micro_batches,
+        log.info("mesh %s over %d devices (%d process%s); attention: %s", dict(mesh.shape), jax.device_count(),
+                 jax.process_count(), "es" if jax.process_count() > 1 else "", describe_attention(config, mesh, global_batch // FLAGS.micro_batches,
                                                          seq_length, dtype))
     checkpointer_config = StreamingCheckpointer.get_default_config(FLAGS.checkpointer)
     with cli.naming("--checkpointer.float_dtype"):  # a bad value fails now, not at step 50

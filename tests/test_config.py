@@ -195,3 +195,58 @@ def test_unset_kv_heads_follow_attention_heads():
     assert c.num_key_value_heads == 8
     c = LLaMAConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).replace(num_attention_heads=8)
     assert c.num_key_value_heads == 2  # an explicit GQA setting is kept
+
+
+def test_a_config_files_run_time_fields_stick_unless_the_flag_is_given(tmp_path):
+    """A json:: config writing scan_query_chunk_size=128 ran at the 1024 default (the original's
+    rule). Now each run-time field comes from --update_llama_config, else a --llama.X given on
+    the command line, else the file, else the flag default, and the sources say which."""
+    from lwm.config import RUNTIME_FIELDS, build_config_with_sources, describe_runtime_fields
+    from lwm.flags import define_flags_with_default, parse_flags_for_test
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(dict(hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                                    num_hidden_layers=2, scan_query_chunk_size=128, scan_key_chunk_size=128,
+                                    scan_mlp_chunk_size=256, remat_block="nothing_saveable")))
+    spec = f"json::{path}"
+    flags, _ = define_flags_with_default(cfgsrc_llama=LLaMAConfig.get_default_config())
+
+    parse_flags_for_test([])  # nothing given: the file's values, the defaults for what it leaves out
+    c, sources = build_config_with_sources(spec, flags.cfgsrc_llama, "", explicit=flags.explicit("cfgsrc_llama"))
+    assert (c.scan_query_chunk_size, c.scan_key_chunk_size, c.scan_mlp_chunk_size, c.remat_block) == (
+        128, 128, 256, "nothing_saveable")
+    assert (c.scan_loss_chunk_size, c.attention_impl) == (1024, "auto")
+    assert sources["scan_query_chunk_size"] == spec and sources["scan_loss_chunk_size"] == "default"
+    assert set(sources) == set(RUNTIME_FIELDS)
+
+    # a flag given explicitly wins over the file, even when it equals the flag default
+    parse_flags_for_test(["--cfgsrc_llama.scan_query_chunk_size=1024", "--cfgsrc_llama.remat_block="])
+    c, sources = build_config_with_sources(spec, flags.cfgsrc_llama, "dict(scan_mlp_chunk_size=64)",
+                                           explicit=flags.explicit("cfgsrc_llama"))
+    assert (c.scan_query_chunk_size, c.scan_key_chunk_size, c.scan_mlp_chunk_size, c.remat_block) == (
+        1024, 128, 64, "")
+    assert (sources["scan_query_chunk_size"], sources["scan_key_chunk_size"], sources["scan_mlp_chunk_size"],
+            sources["remat_block"]) == ("--llama.scan_query_chunk_size", spec, "--update_llama_config",
+                                        "--llama.remat_block")
+    line = describe_runtime_fields(c, sources)
+    assert f"scan_key_chunk_size=128 ({spec})" in line and "scan_mlp_chunk_size=64 (--update_llama_config)" in line
+    assert "remat_block='' (--llama.remat_block)" in line
+
+    # callers that pass no `explicit` keep the original's rule: all of --llama.* wins
+    assert build_config(spec, LLaMAConfig.get_default_config(), "").scan_query_chunk_size == 1024
+
+
+def test_config_errors_name_the_flag_they_came_from(tmp_path):
+    """A refused --update_llama_config (not a literal dict) and a bad --llama.X each say which."""
+    with pytest.raises(ValueError, match=r"^--update_llama_config: config updates must be dict\(key=value"):
+        build_config("debug", LLaMAConfig.get_default_config(), "__import__('os').system('true')")
+    with pytest.raises(ValueError, match=r"^--update_llama_config: scan_mlp_chunk_size must be positive"):
+        build_config("debug", LLaMAConfig.get_default_config(), "dict(scan_mlp_chunk_size=0)")
+    with pytest.raises(ValueError, match=r"^--llama.scan_mlp_chunk_size: scan_mlp_chunk_size must be positive"):
+        build_config("debug", LLaMAConfig.get_default_config(dict(scan_mlp_chunk_size=0)), "")
+    with pytest.raises(ValueError, match=r"^--llama.hidden_size: hidden_size=30 is not divisible"):
+        build_config("", LLaMAConfig.get_default_config(dict(hidden_size=30, num_attention_heads=4)), "")
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(dict(hidden_size=30, num_attention_heads=4)))
+    with pytest.raises(ValueError, match=rf"^--load_llama_config=json::{path}: hidden_size=30 is not divisible"):
+        build_config(f"json::{path}", LLaMAConfig.get_default_config(), "")

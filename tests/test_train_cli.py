@@ -76,7 +76,7 @@ def test_text_run_writes_checkpoints_and_metrics(corpus, tmp_path):
     """Six steps with wandb offline: checkpoints, metrics, the schedule's learning rate at every
     step (init 0, warmup 2 steps to 1e-2, then cosine to 1e-3 at step 10, computed here by hand)
     and a falling loss."""
-    run(train_args(corpus, tmp_path, 6, ["--save_model_freq=2", "--save_milestone_freq=4", "--eval_steps=1",
+    proc = run(train_args(corpus, tmp_path, 6, ["--save_model_freq=2", "--save_milestone_freq=4", "--eval_steps=1",
                                          "--optimizer.adamw_optimizer.lr=1e-2",
                                          "--optimizer.adamw_optimizer.lr_decay_steps=10",
                                          "--eval_dataset.type=json", "--eval_dataset.text_processor.fields=text",
@@ -99,6 +99,13 @@ def test_text_run_writes_checkpoints_and_metrics(corpus, tmp_path):
     np.testing.assert_allclose([r["learning_rate"] for r in records], [0.0, 5e-3, *cosine], rtol=1e-6)
     assert records[0]["loss"] > 10.0  # ln(32000) = 10.37 at initialisation
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, [r["loss"] for r in records]
+    # the log says what runs: mesh, kernel, effective chunks (64 / sp 4 = 16), how k/v cross sp
+    # (4 rows x 64 x 2 kv heads x 16 x 4 bytes x (k, v) = 64 KiB gathered, over dp*fsdp*tp = 2: 0.03 MiB)
+    assert ("mesh {'dp': 1, 'fsdp': 2, 'tp': 1, 'sp': 4} over 8 devices (1 process); attention: blockwise "
+            "kernel, chunks 16/16 (query/key); k/v across sp=4: all_gather (attention_impl=auto on cpu; "
+            "sp_attention=auto: one layer's gathered k/v take 0.03 MiB per device, within the 32 MiB limit)"
+            ) in proc.stderr, [line for line in proc.stderr.splitlines() if "mesh" in line]
+    assert "scan_query_chunk_size=16 (--update_llama_config)" in proc.stderr
 
 
 def test_resume_without_optimizer_state_keeps_the_schedule(corpus, tmp_path):
