@@ -5,7 +5,10 @@
 
 Input: a folder (searched recursively; each image/video needs a caption file next to it with
 the same stem, `cat.png` + `cat.txt`) or a JSONL file of {"path": ..., "caption": ...}
-(optional "id"; relative paths are relative to the JSONL's folder).
+(optional "id"; relative paths are relative to the JSONL's folder). A JSONL line's other keys
+are copied to its output line, and its own "fields" replaces the mode's: questions and answers
+(`"fields": "[prompt],[vision],[cue],answer"` with those text keys) go through unchanged
+(scripts/make_synthetic_vision.py writes such lists).
 
 Output: one JSON line per input, e.g.
     {"id": "cat.png", "path": "cat.png", "caption": "a cat", "n_frames": 1,
@@ -73,6 +76,7 @@ class Item:
     path: str  # as the input gave it
     file: str  # resolved path to read
     caption: str
+    extra: dict = dataclasses.field(default_factory=dict)  # a JSONL line's other keys, copied to the output
 
 
 @dataclasses.dataclass
@@ -152,7 +156,13 @@ def list_jsonl(path: str, path_key: str = "path", caption_key: str = "caption",
             media = record[path_key]
             item_id = str(record[id_key]) if id_key in record else media
             file = media if storage.is_remote(media) else storage.join(base, media)
-            items.append(Item(item_id, media, file, record[caption_key]))
+            extra = {k: v for k, v in record.items() if k not in (path_key, caption_key, id_key)}
+            codes_like = sorted(k for k in extra if "vision" in k)
+            if codes_like:
+                failures.append((where, f"key(s) {codes_like} would be read as VQGAN codes by the loader (a key "
+                                        "holding 'vision' is a code field); rename them"))
+                continue
+            items.append(Item(item_id, media, file, record[caption_key], extra))
     return items, failures
 
 
@@ -275,8 +285,9 @@ def tokenize_vision(items: list[Item], output: str, vqgan: VQGAN, *, mode: str =
         start, lines = 0, []
         for item, item_frames in pending:
             k = len(item_frames)
-            record = {"id": item.id, "path": item.path, caption_key: item.caption, "n_frames": k,
-                      vision_key: codes[start:start + k].reshape(-1).tolist(), "fields": fields}
+            record = {**item.extra, "id": item.id, "path": item.path, caption_key: item.caption, "n_frames": k,
+                      vision_key: codes[start:start + k].reshape(-1).tolist(),
+                      "fields": item.extra.get("fields", fields)}
             lines.append(json.dumps(record) + "\n")
             start += k
         append("".join(lines))

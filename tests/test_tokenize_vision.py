@@ -203,3 +203,38 @@ def test_jsonl_input_modes_and_loader_compatibility(world, tmp_path, tokenizer):
     np.testing.assert_array_equal(example.tokens[codes_at[:-1]], line["vision"])
     assert example.tokens[codes_at[-1]] == 8193
     assert np.all(example.loss_masks[codes_at] == 1.0)  # generation: the vision span carries the loss
+
+
+def test_question_answer_lines_keep_their_fields_and_train_on_the_chat_stream(world, tmp_path, tokenizer):
+    """A listed line's own keys and fields go through (scripts/make_synthetic_vision.py writes
+    such lines), and the loader turns a question line into exactly the token stream
+    lwm.vision_chat asks with, followed by the answer: the loss falls on the answer and eos only.
+    A listed key holding 'vision' would be read as codes: that line is a failure, not data."""
+    from lwm.data import VisionTextProcessor
+    from lwm.vision_chat import ANSWER_CUE, SYSTEM_PROMPT, chat_tokens
+
+    script = load_script()
+    media = world["media"]
+    question = "What colour is the shape?"
+    listing = tmp_path / "qa.jsonl"
+    listing.write_text("\n".join([
+        json.dumps({"path": str(media / "a.png"), "caption": "a red square", "id": "q1", "kind": "image_qa",
+                    "prompt": SYSTEM_PROMPT.format(question=question), "cue": ANSWER_CUE, "answer": "red",
+                    "fields": "[prompt],[vision],[cue],answer"}),
+        json.dumps({"path": str(media / "a.png"), "caption": "x", "id": "q2", "vision_note": "oops"}),
+    ]) + "\n")
+    items, failures = script.list_jsonl(str(listing))
+    assert [i.id for i in items] == ["q1"] and "would be read as VQGAN codes" in failures[0][1]
+    out = tmp_path / "qa_tokens.jsonl"
+    script.tokenize_vision(items, str(out), VQGAN(world["ckpt"], TINY, frames_per_chunk=BATCH), batch_size=BATCH,
+                           progress=False)
+    line = read_jsonl(out)[0]
+    assert (line["kind"], line["answer"], line["fields"]) == ("image_qa", "red", "[prompt],[vision],[cue],answer")
+    processor = VisionTextProcessor({"fields_from_example": "fields", "add_bos_token": False}, tokenizer)
+    example = processor(line)
+    codes = np.asarray(line["vision"]).reshape(1, 16, 16)
+    asked, vision = chat_tokens(tokenizer, question, codes)
+    answer = tokenizer.encode("red", add_bos=True) + [tokenizer.eos_token_id]
+    assert example.tokens.tolist() == asked + answer
+    assert example.vision_masks.tolist() == vision + [False] * len(answer)
+    assert example.loss_masks.tolist() == [0.0] * len(asked) + [1.0] * len(answer)
