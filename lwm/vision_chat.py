@@ -6,6 +6,11 @@
         --load_checkpoint=params::LWM-Chat-1M/params --tokenizer=LWM-Chat-1M/tokenizer.model
     Question: What is the video about?
     Answer: ...
+    python -m lwm.vision_chat ... --questions_file=questions.jsonl --output_file=answers.jsonl
+
+List mode: each line of --questions_file is {"id", "input_file", "question"} (optional
+"max_n_frames"; paths relative to the list); each answer is appended to --output_file as the
+job's line plus "answer", and a rerun answers only the ids not there yet.
 
 The input is read as LWM read it (`lwm.vision_io.read_vision`): a png/jpg is
 one frame; a video keeps at most `max_n_frames` frames picked with
@@ -63,6 +68,8 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     temperature=0.2,
     max_n_frames=8,  # longer videos are sampled uniformly down to this many frames
     max_new_tokens=0,  # answer length limit; 0 = the attention block size (LWM's choice)
+    questions_file="",  # list mode: JSONL of {"id", "input_file", "question"} (paths relative to the list)
+    output_file="",  # list mode: JSONL of answers, one a line (a rerun skips the ids already there)
     **model_flag_defaults(vision=True),
 )
 
@@ -193,22 +200,54 @@ def decode_answer(tokenizer: Tokenizer, tokens) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not FLAGS.prompt:
-        raise app.UsageError("--prompt is required (the question to ask)")
-    if not FLAGS.input_file:
-        raise app.UsageError("--input_file is required (an image or a video)")
+    jobs = None
+    if FLAGS.questions_file:
+        from lwm.jobs import read_jobs
+
+        if not FLAGS.output_file:
+            raise app.UsageError("--questions_file needs --output_file (the answers, one JSON line each)")
+        cli.check_input_files([("--questions_file", FLAGS.questions_file)])
+        cli.check_output_file("--output_file", FLAGS.output_file)
+        jobs = read_jobs(FLAGS.questions_file, ("id", "input_file", "question"), paths=("input_file",))
+        cli.check_input_files([(f"--questions_file (id {j['id']})", j["input_file"]) for j in jobs])
+    else:
+        if not FLAGS.prompt:
+            raise app.UsageError("--prompt is required (the question to ask), or --questions_file")
+        if not FLAGS.input_file:
+            raise app.UsageError("--input_file is required (an image or a video)")
+        cli.check_input_files([("--input_file", FLAGS.input_file)])
     if not FLAGS.vqgan_checkpoint:
         raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
-    cli.check_input_files([("--input_file", FLAGS.input_file), ("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
+    cli.check_input_files([("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
                            ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
     check_model_files(FLAGS)
     JaxDistributedConfig.initialize(FLAGS.jax_distributed)
     vqgan = load_vqgan(FLAGS.vqgan_checkpoint, FLAGS.vqgan_config)
     loaded = load_model_from_flags(FLAGS, vision=True)
     chat = VisionChat(loaded, vqgan, FLAGS.temperature, FLAGS.max_new_tokens)
+    if jobs is not None:
+        answer_list(chat, jobs, FLAGS.output_file, FLAGS.max_n_frames, FLAGS.seed)
+        return
     answer = chat.answer(FLAGS.prompt, FLAGS.input_file, FLAGS.max_n_frames, jax.random.key(FLAGS.seed))
     if jax.process_index() == 0:
         print(f"Question: {FLAGS.prompt}\nAnswer: {answer}", flush=True)
+
+
+def answer_list(chat: VisionChat, jobs: list[dict], output_file: str, max_n_frames: int, seed: int) -> None:
+    """Answer every job without a line in output_file yet, appending {..job, "answer"} lines."""
+    from tqdm import tqdm
+
+    from lwm.jobs import ResultWriter
+
+    with ResultWriter(output_file) as out:
+        todo = [j for j in jobs if j["id"] not in out.done]
+        for job in tqdm(todo, desc="vision_chat", disable=jax.process_index() != 0):
+            rng = jax.random.fold_in(jax.random.key(seed), len(out.lines))
+            answer = chat.answer(job["question"], job["input_file"], int(job.get("max_n_frames", max_n_frames)), rng)
+            if jax.process_index() == 0:
+                out.write({**job, "answer": answer})
+    if jax.process_index() == 0:
+        print(f"answers: {output_file} ({len(jobs)} questions, {len(todo)} answered now)", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ The first frame comes from the image prompt, as in LWM. Files are written atomic
 file, then rename; to a bucket URL such as `gs://bucket/out.mp4`, encoded locally and uploaded
 as one object). `--vqgan_config` ('' = LWM's VQGAN) allows tiny VQGANs for tests and
 demos; frames per token block follow its code grid (257 for LWM's 16 x 16).
+
+List mode: `--prompts_file=prompts.jsonl --output_dir=DIR`, one {"id", "prompt", "n_frames"}
+a line (n_frames 1 = an image); prompts of one length go through in batches of --batch_size and
+each result is written to DIR/<id>.png or DIR/<id>.mp4 and listed in DIR/generated.jsonl, so a
+rerun generates only the ids not listed yet.
 """
 from __future__ import annotations
 
@@ -68,6 +73,9 @@ FLAGS, FLAGS_DEF = define_flags_with_default(
     vqgan_checkpoint="",  # pickle of the VQGAN params
     vqgan_config="",  # '' = LWM's VQGAN; else a JSON file or string of VQGANConfig fields
     n_frames=1,
+    prompts_file="",  # list mode: JSONL of {"id", "prompt", "n_frames"}; outputs go to --output_dir
+    output_dir="",  # list mode: <id>.png / <id>.mp4 and generated.jsonl (a rerun skips ids already there)
+    batch_size=8,  # list mode: prompts generated together
     **model_flag_defaults(vision=True),
 )
 
@@ -183,6 +191,8 @@ class VisionGenerator:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.prompts_file:
+        return generate_list_main()
     try:
         kind = check_output(FLAGS.output_file, FLAGS.n_frames)
     except ValueError as e:
@@ -198,13 +208,8 @@ def main(argv):
     vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
     loaded = load_model_from_flags(FLAGS, vision=True)
     generator = VisionGenerator(loaded, vqgan)
-    image_rng, video_rng = jax.random.split(jax.random.key(FLAGS.seed))
-    tokens = generator.first_frames([prompt], image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
-                                    FLAGS.cfg_scale_image)
-    if kind == "video":
-        tokens = generator.continue_video([prompt], tokens, FLAGS.n_frames, video_rng, FLAGS.temperature_video,
-                                          FLAGS.top_k_video, FLAGS.cfg_scale_video)
-    frames = generator.decode(tokens)[0]  # [n_frames, H, W, 3] uint8
+    frames = generate_frames(generator, [prompt], FLAGS.n_frames if kind == "video" else 1,
+                             jax.random.key(FLAGS.seed))[0]  # [n_frames, H, W, 3] uint8
     log.info("generated %d vision tokens in %.2f s (%.1f tokens/s, compilation included)", generator.tokens_generated,
              generator.seconds, generator.tokens_generated / max(generator.seconds, 1e-9))
     if jax.process_index() == 0:
@@ -213,6 +218,55 @@ def main(argv):
         else:
             write_video(FLAGS.output_file, frames, fps=VIDEO_FPS)
         print(f"wrote {FLAGS.output_file} ({FLAGS.n_frames} frame{'s' if FLAGS.n_frames > 1 else ''})", flush=True)
+
+
+def generate_list_main() -> None:
+    """List mode: every job of --prompts_file without a line in <output_dir>/generated.jsonl."""
+    from lwm.jobs import ResultWriter, read_jobs
+
+    if not FLAGS.output_dir:
+        raise app.UsageError("--prompts_file needs --output_dir (where <id>.png / <id>.mp4 go)")
+    if FLAGS.batch_size < 1:
+        raise app.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if not FLAGS.vqgan_checkpoint:
+        raise app.UsageError("--vqgan_checkpoint is required: the pickled params of the VQGAN image tokenizer")
+    cli.check_input_files([("--prompts_file", FLAGS.prompts_file), ("--vqgan_checkpoint", FLAGS.vqgan_checkpoint),
+                           ("--vqgan_config", vqgan_config_file(FLAGS.vqgan_config))])
+    jobs = read_jobs(FLAGS.prompts_file, ("id", "prompt"))
+    for job in jobs:
+        job["n_frames"] = int(job.get("n_frames", 1))
+        if job["n_frames"] < 1:
+            raise app.UsageError(f"--prompts_file: id {job['id']}: n_frames must be >= 1, got {job['n_frames']}")
+    check_model_files(FLAGS)
+    JaxDistributedConfig.initialize(FLAGS.jax_distributed)
+    vqgan = VQGAN(FLAGS.vqgan_checkpoint, VQGANConfig.from_json(FLAGS.vqgan_config))
+    generator = VisionGenerator(load_model_from_flags(FLAGS, vision=True), vqgan)
+    with ResultWriter(os.path.join(FLAGS.output_dir, "generated.jsonl")) as out:
+        todo = [j for j in jobs if j["id"] not in out.done]
+        for n_frames in sorted({j["n_frames"] for j in todo}):
+            group = [j for j in todo if j["n_frames"] == n_frames]
+            for start in range(0, len(group), FLAGS.batch_size):
+                batch = group[start:start + FLAGS.batch_size]
+                rng = jax.random.fold_in(jax.random.key(FLAGS.seed), len(out.lines))
+                frames = generate_frames(generator, [j["prompt"] for j in batch], n_frames, rng)
+                for job, clip in zip(batch, frames):
+                    path = os.path.join(FLAGS.output_dir, f"{job['id']}.{'png' if n_frames == 1 else 'mp4'}")
+                    if jax.process_index() == 0:
+                        write_image(path, clip[0]) if n_frames == 1 else write_video(path, clip, fps=VIDEO_FPS)
+                        out.write({**job, "output_file": os.path.basename(path)})
+    if jax.process_index() == 0:
+        print(f"generated: {FLAGS.output_dir} ({len(jobs)} prompts, {len(todo)} generated now)", flush=True)
+
+
+def generate_frames(generator: VisionGenerator, prompts: list[str], n_frames: int, rng) -> np.ndarray:
+    """uint8 [len(prompts), n_frames, H, W, 3] with the flags' sampling settings."""
+    image_rng, video_rng = jax.random.split(rng)
+    tokens = generator.first_frames(prompts, image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
+                                    FLAGS.cfg_scale_image)
+    if n_frames > 1:
+        tokens = generator.continue_video(prompts, tokens, n_frames, video_rng, FLAGS.temperature_video,
+                                          FLAGS.top_k_video, FLAGS.cfg_scale_video)
+    return generator.decode(tokens)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,31 @@ def test_run_vision_chat_script_flags_parse(tmp_path):
     assert (config.sample_mode, config.theta, config.max_sequence_length, config.hidden_size) == (
         "text", 5e7, 131072, 4096)
     assert (config.scan_query_chunk_size, config.scan_attention, config.vision_vocab_size) == (128, False, 8448)
+
+
+def test_list_mode_answers_every_question_once_and_resumes(world, tmp_path):
+    """--questions_file: each job answered as `answer()` would (greedy), written as its line plus
+    "answer"; a rerun answers only the ids missing (a torn last line is dropped and redone)."""
+    from lwm.jobs import read_jobs
+    from lwm.vision_chat import answer_list
+
+    chat = VisionChat(world["loaded"], world["vqgan"], temperature=0.0, max_new_tokens=4)
+    listing = tmp_path / "questions.jsonl"
+    rel = os.path.relpath(world["image"], tmp_path)
+    listing.write_text("\n".join(json.dumps(j) for j in [
+        {"id": "still", "input_file": rel, "question": QUESTION},
+        {"id": "clip", "input_file": world["video"], "question": "What moves?", "max_n_frames": 2}]) + "\n")
+    jobs = read_jobs(str(listing), ("id", "input_file", "question"), paths=("input_file",))
+    assert jobs[0]["input_file"] == world["image"] or os.path.samefile(jobs[0]["input_file"], world["image"])
+    output = tmp_path / "answers.jsonl"
+    answer_list(chat, jobs, str(output), max_n_frames=8, seed=0)
+    lines = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["still", "clip"]
+    assert lines[0]["answer"] == chat.answer(QUESTION, world["image"], 8)
+    assert lines[1]["answer"] == chat.answer("What moves?", world["video"], 2)
+    output.write_text(output.read_text().splitlines()[0] + "\n" + '{"id": "cl')  # killed mid-line
+    answer_list(chat, jobs, str(output), max_n_frames=8, seed=0)
+    assert [json.loads(x) for x in output.read_text().splitlines()] == lines
+    listing.write_text(listing.read_text() + json.dumps({"id": "still", "input_file": rel, "question": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"questions.jsonl, line 3: id 'still' occurs twice"):
+        read_jobs(str(listing), ("id", "input_file", "question"))

@@ -143,7 +143,38 @@ def run_entry_point(generator, tmp_path, output_file, n_frames):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("name, n_frames", [("fox.png", 1), ("fox.mp4", 3)])
+def test_list_mode_writes_each_prompts_image_or_video_and_resumes(generator, tmp_path):
+    """--prompts_file: an image and a video from one run, listed in generated.jsonl; a rerun
+    generates nothing again."""
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "fox", "prompt": "a red fox"}) + "\n" +
+                       json.dumps({"id": "clip", "prompt": "a fox running", "n_frames": 3}) + "\n")
+    out = tmp_path / "generated"
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(1), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "lwm.vision_generation", f"--prompts_file={prompts}", f"--output_dir={out}",
+           "--cfg_scale_image=3.0", f"--vqgan_checkpoint={generator['vqgan_path']}",
+           f"--vqgan_config={generator['vqgan_config']}", f"--load_llama_config=json::{model_json(tmp_path)}",
+           "--tokenizer=builtin", "--mesh_dim=1,1,1,1",
+           "--update_llama_config=dict(sample_mode='vision',scan_query_chunk_size=64,scan_key_chunk_size=64)"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generated: " in result.stdout and "(2 prompts, 2 generated now)" in result.stdout
+    assert sorted(os.listdir(out)) == ["clip.mp4", "fox.png", "generated.jsonl"]
+    listed = [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
+    assert {x["id"]: x["output_file"] for x in listed} == {"fox": "fox.png", "clip": "clip.mp4"}
+    with Image.open(out / "fox.png") as image:
+        assert image.size == (32, 32)
+    import decord
+
+    reader = decord.VideoReader(str(out / "clip.mp4"), ctx=decord.cpu(0))
+    assert len(reader) == 3 and reader[0].shape == (32, 32, 3) and abs(reader.get_avg_fps() - 4) < 1e-6
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "(2 prompts, 0 generated now)" in rerun.stdout, rerun.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name, n_frames", [("fox.png", 1)])
 def test_entry_point_writes_image_and_video(generator, tmp_path, name, n_frames):
     output = tmp_path / "out" / name
     result = run_entry_point(generator, tmp_path, str(output), n_frames)

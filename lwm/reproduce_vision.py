@@ -1,0 +1,425 @@
+"""Evidence that the vision half learns: a tiny video-language world trained and evaluated on a CPU.
+
+    python -m lwm.reproduce_vision                       # the main study (make reproduce-vision)
+    python -m lwm.reproduce_vision --smoke --out /tmp/v  # every step in minutes (tests)
+
+Steps, each resumable (a finished step is skipped; a stage in progress autoresumes):
+  world      scripts/make_synthetic_vision.py: shapes, motion clips, needle videos, with answers
+  tokenizer  scripts/train_tokenizer.py on the world's text (prompts, answers, captions)
+  vqgan      lwm.tiny_vqgan: the project's VQGAN at 32 x 32 -> 4 x 4 codes, fitted to the frames
+  tokens     scripts/tokenize_vision.py: the lists -> json_vision lines
+  stages     python -m lwm.train --modality=vision,text on them (configs/reproduce_vision/)
+  evals      python -m lwm.vision_chat and python -m lwm.vision_generation on held-out examples
+
+Outputs go under --out (default outputs/reproduce_vision, git-ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from lwm import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs", "reproduce_vision")
+
+
+def log(message: str) -> None:
+    print(f"[reproduce_vision {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(cmd: list[str], what: str) -> None:
+    """A step's command, its output passed through; a failure stops the study naming the step."""
+    from lwm.mesh import cpu_xla_flags
+
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=os.environ.get("XLA_FLAGS") or cpu_xla_flags(8),
+               WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
+    log(f"{what}: {' '.join(cmd[:3])} ...")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}); rerun the study to resume")
+
+
+# ---- world, tokenizer, VQGAN, tokens ---------------------------------------------------------------
+
+
+def prepare_world(out: str, smoke: bool) -> str:
+    world = os.path.join(out, "world")
+    if os.path.exists(os.path.join(world, "heldout.jsonl")):
+        return world
+    sizes = (["--n_images=24", "--n_motion=8", "--n_needle=8", "--needle_eval_frames=8",
+              "--needle_eval_rounds=1"] if smoke else [])
+    run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={world}",
+         *sizes], "world")
+    return world
+
+
+def prepare_tokenizer(world: str, out: str) -> str:
+    """A 512-piece SentencePiece model of the world's text and the entry points' templates."""
+    from lwm.vision_chat import VISION_END, VISION_START
+    from lwm.vision_generation import IMAGE_PROMPT, UNCONDITIONAL_PROMPT, VIDEO_PROMPT
+    from scripts.train_tokenizer import train_tokenizer
+
+    path = os.path.join(out, "tokenizer", "tokenizer.model")
+    if os.path.exists(path):
+        return path
+    texts = []
+    with open(os.path.join(world, "train.jsonl")) as f:
+        for line in f:
+            x = json.loads(line)
+            texts.append(" ".join([x["prompt"], VISION_START, VISION_END, x.get("cue", ""), x.get("answer", ""),
+                                   x["caption"]]))
+    texts += [IMAGE_PROMPT.format(prompt=""), VIDEO_PROMPT.format(prompt=""), UNCONDITIONAL_PROMPT] * 100
+    corpus = os.path.join(out, "tokenizer", "input.jsonl")
+    os.makedirs(os.path.dirname(corpus), exist_ok=True)
+    with open(corpus, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    train_tokenizer(corpus, path, vocab_size=512)
+    log(f"tokenizer: {path} (512 pieces)")
+    return path
+
+
+def world_frames(world: str, size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames of the training media as the tokenizer script reads them (at `size`)."""
+    from lwm.tiny_vqgan import to_pixels  # noqa: F401  (same scaling as the fit)
+    from lwm.vision_io import read_vision, to_uint8
+
+    with open(os.path.join(world, "train.jsonl")) as f:
+        paths = sorted({json.loads(line)["path"] for line in f})
+    rng.shuffle(paths)
+    frames = []
+    for path in paths:
+        frames.extend(to_uint8(read_vision(os.path.join(world, path), max_n_frames=4, size=size)))
+        if len(frames) >= limit:
+            break
+    return np.stack(frames[:limit])
+
+
+def attribute_agreement(vqgan) -> dict:
+    """Code agreement (over the cells the shapes cover) between frames that differ in one
+    attribute only, for every scene of the world: low means the codes tell that attribute apart."""
+    from PIL import Image
+
+    from lwm.synthetic_vision import COLOURS, POSITIONS, SHAPES, Scene, draw_image
+    from lwm.tiny_vqgan import code_agreement
+
+    size = vqgan.config.resolution
+
+    def frames(scenes):
+        return np.stack([np.asarray(Image.fromarray(draw_image(s)).resize((size, size), Image.BICUBIC))
+                         for s in scenes])
+
+    base = [Scene(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+    colours, positions = list(COLOURS), list(POSITIONS)
+    changed = {
+        "colour": [Scene(s.shape, colours[(colours.index(s.colour) + 1) % 4], s.position) for s in base],
+        "shape": [Scene(SHAPES[(SHAPES.index(s.shape) + 1) % 3], s.colour, s.position) for s in base],
+        "position": [Scene(s.shape, s.colour, positions[(positions.index(s.position) + 1) % 4]) for s in base],
+    }
+    return {k: code_agreement(vqgan, frames(base), frames(v)) for k, v in changed.items()}
+
+
+def prepare_vqgan(world: str, out: str, smoke: bool) -> tuple[str, str, dict]:
+    """(checkpoint, config file, report) of the tiny VQGAN fitted to the world's frames."""
+    from lwm.tiny_vqgan import TINY_CONFIG, fit_vqgan
+    from lwm.vqgan import VQGAN, save_vqgan_params
+
+    folder = os.path.join(out, "vqgan")
+    checkpoint, config_file, report_file = (os.path.join(folder, n) for n in ("vqgan.pkl", "vqgan.json",
+                                                                            "report.json"))
+    if os.path.exists(report_file):
+        with open(report_file) as f:
+            return checkpoint, config_file, json.load(f)
+    os.makedirs(folder, exist_ok=True)
+    steps = 20 if smoke else 800
+    frames = world_frames(world, TINY_CONFIG.resolution, 64 if smoke else 2048, np.random.default_rng(0))
+    start = time.time()
+    params, history = fit_vqgan(frames, TINY_CONFIG, steps=steps, batch_size=32)
+    save_vqgan_params(checkpoint, params)
+    with open(config_file, "w") as f:
+        json.dump(TINY_CONFIG.to_dict(), f, indent=1)
+    report = dict(steps=steps, frames=len(frames), wall_s=round(time.time() - start, 1), history=history,
+                  attribute_code_agreement=attribute_agreement(VQGAN(params, TINY_CONFIG)))
+    with open(report_file, "w") as f:
+        json.dump(report, f, indent=1)
+    log(f"vqgan: {checkpoint}; code agreement between frames differing in one attribute: "
+        f"{report['attribute_code_agreement']}")
+    return checkpoint, config_file, report
+
+
+def prepare_long_world(out: str, smoke: bool) -> str:
+    """Stage 2's data: needle videos of 12-32 frames (the first stage saw 4-8)."""
+    world = os.path.join(out, "world_long")
+    if os.path.exists(os.path.join(world, "train.jsonl")):
+        return world
+    run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={world}",
+         "--seed=1", "--n_images=0", "--n_motion=0", f"--n_needle={8 if smoke else 400}",
+         f"--needle_frames={'12,16' if smoke else '12,32'}", "--needle_eval_rounds=0"], "long needle videos")
+    return world
+
+
+def tokenize(world: str, name: str, vqgan: tuple[str, str], out: str, tag: str = "") -> str:
+    """scripts/tokenize_vision.py over world/<name>.jsonl (resumes by id)."""
+    output = os.path.join(out, "tokens", f"{tag or name}.jsonl")
+    done = os.path.join(out, "tokens", f"{tag or name}.done")
+    if os.path.exists(done):
+        return output
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    run([sys.executable, os.path.join(ROOT, "scripts", "tokenize_vision.py"), f"--input={world}/{name}.jsonl",
+         f"--output={output}", f"--vqgan_checkpoint={vqgan[0]}", f"--vqgan_config={vqgan[1]}", "--max_n_frames=0",
+         "--batch_size=64", "--strict"], f"tokenize {name}")
+    open(done, "w").close()
+    return output
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def load_stage(name: str, smoke: bool) -> dict:
+    with open(os.path.join(CONFIGS, f"{name}.json")) as f:
+        stage = json.load(f)
+    if smoke:
+        stage.update(steps=3, warmup_steps=1, batch_size=8)
+    return stage
+
+
+def stage_data(tokens: str, stage: dict, out: str, epochs: int, long_tokens: str = "") -> str:
+    """The stage's training lines, `epochs` passes each in a new random order (the loader reads
+    a file front to back, and the world lists its examples kind by kind). With `long_tokens`
+    (stage 2), every pass holds all of them plus `replay_fraction` as many of the first
+    stage's lines, so the longer stage does not forget the short tasks."""
+    path = os.path.join(out, "tokens", f"{stage['name']}_shuffled.jsonl")
+    if os.path.exists(path):
+        return path
+    with open(tokens) as f:
+        lines = [line for line in f if line.strip()]
+    rng = np.random.default_rng(stage.get("seed", 0))
+    long_lines = []
+    if long_tokens:
+        with open(long_tokens) as f:
+            long_lines = [line for line in f if line.strip()]
+    with open(path + ".tmp", "w") as f:
+        for _ in range(epochs):
+            if long_lines:
+                replay = [lines[i] for i in rng.choice(len(lines), int(stage["replay_fraction"] * len(long_lines)))]
+                epoch = long_lines + replay
+            else:
+                epoch = lines
+            f.writelines(epoch[i] for i in rng.permutation(len(epoch)))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: str = "") -> tuple[str, float]:
+    """(streaming_params path, wall seconds) of a `python -m lwm.train` run (autoresumes)."""
+    run_dir = os.path.join(out, "runs", stage["name"])
+    params = os.path.join(run_dir, "streaming_params")
+    done = os.path.join(run_dir, "done.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return params, json.load(f)["wall_s"]
+    steps, seq = stage["steps"], stage["seq_length"]
+    updates = f"dict(theta={stage['theta']},max_sequence_length={max(2048, seq)})"
+    cmd = [sys.executable, "-m", "lwm.train", "--modality=vision,text", f"--mesh_dim={stage['mesh_dim']}",
+           "--dtype=fp32", f"--total_steps={steps}", f"--log_freq={min(25, steps)}",
+           f"--save_model_freq={max(1, steps // 4)}",
+           f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
+           f"--update_llama_config={updates}", f"--tokenizer={tokenizer}", "--optimizer.type=adamw",
+           f"--optimizer.adamw_optimizer.lr={stage['lr']}", f"--optimizer.adamw_optimizer.end_lr={stage['end_lr']}",
+           f"--optimizer.adamw_optimizer.lr_warmup_steps={stage['warmup_steps']}",
+           f"--optimizer.adamw_optimizer.lr_decay_steps={steps}", "--optimizer.adamw_optimizer.weight_decay=0.01",
+           "--train_dataset.type=json_vision", "--train_dataset.vision_text_processor.fields_from_example=fields",
+           "--train_dataset.vision_text_processor.n_tokens_per_frame=16",
+           "--train_dataset.vision_text_processor.add_bos_token=False",
+           f"--train_dataset.json_vision_dataset.mode={stage['mode']}",
+           f"--train_dataset.json_vision_dataset.path={data}",
+           f"--train_dataset.json_vision_dataset.seq_length={seq}",
+           f"--train_dataset.json_vision_dataset.batch_size={stage['batch_size']}",
+           "--train_dataset.json_vision_dataset.tokenizer_processes=1",
+           "--checkpointer.float_dtype=fp32", f"--logger.output_dir={os.path.join(out, 'runs')}",
+           f"--logger.experiment_id={stage['name']}", "--logger.append_uuid=False", "--autoresume=True"]
+    if start_from:
+        cmd.append(f"--load_checkpoint=params::{start_from}")
+    start = time.time()
+    run(cmd, f"train {stage['name']}")
+    wall = round(time.time() - start, 1)
+    with open(done, "w") as f:
+        json.dump({"wall_s": wall, "steps": steps}, f)
+    return params, wall
+
+
+# ---- evals, through the entry points' list modes -------------------------------------------------
+
+
+def model_flags(stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str]) -> list[str]:
+    return [f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
+            f"--update_llama_config=dict(theta={stage['theta']},max_sequence_length={max(2048, stage['seq_length'])})",
+            f"--load_checkpoint=params::{params}", f"--tokenizer={tokenizer}", f"--vqgan_checkpoint={vqgan[0]}",
+            f"--vqgan_config={vqgan[1]}", "--mesh_dim=1,-1,1,1"]
+
+
+def write_jobs(path: str, jobs: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(j) + "\n" for j in jobs)
+
+
+def ask(world: str, kinds: tuple[str, ...], stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str],
+        folder: str) -> list[dict]:
+    """Answers of lwm.vision_chat (greedy) to the held-out questions of `kinds` (resumable)."""
+    with open(os.path.join(world, "heldout.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    jobs = [dict(id=x["id"], input_file=os.path.join(world, x["path"]), kind=x["kind"],
+                 question=x["prompt"].split("USER: ", 1)[1].rstrip("\n"), expected=x["answer"],
+                 attribute=x.get("question", ""), n_frames=x.get("n_frames", 1), max_n_frames=x.get("n_frames", 1),
+                 depth=x.get("depth"))
+            for x in lines if x["kind"] in kinds and x.get("question") != "describe"]
+    questions, answers = os.path.join(folder, "questions.jsonl"), os.path.join(folder, "answers.jsonl")
+    write_jobs(questions, jobs)
+    run([sys.executable, "-m", "lwm.vision_chat", *model_flags(stage, params, tokenizer, vqgan),
+         f"--questions_file={questions}", f"--output_file={answers}", "--temperature=0", "--max_new_tokens=8"],
+        f"vision_chat {','.join(kinds)}")
+    with open(answers) as f:
+        results = [json.loads(line) for line in f]
+    for r in results:
+        r["correct"] = r["answer"].strip().lower() == r["expected"].strip().lower()
+    return results
+
+
+def accuracy(results: list[dict]) -> float | None:
+    return round(float(np.mean([r["correct"] for r in results])), 4) if results else None
+
+
+def generate(world: str, kind: str, stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str], folder: str,
+             cfg_scale: float) -> list[dict]:
+    """lwm.vision_generation's outputs for the held-out captions of `kind` (image_gen or video_gen)."""
+    with open(os.path.join(world, "heldout.jsonl")) as f:
+        lines = [json.loads(line) for line in f if json.loads(line)["kind"] == kind]
+    jobs = [dict(id=x["id"].replace(":", "_"), prompt=x["caption"], n_frames=x.get("n_frames", 1), truth=x["path"],
+                 **{k: x[k] for k in ("colour", "shape", "position", "direction") if k in x}) for x in lines]
+    prompts = os.path.join(folder, "prompts.jsonl")
+    write_jobs(prompts, jobs)
+    run([sys.executable, "-m", "lwm.vision_generation", *model_flags(stage, params, tokenizer, vqgan),
+         f"--prompts_file={prompts}", f"--output_dir={folder}", "--temperature_image=0.3", "--top_k_image=8",
+         "--temperature_video=0.3", "--top_k_video=8", f"--cfg_scale_image={cfg_scale}",
+         f"--cfg_scale_video={cfg_scale}", "--update_llama_config=dict(sample_mode='vision')"],
+        f"vision_generation {kind} cfg {cfg_scale}")
+    with open(os.path.join(folder, "generated.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def score_images(results: list[dict], folder: str, world: str, vqgan: tuple[str, str]) -> dict:
+    """Attribute accuracy of generated images by the pixel classifier, and their codes' agreement
+    with the caption's ground-truth image (both read and encoded as the tokenizer script does)."""
+    from lwm.synthetic_vision import classify_frame
+    from lwm.vision_io import read_vision, to_uint8
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    model = VQGAN(vqgan[0], VQGANConfig.from_json(vqgan[1]))
+    size = model.config.resolution
+    right, exact, agreement = [], [], []
+    for r in results:
+        frame = read_vision(os.path.join(folder, r["output_file"]), size=size)
+        truth = read_vision(os.path.join(world, r["truth"]), size=size)
+        seen = classify_frame(to_uint8(frame)[0])
+        hits = [seen is not None and getattr(seen, k) == r[k] for k in ("colour", "shape", "position")]
+        right.extend(hits)
+        exact.append(all(hits))
+        codes = [np.asarray(model.encode(x, progress=False)[1]) for x in (frame, truth)]
+        agreement.append(float(np.mean(codes[0] == codes[1])))
+    return dict(attributes=round(float(np.mean(right)), 4), exact=round(float(np.mean(exact)), 4),
+                code_agreement=round(float(np.mean(agreement)), 4))
+
+
+def score_videos(results: list[dict], folder: str) -> float:
+    """Fraction of generated clips whose object moves the captioned way (pixel classifier)."""
+    from lwm.synthetic_vision import motion_direction
+    from lwm.vision_io import read_vision, to_uint8
+
+    return round(float(np.mean([motion_direction(to_uint8(read_vision(os.path.join(folder, r["output_file"]),
+                                                                        max_n_frames=0, size=64)))
+                                == r["direction"] for r in results])), 4)
+
+
+# ---- the study --------------------------------------------------------------------------------------
+
+
+def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str], out: str) -> dict:
+    """Every held-out eval of one trained stage, through lwm.vision_chat and lwm.vision_generation."""
+    folder = os.path.join(out, "evals", stage["name"])
+    qa = ask(world, ("image_qa", "motion_qa", "needle_qa"), stage, params, tokenizer, vqgan, os.path.join(folder, "qa"))
+    needle = [r for r in qa if r["kind"] == "needle_qa"]
+    lengths = sorted({r["n_frames"] for r in needle})
+    summary = dict(
+        image_qa=accuracy([r for r in qa if r["kind"] == "image_qa"]),
+        image_qa_by_attribute={a: accuracy([r for r in qa if r["kind"] == "image_qa" and r["attribute"] == a])
+                               for a in ("colour", "shape", "position")},
+        motion_qa=accuracy([r for r in qa if r["kind"] == "motion_qa"]),
+        video_needle=accuracy(needle), video_needle_lengths=lengths,
+        video_needle_by_length={str(n): accuracy([r for r in needle if r["n_frames"] == n]) for n in lengths})
+    for cfg, key in ((1.0, "no_cfg"), (3.0, "cfg")):
+        gen_folder = os.path.join(folder, f"text_to_image_{key}")
+        images = score_images(generate(world, "image_gen", stage, params, tokenizer, vqgan, gen_folder, cfg),
+                              gen_folder, world, vqgan)
+        summary[f"text_to_image_attributes_{key}"] = images["attributes"]
+        summary[f"text_to_image_exact_{key}"] = images["exact"]
+        summary[f"text_to_image_code_agreement_{key}"] = images["code_agreement"]
+    video_folder = os.path.join(folder, "text_to_video")
+    summary["text_to_video_motion"] = score_videos(
+        generate(world, "video_gen", stage, params, tokenizer, vqgan, video_folder, 3.0), video_folder)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"evals after {stage['name']}: {summary}")
+    return summary
+
+
+def reproduce(out: str, results: str, smoke: bool) -> dict:
+    start = time.time()
+    world = prepare_world(out, smoke)
+    tokenizer = prepare_tokenizer(world, out)
+    vqgan_checkpoint, vqgan_config, vqgan_report = prepare_vqgan(world, out, smoke)
+    vqgan = (vqgan_checkpoint, vqgan_config)
+    tokens = tokenize(world, "train", vqgan, out)
+    stage1 = load_stage("stage1", smoke)
+    params1, wall1 = train_stage(stage1, stage_data(tokens, stage1, out, epochs=1 if smoke else 12), tokenizer, out)
+    evals1 = evaluate(stage1, params1, world, tokenizer, vqgan, out)
+    long_tokens = tokenize(prepare_long_world(out, smoke), "train", vqgan, out, tag="long")
+    stage2 = load_stage("stage2", smoke)
+    params2, wall2 = train_stage(stage2, stage_data(tokens, stage2, out, epochs=1 if smoke else 6, long_tokens=long_tokens),
+                                 tokenizer, out, start_from=params1)
+    evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
+    stages = [dict(name=s["name"], seq_length=s["seq_length"], theta=s["theta"], steps=s["steps"],
+                   tokens=s["steps"] * s["batch_size"] * s["seq_length"], mesh_dim=s["mesh_dim"], wall_s=w,
+                   checkpoint=os.path.relpath(p, ROOT)) for s, p, w in ((stage1, params1, wall1), (stage2, params2, wall2))]
+    summary = dict(total_wall_s=round(time.time() - start, 1), stages=stages,
+                   after_stage1={k: evals1[k] for k in ("image_qa", "motion_qa", "video_needle", "video_needle_by_length")},
+                   tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
+                   vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
+                                  final=vqgan_report["history"][-1]),
+                   **evals)
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+    with open(results, "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"summary: {results}")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce_vision"),
+                        help="working folder (data, runs, evals); a rerun resumes there")
+    parser.add_argument("--results", default="", help="summary JSON (default: <out>/reproduction_vision.json)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps and a tiny world (tests)")
+    args = parser.parse_args(argv)
+    reproduce(args.out, args.results or os.path.join(args.out, "reproduction_vision.json"), args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
