@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -34,11 +35,12 @@ def log(message: str) -> None:
     print(f"[reproduce_vision {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(cmd: list[str], what: str) -> None:
-    """A step's command, its output passed through; a failure stops the study naming the step."""
+def run(cmd: list[str], what: str, devices: int = 8) -> None:
+    """A step's command, its output passed through; a failure stops the study naming the step.
+    Training sees 8 virtual CPU devices (its mesh); evals one (a batch of one prompt)."""
     from lwm.mesh import cpu_xla_flags
 
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=os.environ.get("XLA_FLAGS") or cpu_xla_flags(8),
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=cpu_xla_flags(devices),
                WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
     log(f"{what}: {' '.join(cmd[:3])} ...")
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -53,8 +55,8 @@ def prepare_world(out: str, smoke: bool) -> str:
     world = os.path.join(out, "world")
     if os.path.exists(os.path.join(world, "heldout.jsonl")):
         return world
-    sizes = (["--n_images=24", "--n_motion=8", "--n_needle=8", "--needle_eval_frames=8",
-              "--needle_eval_rounds=1"] if smoke else [])
+    sizes = (["--n_images=24", "--n_motion=8", "--n_needle=8", "--needle_eval_frames=8", "--needle_eval_rounds=1",
+              "--heldout_images=4", "--heldout_motion=4"] if smoke else [])
     run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={world}",
          *sizes], "world")
     return world
@@ -261,7 +263,7 @@ def model_flags(stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str]
     return [f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
             f"--update_llama_config=dict(theta={stage['theta']},max_sequence_length={max(2048, stage['seq_length'])})",
             f"--load_checkpoint=params::{params}", f"--tokenizer={tokenizer}", f"--vqgan_checkpoint={vqgan[0]}",
-            f"--vqgan_config={vqgan[1]}", "--mesh_dim=1,-1,1,1"]
+            f"--vqgan_config={vqgan[1]}", "--mesh_dim=1,1,1,1"]
 
 
 def write_jobs(path: str, jobs: list[dict]) -> None:
@@ -284,7 +286,7 @@ def ask(world: str, kinds: tuple[str, ...], stage: dict, params: str, tokenizer:
     write_jobs(questions, jobs)
     run([sys.executable, "-m", "lwm.vision_chat", *model_flags(stage, params, tokenizer, vqgan),
          f"--questions_file={questions}", f"--output_file={answers}", "--temperature=0", "--max_new_tokens=8"],
-        f"vision_chat {','.join(kinds)}")
+        f"vision_chat {','.join(kinds)}", devices=1)
     with open(answers) as f:
         results = [json.loads(line) for line in f]
     for r in results:
@@ -296,20 +298,30 @@ def accuracy(results: list[dict]) -> float | None:
     return round(float(np.mean([r["correct"] for r in results])), 4) if results else None
 
 
-def generate(world: str, kind: str, stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str], folder: str,
-             cfg_scale: float) -> list[dict]:
-    """lwm.vision_generation's outputs for the held-out captions of `kind` (image_gen or video_gen)."""
+IMAGE_CFG = {"no_cfg": 1.0, "cfg": 3.0}  # text-to-image with and without classifier-free guidance
+VIDEO_CFG = 3.0
+
+
+def generate(world: str, stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str], folder: str) -> list[dict]:
+    """lwm.vision_generation's outputs (one list-mode run) for the held-out captions: every image
+    caption once per IMAGE_CFG setting, every motion caption as a video."""
     with open(os.path.join(world, "heldout.jsonl")) as f:
-        lines = [json.loads(line) for line in f if json.loads(line)["kind"] == kind]
-    jobs = [dict(id=x["id"].replace(":", "_"), prompt=x["caption"], n_frames=x.get("n_frames", 1), truth=x["path"],
-                 **{k: x[k] for k in ("colour", "shape", "position", "direction") if k in x}) for x in lines]
+        lines = [json.loads(line) for line in f]
+    jobs = []
+    for x in lines:
+        attributes = {k: x[k] for k in ("colour", "shape", "position", "direction") if k in x}
+        if x["kind"] == "image_gen":
+            jobs += [dict(id=f"{x['id'].replace(':', '_')}_{key}", prompt=x["caption"], n_frames=1, cfg_scale=scale,
+                          setting=key, truth=x["path"], **attributes) for key, scale in IMAGE_CFG.items()]
+        elif x["kind"] == "video_gen":
+            jobs.append(dict(id=x["id"].replace(":", "_"), prompt=x["caption"], n_frames=x["n_frames"],
+                             cfg_scale=VIDEO_CFG, setting="video", truth=x["path"], **attributes))
     prompts = os.path.join(folder, "prompts.jsonl")
     write_jobs(prompts, jobs)
     run([sys.executable, "-m", "lwm.vision_generation", *model_flags(stage, params, tokenizer, vqgan),
          f"--prompts_file={prompts}", f"--output_dir={folder}", "--temperature_image=0.3", "--top_k_image=8",
-         "--temperature_video=0.3", "--top_k_video=8", f"--cfg_scale_image={cfg_scale}",
-         f"--cfg_scale_video={cfg_scale}", "--update_llama_config=dict(sample_mode='vision')"],
-        f"vision_generation {kind} cfg {cfg_scale}")
+         "--temperature_video=0.3", "--top_k_video=8"],
+        "vision_generation", devices=1)
     with open(os.path.join(folder, "generated.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -353,6 +365,9 @@ def score_videos(results: list[dict], folder: str) -> float:
 def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str], out: str) -> dict:
     """Every held-out eval of one trained stage, through lwm.vision_chat and lwm.vision_generation."""
     folder = os.path.join(out, "evals", stage["name"])
+    if os.path.exists(os.path.join(folder, "summary.json")):
+        with open(os.path.join(folder, "summary.json")) as f:
+            return json.load(f)
     qa = ask(world, ("image_qa", "motion_qa", "needle_qa"), stage, params, tokenizer, vqgan, os.path.join(folder, "qa"))
     needle = [r for r in qa if r["kind"] == "needle_qa"]
     lengths = sorted({r["n_frames"] for r in needle})
@@ -363,16 +378,14 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
         motion_qa=accuracy([r for r in qa if r["kind"] == "motion_qa"]),
         video_needle=accuracy(needle), video_needle_lengths=lengths,
         video_needle_by_length={str(n): accuracy([r for r in needle if r["n_frames"] == n]) for n in lengths})
-    for cfg, key in ((1.0, "no_cfg"), (3.0, "cfg")):
-        gen_folder = os.path.join(folder, f"text_to_image_{key}")
-        images = score_images(generate(world, "image_gen", stage, params, tokenizer, vqgan, gen_folder, cfg),
-                              gen_folder, world, vqgan)
+    gen_folder = os.path.join(folder, "generated")
+    generated = generate(world, stage, params, tokenizer, vqgan, gen_folder)
+    for key in IMAGE_CFG:
+        images = score_images([r for r in generated if r["setting"] == key], gen_folder, world, vqgan)
         summary[f"text_to_image_attributes_{key}"] = images["attributes"]
         summary[f"text_to_image_exact_{key}"] = images["exact"]
         summary[f"text_to_image_code_agreement_{key}"] = images["code_agreement"]
-    video_folder = os.path.join(folder, "text_to_video")
-    summary["text_to_video_motion"] = score_videos(
-        generate(world, "video_gen", stage, params, tokenizer, vqgan, video_folder, 3.0), video_folder)
+    summary["text_to_video_motion"] = score_videos([r for r in generated if r["setting"] == "video"], gen_folder)
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"evals after {stage['name']}: {summary}")
@@ -381,27 +394,32 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
 
 def reproduce(out: str, results: str, smoke: bool) -> dict:
     start = time.time()
+    out = os.path.abspath(out)  # job lists name media by absolute path
     world = prepare_world(out, smoke)
     tokenizer = prepare_tokenizer(world, out)
     vqgan_checkpoint, vqgan_config, vqgan_report = prepare_vqgan(world, out, smoke)
     vqgan = (vqgan_checkpoint, vqgan_config)
     tokens = tokenize(world, "train", vqgan, out)
     stage1 = load_stage("stage1", smoke)
-    params1, wall1 = train_stage(stage1, stage_data(tokens, stage1, out, epochs=1 if smoke else 12), tokenizer, out)
-    evals1 = evaluate(stage1, params1, world, tokenizer, vqgan, out)
+    params1, wall1 = train_stage(stage1, stage_data(tokens, stage1, out, epochs=1 if smoke else stage1["epochs"]),
+                                 tokenizer, out)
+    evals1 = None if smoke else evaluate(stage1, params1, world, tokenizer, vqgan, out)
     long_tokens = tokenize(prepare_long_world(out, smoke), "train", vqgan, out, tag="long")
     stage2 = load_stage("stage2", smoke)
-    params2, wall2 = train_stage(stage2, stage_data(tokens, stage2, out, epochs=1 if smoke else 6, long_tokens=long_tokens),
-                                 tokenizer, out, start_from=params1)
+    params2, wall2 = train_stage(stage2, stage_data(tokens, stage2, out, epochs=1 if smoke else stage2["epochs"],
+                                                    long_tokens=long_tokens), tokenizer, out, start_from=params1)
     evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
     stages = [dict(name=s["name"], seq_length=s["seq_length"], theta=s["theta"], steps=s["steps"],
                    tokens=s["steps"] * s["batch_size"] * s["seq_length"], mesh_dim=s["mesh_dim"], wall_s=w,
                    checkpoint=os.path.relpath(p, ROOT)) for s, p, w in ((stage1, params1, wall1), (stage2, params2, wall2))]
     summary = dict(total_wall_s=round(time.time() - start, 1), stages=stages,
-                   after_stage1={k: evals1[k] for k in ("image_qa", "motion_qa", "video_needle", "video_needle_by_length")},
+                   after_stage1=evals1 and {k: evals1[k] for k in ("image_qa", "image_qa_by_attribute", "motion_qa",
+                                                                   "video_needle", "video_needle_by_length")},
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
                    vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
                                   final=vqgan_report["history"][-1]),
+                   machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                                cpus=os.cpu_count()),
                    **evals)
     os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
     with open(results, "w") as f:
@@ -410,14 +428,68 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     return summary
 
 
+def publish(out: str, summary: dict, results: str, assets: str) -> None:
+    """The summary to `results` and pictures to `assets`: generated images beside their held-out
+    captions' ground truth, and the video needle's accuracy by length and depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lwm.vision_io import read_vision, to_uint8
+
+    os.makedirs(assets, exist_ok=True)
+    with open(results, "w") as f:
+        json.dump(summary, f, indent=1)
+    evals = os.path.join(out, "evals", summary["stages"][-1]["name"])
+    with open(os.path.join(evals, "generated", "generated.jsonl")) as f:
+        generated = [json.loads(line) for line in f]
+    images = [r for r in generated if r["setting"] == "cfg"][:8]
+    fig, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.6))
+    for i, r in enumerate(images):
+        for row, path in enumerate((os.path.join(evals, "generated", r["output_file"]),
+                                    os.path.join(out, "world", r["truth"]))):
+            axes[row, i].imshow(to_uint8(read_vision(path, size=64))[0])
+            axes[row, i].axis("off")
+        axes[0, i].set_title(r["prompt"].replace(" at the ", "\n"), fontsize=7)
+    axes[0, 0].text(-8, 32, "generated", rotation=90, va="center", ha="right", fontsize=8)
+    axes[1, 0].text(-8, 32, "truth", rotation=90, va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(assets, "text_to_image.png"), dpi=120)
+    plt.close(fig)
+
+    with open(os.path.join(evals, "qa", "answers.jsonl")) as f:
+        needle = [r for r in map(json.loads, f) if r["kind"] == "needle_qa"]
+    lengths, depths = sorted({r["n_frames"] for r in needle}), sorted({r["depth"] for r in needle})
+    grid = np.array([[np.mean([r["answer"].strip().lower() == r["expected"] for r in needle
+                               if r["n_frames"] == n and r["depth"] == d]) for n in lengths] for d in depths])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 3))
+    ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n} frames" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("video length")
+    ax.set_ylabel("needle frame depth")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title("video needle: colour of the one diamond", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(assets, "video_needle.png"), dpi=120)
+    plt.close(fig)
+    log(f"published {results} and {assets}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce_vision"),
                         help="working folder (data, runs, evals); a rerun resumes there")
-    parser.add_argument("--results", default="", help="summary JSON (default: <out>/reproduction_vision.json)")
     parser.add_argument("--smoke", action="store_true", help="a few steps and a tiny world (tests)")
+    parser.add_argument("--publish", action="store_true", help="also write docs/reproduction_vision.json and the "
+                        "pictures in docs/assets/reproduction_vision (tracked files: only when asked)")
     args = parser.parse_args(argv)
-    reproduce(args.out, args.results or os.path.join(args.out, "reproduction_vision.json"), args.smoke)
+    summary = reproduce(args.out, os.path.join(args.out, "reproduction_vision.json"), args.smoke)
+    if args.publish:
+        publish(os.path.abspath(args.out), summary, os.path.join(ROOT, "docs", "reproduction_vision.json"),
+                os.path.join(ROOT, "docs", "assets", "reproduction_vision"))
     return 0
 
 

@@ -27,7 +27,8 @@ as one object). `--vqgan_config` ('' = LWM's VQGAN) allows tiny VQGANs for tests
 demos; frames per token block follow its code grid (257 for LWM's 16 x 16).
 
 List mode: `--prompts_file=prompts.jsonl --output_dir=DIR`, one {"id", "prompt", "n_frames"}
-a line (n_frames 1 = an image); prompts of one length go through in batches of --batch_size and
+a line (n_frames 1 = an image; an optional "cfg_scale" replaces --cfg_scale_image and
+--cfg_scale_video for that prompt); prompts alike go through in batches of --batch_size and
 each result is written to DIR/<id>.png or DIR/<id>.mp4 and listed in DIR/generated.jsonl, so a
 rerun generates only the ids not listed yet.
 """
@@ -243,12 +244,12 @@ def generate_list_main() -> None:
     generator = VisionGenerator(load_model_from_flags(FLAGS, vision=True), vqgan)
     with ResultWriter(os.path.join(FLAGS.output_dir, "generated.jsonl")) as out:
         todo = [j for j in jobs if j["id"] not in out.done]
-        for n_frames in sorted({j["n_frames"] for j in todo}):
-            group = [j for j in todo if j["n_frames"] == n_frames]
+        for n_frames, cfg_scale in sorted({(j["n_frames"], j.get("cfg_scale")) for j in todo}, key=str):
+            group = [j for j in todo if j["n_frames"] == n_frames and j.get("cfg_scale") == cfg_scale]
             for start in range(0, len(group), FLAGS.batch_size):
                 batch = group[start:start + FLAGS.batch_size]
                 rng = jax.random.fold_in(jax.random.key(FLAGS.seed), len(out.lines))
-                frames = generate_frames(generator, [j["prompt"] for j in batch], n_frames, rng)
+                frames = generate_frames(generator, [j["prompt"] for j in batch], n_frames, rng, cfg_scale)
                 for job, clip in zip(batch, frames):
                     path = os.path.join(FLAGS.output_dir, f"{job['id']}.{'png' if n_frames == 1 else 'mp4'}")
                     if jax.process_index() == 0:
@@ -258,14 +259,17 @@ def generate_list_main() -> None:
         print(f"generated: {FLAGS.output_dir} ({len(jobs)} prompts, {len(todo)} generated now)", flush=True)
 
 
-def generate_frames(generator: VisionGenerator, prompts: list[str], n_frames: int, rng) -> np.ndarray:
-    """uint8 [len(prompts), n_frames, H, W, 3] with the flags' sampling settings."""
+def generate_frames(generator: VisionGenerator, prompts: list[str], n_frames: int, rng,
+                    cfg_scale: float | None = None) -> np.ndarray:
+    """uint8 [len(prompts), n_frames, H, W, 3] with the flags' sampling settings (`cfg_scale`, when
+    given, for both the image and the video's frames)."""
     image_rng, video_rng = jax.random.split(rng)
     tokens = generator.first_frames(prompts, image_rng, FLAGS.temperature_image, FLAGS.top_k_image,
-                                    FLAGS.cfg_scale_image)
+                                    FLAGS.cfg_scale_image if cfg_scale is None else float(cfg_scale))
     if n_frames > 1:
         tokens = generator.continue_video(prompts, tokens, n_frames, video_rng, FLAGS.temperature_video,
-                                          FLAGS.top_k_video, FLAGS.cfg_scale_video)
+                                          FLAGS.top_k_video, FLAGS.cfg_scale_video if cfg_scale is None
+                                          else float(cfg_scale))
     return generator.decode(tokens)
 
 

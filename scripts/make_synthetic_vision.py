@@ -12,8 +12,9 @@ Each line of `train.jsonl` / `heldout.jsonl` is one training or evaluation examp
   generation (images, videos)      [prompt],vision                      as lwm.vision_generation prompts
 Kinds: `image_qa` (colour / shape / position / describe), `image_gen`, `motion_qa` (which
 way it moves), `video_gen`, `needle_qa` (the colour of the one diamond in a long video).
-The held-out list has (colour, shape) pairs never drawn together in training (HELD_OUT) and
-other random seeds; its needle videos are `--needle_eval_frames` long at five depths.
+The held-out list has images of (colour, position) pairs never drawn together in training
+(HELD_OUT: red is never at the top left, ...), motion clips of other random seeds, and needle
+videos `--needle_eval_frames` long at five depths.
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ from lwm.vision_chat import ANSWER_CUE, SYSTEM_PROMPT
 from lwm.vision_generation import IMAGE_PROMPT, VIDEO_PROMPT
 from lwm.vision_io import write_image, write_video
 
-# (colour, shape) pairs never seen together in training: every colour and shape still is.
-HELD_OUT = {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle")}
+# (colour, position) pairs never drawn together in training images: every colour is still seen
+# at three positions, every position with three colours, every shape everywhere. (Held-out
+# (colour, shape) pairs would ask for VQGAN codes the language model never saw: at 4 x 4 codes a
+# code holds colour and shape together, measured as their code agreement.)
+HELD_OUT = {("red", "top left"), ("green", "top right"), ("blue", "bottom left"), ("yellow", "bottom right")}
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?",
              "position": "Where is the shape?", "describe": "Describe the image."}
 MOTION_QUESTION = "Which way does the shape move?"
@@ -52,7 +56,8 @@ def generation_example(template: str, caption: str) -> dict:
 
 
 def combos(held_out: bool) -> list[tuple[str, str]]:
-    return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT) == held_out]
+    """(colour, position) pairs of the training images (held_out=False) or of the held-out ones."""
+    return [(c, p) for c in COLOURS for p in POSITIONS if ((c, p) in HELD_OUT) == held_out]
 
 
 class WorldWriter:
@@ -121,14 +126,15 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
     seen = combos(held_out=False)
     total = n_images + n_motion + n_needle
     bar = tqdm(total=total, desc="synthetic world (train)", disable=not progress)
+    shapes = list(SHAPES)
     for i in range(n_images):
-        colour, shape = seen[rng.integers(len(seen))]
-        train.image(i, colour, shape, positions[rng.integers(len(positions))])
+        colour, position = seen[rng.integers(len(seen))]
+        train.image(i, colour, shapes[rng.integers(len(shapes))], position)
         bar.update()
     for i in range(n_motion):
-        colour, shape = seen[rng.integers(len(seen))]
         n = int(rng.integers(motion_frames_range[0], motion_frames_range[1] + 1))
-        train.motion(i, colour, shape, directions[rng.integers(len(directions))], n)
+        train.motion(i, colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))],
+                     directions[rng.integers(len(directions))], n)
         bar.update()
     for i in range(n_needle):
         n = int(rng.integers(needle_frames_range[0], needle_frames_range[1] + 1))
@@ -136,16 +142,15 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
         bar.update()
     bar.close()
 
-    # Held out: new (colour, shape) pairs, new seeds, and needle videos longer than training's.
+    # Held out: new (colour, position) pairs, new seeds, and needle videos longer than training's.
     held = WorldWriter(output_dir, np.random.default_rng(seed + 1_000_003))
     unseen = combos(held_out=True)
     for i in range(heldout_images):
-        colour, shape = unseen[i % len(unseen)]
-        held.image(100_000 + i, colour, shape, positions[(i // len(unseen)) % len(positions)])
+        colour, position = unseen[i % len(unseen)]
+        held.image(100_000 + i, colour, shapes[(i // len(unseen)) % len(shapes)], position)
     for i in range(heldout_motion):
-        colour, shape = unseen[i % len(unseen)]
-        held.motion(100_000 + i, colour, shape, directions[(i // len(unseen)) % len(directions)],
-                    motion_frames_range[1])
+        held.motion(100_000 + i, colours[i % len(colours)], shapes[(i // len(colours)) % len(shapes)],
+                    directions[(i // (len(colours) * len(shapes)) + i) % len(directions)], motion_frames_range[1])
     index = 100_000
     for n in needle_eval_frames:
         for depth in NEEDLE_DEPTHS:
@@ -172,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--needle_frames", default="4,8", help="training needle video lengths, min,max frames")
     parser.add_argument("--needle_eval_frames", default="8,16,32", help="held-out needle video lengths")
     parser.add_argument("--needle_eval_rounds", type=int, default=4, help="held-out videos per length and depth")
+    parser.add_argument("--heldout_images", type=int, default=48, help="held-out images (4 questions each)")
+    parser.add_argument("--heldout_motion", type=int, default=32, help="held-out motion clips")
     cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     with cli.user_errors(args.verbose):
@@ -179,11 +186,12 @@ def main(argv=None) -> int:
         if not 1 <= low <= high:
             raise ValueError(f"--needle_frames={args.needle_frames}: expected MIN,MAX with 1 <= MIN <= MAX")
         eval_frames = tuple(int(x) for x in args.needle_eval_frames.split(","))
-        for name in ("n_images", "n_motion", "n_needle", "needle_eval_rounds"):
+        for name in ("n_images", "n_motion", "n_needle", "needle_eval_rounds", "heldout_images", "heldout_motion"):
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
         counts = write_world(args.output_dir, args.seed, args.n_images, args.n_motion, args.n_needle,
-                             needle_frames_range=(low, high), needle_eval_frames=eval_frames,
+                             needle_frames_range=(low, high), heldout_images=args.heldout_images,
+                             heldout_motion=args.heldout_motion, needle_eval_frames=eval_frames,
                              needle_eval_rounds=args.needle_eval_rounds)
     print(json.dumps(counts))
     return 0

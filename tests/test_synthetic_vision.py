@@ -60,8 +60,8 @@ def test_the_generator_writes_lists_tokenize_vision_reads(tmp_path):
     held = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
     from scripts.make_synthetic_vision import HELD_OUT
 
-    assert all((x["colour"], x["shape"]) not in HELD_OUT for x in train if "shape" in x)
-    assert all((x["colour"], x["shape"]) in HELD_OUT for x in held if "shape" in x)
+    assert all((x["colour"], x["position"]) not in HELD_OUT for x in train if "position" in x)
+    assert all((x["colour"], x["position"]) in HELD_OUT for x in held if "position" in x)
     assert sorted({x["depth"] for x in held if x["kind"] == "needle_qa"}) == [0.0, 0.25, 0.5, 0.75, 1.0]
     for line in train + held:
         assert (out / line["path"]).exists(), line["path"]
