@@ -351,19 +351,10 @@ def read_config_fields(spec: str) -> dict:
     raise ValueError(f"unknown config source {kind!r} in {spec!r}: expected 'json' or 'pickle'")
 
 
-def build_config(
-    load_llama_config: str,
-    llama_flags: Mapping[str, Any],
-    update_llama_config: str = "",
-    tokenizer=None,
-    mesh_dim: str | None = None,
-    cls: type[LLaMAConfig] = LLaMAConfig,
-    grow_vocab: bool = True,
-    explicit: Collection[str] | None = None,
-) -> LLaMAConfig:
-    """The model config every entry point uses (`build_config_with_sources` without the sources)."""
-    return build_config_with_sources(load_llama_config, llama_flags, update_llama_config, tokenizer, mesh_dim, cls,
-                                     grow_vocab, explicit)[0]
+def build_config(*args, **kwargs) -> LLaMAConfig:
+    """The model config every entry point uses: `build_config_with_sources` (same arguments)
+    without the sources."""
+    return build_config_with_sources(*args, **kwargs)[0]
 
 
 def build_config_with_sources(
