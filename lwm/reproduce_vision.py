@@ -425,7 +425,28 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     with open(results, "w") as f:
         json.dump(summary, f, indent=1)
     log(f"summary: {results}")
+    print(summary_table(summary), flush=True)
     return summary
+
+
+TARGETS = {"image_qa": 0.90, "video_needle": 0.80, "motion_qa": 0.80, "text_to_image_attributes_cfg": 0.80,
+           "text_to_video_motion": 0.80}
+
+
+def summary_table(summary: dict) -> str:
+    """The results as a markdown table, with the targets of the study beside them."""
+    rows = ["| result | value | target |", "|---|---|---|"]
+    for key in ("image_qa", "motion_qa", "video_needle", "text_to_image_attributes_cfg",
+                "text_to_image_attributes_no_cfg", "text_to_image_exact_cfg", "text_to_image_code_agreement_cfg",
+                "text_to_image_code_agreement_no_cfg", "text_to_video_motion"):
+        target = TARGETS.get(key)
+        rows.append(f"| {key} | {summary[key]:.3f} | {'>= ' + format(target, '.2f') if target else ''} |")
+    for n, value in summary["video_needle_by_length"].items():
+        rows.append(f"| video_needle at {n} frames | {value:.3f} | |")
+    for attribute, value in summary["tokenizer_attribute_code_agreement"].items():
+        rows.append(f"| VQGAN code agreement, frames differing in {attribute} | {value:.3f} | low |")
+    rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | <= 90 min |")
+    return "\n".join(rows)
 
 
 def publish(out: str, summary: dict, results: str, assets: str) -> None:
