@@ -89,7 +89,6 @@ def prepare_tokenizer(world: str, out: str) -> str:
 
 def world_frames(world: str, size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 frames of the training media as the tokenizer script reads them (at `size`)."""
-    from lwm.tiny_vqgan import to_pixels  # noqa: F401  (same scaling as the fit)
     from lwm.vision_io import read_vision, to_uint8
 
     with open(os.path.join(world, "train.jsonl")) as f:

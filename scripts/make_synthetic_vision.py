@@ -121,7 +121,7 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
                 needle_eval_rounds: int = 4, progress: bool = True) -> dict:
     """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts."""
     rng = np.random.default_rng(seed)
-    positions, directions, colours = list(POSITIONS), list(DIRECTIONS), list(COLOURS)
+    directions, colours = list(DIRECTIONS), list(COLOURS)
     train = WorldWriter(output_dir, rng)
     seen = combos(held_out=False)
     total = n_images + n_motion + n_needle

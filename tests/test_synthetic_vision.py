@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from lwm.synthetic_vision import (COLOURS, DIRECTIONS, NEEDLE_SHAPE, POSITIONS, SHAPES, Scene, classify_frame,
                                   draw, draw_image, motion_direction, motion_frames, needle_index, needle_video)
