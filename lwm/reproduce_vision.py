@@ -1,6 +1,7 @@
 """Evidence that the vision half learns: a tiny video-language world trained and evaluated on a CPU.
 
-    python -m lwm.reproduce_vision                       # the main study (make reproduce-vision)
+    python -m lwm.reproduce_vision                       # the main study (make reproduce-vision), ~32 min
+    python -m lwm.reproduce_vision --publish             # and docs/reproduction_vision.json + pictures
     python -m lwm.reproduce_vision --smoke --out /tmp/v  # every step in minutes (tests)
 
 Steps, each resumable (a finished step is skipped; a stage in progress autoresumes):
@@ -11,7 +12,8 @@ Steps, each resumable (a finished step is skipped; a stage in progress autoresum
   stages     python -m lwm.train --modality=vision,text on them (configs/reproduce_vision/)
   evals      python -m lwm.vision_chat and python -m lwm.vision_generation on held-out examples
 
-Outputs go under --out (default outputs/reproduce_vision, git-ignored).
+Outputs go under --out (default outputs/reproduce_vision, git-ignored); the summary is
+<out>/reproduction_vision.json, printed as a table with the study's targets.
 """
 from __future__ import annotations
 
