@@ -178,13 +178,13 @@ KILL_POINTS = ("resumed from", "saving", "staged", "committed", "saved in")
 
 
 def test_sigkill_anywhere_and_autoresume_reproduce_the_uninterrupted_run(corpus, tmp_path):
-    """14 SIGKILLs at random moments chosen from the log (while starting up, inside a save
+    """10 SIGKILLs at random moments chosen from the log (while starting up, inside a save
     before and after its commit point, between steps), every step saving, the default
     checkpointer flags, restarting with --autoresume=True each time: every loss ever logged
     equals the uninterrupted run's, bit for bit, and the folder ends with no stray files."""
     import random
 
-    steps, kills = 12, 14
+    steps, kills = 12, 10
     args = ["--save_model_freq=1", "--autoresume=True", "--mesh_dim=1,1,1,1",
             "--train_dataset.json_dataset.packed=True"]
     run(train_args(corpus, tmp_path / "a", steps, args), devices=1)

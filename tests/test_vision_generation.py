@@ -144,8 +144,8 @@ def run_entry_point(generator, tmp_path, output_file, n_frames):
 
 
 def test_list_mode_writes_each_prompts_image_or_video_and_resumes(generator, tmp_path):
-    """--prompts_file: an image and a video from one run, listed in generated.jsonl; a rerun
-    generates nothing again."""
+    """--prompts_file: an image and a video from one run, listed in generated.jsonl (a rerun skips
+    listed ids through lwm.jobs.ResultWriter, tested with vision_chat's list mode)."""
     import json
 
     prompts = tmp_path / "prompts.jsonl"
@@ -170,8 +170,6 @@ def test_list_mode_writes_each_prompts_image_or_video_and_resumes(generator, tmp
 
     reader = decord.VideoReader(str(out / "clip.mp4"), ctx=decord.cpu(0))
     assert len(reader) == 3 and reader[0].shape == (32, 32, 3) and abs(reader.get_avg_fps() - 4) < 1e-6
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and "(2 prompts, 0 generated now)" in rerun.stdout, rerun.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name, n_frames", [("fox.png", 1)])
