@@ -52,8 +52,7 @@ class ResultWriter:
         self.path = path
         self.lines: list[str] = []
         if storage.exists(path):
-            text = storage.read_text(path)
-            complete = text.split("\n")[:-1] if not text.endswith("\n") else text.split("\n")
+            complete = storage.read_text(path).split("\n")[:-1]  # what follows the last newline is torn or ''
             self.lines = [line for line in complete if line.strip()]
         self.done = {json.loads(line)["id"] for line in self.lines}
         self._file = None

@@ -108,11 +108,11 @@ class MetricsLogger:
             return 0
         lines = self._remote_lines if self._remote_lines is not None else \
             storage.read_text(self.metrics_path).splitlines()
-        lines = [line for line in lines if line.strip()]
-        later = [line for line in lines if json.loads(line).get("step", 0) > step]
+        kept, later = [], []
+        for line in filter(str.strip, lines):
+            (later if json.loads(line).get("step", 0) > step else kept).append(line)
         if not later:
             return 0
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         aside = storage.join(self.output_dir, "metrics.replaced.jsonl")
         before = storage.read_text(aside) if storage.exists(aside) else ""
         storage.write_text(aside, before + "".join(line + "\n" for line in later))  # first: a crash loses no row

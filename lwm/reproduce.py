@@ -77,7 +77,7 @@ def prepare_corpus(data_dir: str) -> tuple[str, str]:
     held_out = set(lines["eval"])  # a paragraph quoted in both kinds of essay stays held out
     lines["train"] = [line for line in lines["train"] if line not in held_out]
     for split, path in paths.items():
-        _write_lines(path, lines[split])
+        write_lines(path, lines[split])
     log(f"corpus: {len(lines['train'])} training and {len(lines['eval'])} held-out paragraphs")
     return paths["train"], paths["eval"]
 
@@ -103,7 +103,7 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
         text = template.format(context=NEEDLE.format(city=a, number="0"), question=QUESTION.format(city=a))
         text += FOLLOW_UP.format(question=multi_question([a, b]))
         lines.append(json.dumps({"text": text}))
-    _write_lines(corpus, lines)
+    write_lines(corpus, lines)
     train_tokenizer(corpus, path, vocab_size)
     log(f"tokenizer: {path} ({vocab_size} pieces)")
     return path
@@ -183,7 +183,7 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
     log(f"{stage['name']}: training {stage['steps']} steps of {stage['batch_size']} x {stage['seq_length']} tokens, "
         f"theta {stage['theta']:g}, mesh {stage['mesh_dim']}" + (f", from {stage['init_from']}" if stage["init_from"]
                                                                 else ", from random weights"))
-    return _add_wall(out, stage["name"], _python(args))
+    return _add_wall(out, stage["name"], run_python(args))
 
 
 def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, float]:
@@ -210,7 +210,7 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, fl
         log(f"{stage['name']}: eval {spec['key']} done already")
         return output, _recorded_wall(out, f"eval:{spec['key']}")
     log(f"{stage['name']}: eval {spec['key']} ({spec['kind']}, lengths {spec['min']}..{spec['max']})")
-    return output, _add_wall(out, f"eval:{spec['key']}", _python(args))
+    return output, _add_wall(out, f"eval:{spec['key']}", run_python(args))
 
 
 def accuracy(results_file: str) -> float:
@@ -290,14 +290,18 @@ def summary_table(summary: dict) -> str:
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def _python(args: list[str]) -> float:
+def run_python(args: list[str], devices: int | None = None) -> float:
+    """Seconds of `python ARGS` run from the project (8 virtual CPU devices unless XLA_FLAGS sets a
+    count, or exactly `devices`); a failure stops the study with one line saying how to resume."""
     start = time.time()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("WANDB_MODE", "offline")
     from lwm.mesh import cpu_xla_flags
 
-    if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+    if devices is not None:
+        env["XLA_FLAGS"] = cpu_xla_flags(devices)
+    elif "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
         env["XLA_FLAGS"] = cpu_xla_flags(8)
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
     if proc.returncode != 0:
@@ -326,7 +330,7 @@ def _add_wall(out: str, name: str, seconds: float) -> float:
         with open(path) as f:
             walls = json.load(f)
     walls[name] = walls.get(name, 0.0) + seconds
-    _write_lines(path, [json.dumps(walls)])
+    write_lines(path, [json.dumps(walls)])
     return walls[name]
 
 
@@ -335,7 +339,7 @@ def project_path(path: str) -> str:
     return os.path.relpath(os.path.abspath(path), ROOT)
 
 
-def _write_lines(path: str, lines) -> None:
+def write_lines(path: str, lines) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -38,16 +37,12 @@ def log(message: str) -> None:
 
 
 def run(cmd: list[str], what: str, devices: int = 8) -> None:
-    """A step's command, its output passed through; a failure stops the study naming the step.
-    Training sees 8 virtual CPU devices (its mesh); evals one (a batch of one prompt)."""
-    from lwm.mesh import cpu_xla_flags
+    """A step's `python` command (lwm.reproduce.run_python): training sees 8 virtual CPU devices
+    (its mesh), evals one (a batch of one prompt)."""
+    from lwm.reproduce import run_python
 
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=cpu_xla_flags(devices),
-               WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
     log(f"{what}: {' '.join(cmd[:3])} ...")
-    proc = subprocess.run(cmd, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}); rerun the study to resume")
+    run_python(cmd[1:], devices)
 
 
 # ---- world, tokenizer, VQGAN, tokens ---------------------------------------------------------------
@@ -268,9 +263,9 @@ def model_flags(stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str]
 
 
 def write_jobs(path: str, jobs: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(j) + "\n" for j in jobs)
+    from lwm.reproduce import write_lines
+
+    write_lines(path, [json.dumps(j) for j in jobs])
 
 
 def ask(world: str, kinds: tuple[str, ...], stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str],
@@ -394,6 +389,8 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
 
 
 def reproduce(out: str, results: str, smoke: bool) -> dict:
+    from lwm.reproduce import project_path
+
     start = time.time()
     out = os.path.abspath(out)  # job lists name media by absolute path
     world = prepare_world(out, smoke)
@@ -412,7 +409,7 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
     stages = [dict(name=s["name"], seq_length=s["seq_length"], theta=s["theta"], steps=s["steps"],
                    tokens=s["steps"] * s["batch_size"] * s["seq_length"], mesh_dim=s["mesh_dim"], wall_s=w,
-                   checkpoint=os.path.relpath(p, ROOT)) for s, p, w in ((stage1, params1, wall1), (stage2, params2, wall2))]
+                   checkpoint=project_path(p)) for s, p, w in ((stage1, params1, wall1), (stage2, params2, wall2))]
     summary = dict(total_wall_s=round(time.time() - start, 1), stages=stages,
                    after_stage1=evals1 and {k: evals1[k] for k in ("image_qa", "image_qa_by_attribute", "motion_qa",
                                                                    "video_needle", "video_needle_by_length")},

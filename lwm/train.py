@@ -195,10 +195,11 @@ def train():
         raise app.UsageError(f"seq_length={seq_length} is not divisible by the mesh's sp = {mesh.shape['sp']}")
     if seq_length > config.max_sequence_length:
         raise app.UsageError(f"dataset seq_length={seq_length} exceeds max_sequence_length={config.max_sequence_length}")
-    if is_main:
+    attention = describe_attention(config, mesh, global_batch // FLAGS.micro_batches, seq_length, dtype)
+    if is_main:  # (described on every process: a bad shape stops them all)
+        processes = jax.process_count()
         log.info("mesh %s over %d devices (%d process%s); attention: %s", dict(mesh.shape), jax.device_count(),
-                 jax.process_count(), "es" if jax.process_count() > 1 else "", describe_attention(config, mesh, global_batch // FLAGS.micro_batches,
-                                                         seq_length, dtype))
+                 processes, "es" if processes > 1 else "", attention)
     checkpointer_config = StreamingCheckpointer.get_default_config(FLAGS.checkpointer)
     with cli.naming("--checkpointer.float_dtype"):  # a bad value fails now, not at step 50
         float_dtype_by_name(checkpointer_config.float_dtype)
@@ -242,10 +243,8 @@ def train():
 
 def open_dataset(group: str, tokenizer, rank: int, world: int):
     """The dataset of --train_dataset.* or --eval_dataset.*, its option errors naming the group."""
-    try:
+    with cli.naming(f"--{group}"):
         return DatasetFactory.load_dataset(getattr(FLAGS, group), tokenizer, rank, world)
-    except ValueError as e:
-        raise app.UsageError(f"--{group}: {e}") from None
 
 
 def describe_attention(config, mesh, batch: int, seq_length: int, dtype) -> str:

@@ -240,9 +240,10 @@ def answer_list(chat: VisionChat, jobs: list[dict], output_file: str, max_n_fram
     from lwm.jobs import ResultWriter
 
     with ResultWriter(output_file) as out:
-        todo = [j for j in jobs if j["id"] not in out.done]
-        for job in tqdm(todo, desc="vision_chat", disable=jax.process_index() != 0):
-            rng = jax.random.fold_in(jax.random.key(seed), len(out.lines))
+        todo = [(i, j) for i, j in enumerate(jobs) if j["id"] not in out.done]
+        for index, job in tqdm(todo, desc="vision_chat", disable=jax.process_index() != 0):
+            # by the job's place in the list: the same on every process, and after a resume
+            rng = jax.random.fold_in(jax.random.key(seed), index)
             answer = chat.answer(job["question"], job["input_file"], int(job.get("max_n_frames", max_n_frames)), rng)
             if jax.process_index() == 0:
                 out.write({**job, "answer": answer})

@@ -248,7 +248,8 @@ def generate_list_main() -> None:
             group = [j for j in todo if j["n_frames"] == n_frames and j.get("cfg_scale") == cfg_scale]
             for start in range(0, len(group), FLAGS.batch_size):
                 batch = group[start:start + FLAGS.batch_size]
-                rng = jax.random.fold_in(jax.random.key(FLAGS.seed), len(out.lines))
+                # by the first prompt's place in the list: the same on every process, and after a resume
+                rng = jax.random.fold_in(jax.random.key(FLAGS.seed), jobs.index(batch[0]))
                 frames = generate_frames(generator, [j["prompt"] for j in batch], n_frames, rng, cfg_scale)
                 for job, clip in zip(batch, frames):
                     path = os.path.join(FLAGS.output_dir, f"{job['id']}.{'png' if n_frames == 1 else 'mp4'}")

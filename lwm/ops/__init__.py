@@ -144,10 +144,10 @@ def plan_attention(k, *, impl="auto", query_chunk_size=1024, key_chunk_size=1024
     elif impl == "dense":
         strategy = "gspmd"
     elif sp_attention == "auto":
-        per_device, limit = _ring.kv_bytes_per_device(k, mesh), _ring.GATHER_KV_MAX_BYTES  # read now: tests lower it
-        strategy = "all_gather" if per_device <= limit else "ring"
+        strategy = "all_gather" if _ring.gather_kv_fits(k, mesh) else "ring"
+        per_device, max_bytes = _ring.kv_bytes_per_device(k, mesh), _ring.GATHER_KV_MAX_BYTES  # read now: tests lower it
         why.append(f"sp_attention=auto: one layer's gathered k/v take {per_device / 2**20:.2f} MiB per device, "
-                   f"{'within' if strategy == 'all_gather' else 'over'} the {limit / 2**20:g} MiB limit")
+                   f"{'within' if strategy == 'all_gather' else 'over'} the {max_bytes / 2**20:g} MiB limit")
     else:
         strategy = sp_attention
         why.append(f"sp_attention={sp_attention}")
