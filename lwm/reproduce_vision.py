@@ -52,11 +52,23 @@ def prepare_world(out: str, smoke: bool) -> str:
     world = os.path.join(out, "world")
     if os.path.exists(os.path.join(world, "heldout.jsonl")):
         return world
-    sizes = (["--n_images=24", "--n_motion=8", "--n_needle=8", "--needle_eval_frames=8", "--needle_eval_rounds=1",
-              "--heldout_images=4", "--heldout_motion=4"] if smoke else [])
-    run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={world}",
-         *sizes], "world")
+    recipe = world_recipe("first")
+    if smoke:
+        recipe.update(n_images=24, n_motion=8, n_needle=8, needle_eval_frames="8", needle_eval_rounds=1,
+                      heldout_images=4, heldout_motion=4)
+    make_world(world, recipe, "world")
     return world
+
+
+def world_recipe(part: str) -> dict:
+    """configs/reproduce_vision/world.json's flags of scripts/make_synthetic_vision.py for `part`."""
+    with open(os.path.join(CONFIGS, "world.json")) as f:
+        return json.load(f)[part]
+
+
+def make_world(folder: str, recipe: dict, what: str) -> None:
+    run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={folder}",
+         *(f"--{k}={v}" for k, v in recipe.items())], what)
 
 
 def prepare_tokenizer(world: str, out: str) -> str:
@@ -152,13 +164,14 @@ def prepare_vqgan(world: str, out: str, smoke: bool) -> tuple[str, str, dict]:
 
 
 def prepare_long_world(out: str, smoke: bool) -> str:
-    """Stage 2's data: needle videos of 12-32 frames (the first stage saw 4-8)."""
+    """Stage 2's data: longer needle videos (12-32 frames; the first stage saw 4-8)."""
     world = os.path.join(out, "world_long")
     if os.path.exists(os.path.join(world, "train.jsonl")):
         return world
-    run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"), f"--output_dir={world}",
-         "--seed=1", "--n_images=0", "--n_motion=0", f"--n_needle={8 if smoke else 400}",
-         f"--needle_frames={'12,16' if smoke else '12,32'}", "--needle_eval_rounds=0"], "long needle videos")
+    recipe = world_recipe("long")
+    if smoke:
+        recipe.update(n_needle=8, needle_frames="12,16")
+    make_world(world, recipe, "long needle videos")
     return world
 
 

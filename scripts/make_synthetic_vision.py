@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lwm import cli, storage
-from lwm.synthetic_vision import (COLOURS, DIRECTIONS, NEEDLE_SHAPE, POSITIONS, SHAPES, Scene, draw, motion_frames,
-                                  needle_index, needle_video)
+from lwm.synthetic_vision import (COLOURS, DIRECTIONS, NEEDLE_SHAPE, POSITIONS, RADIUS, SHAPES, SIZE, Scene, draw,
+                                  motion_frames, needle_index, needle_video)
 from lwm.vision_chat import ANSWER_CUE, SYSTEM_PROMPT
 from lwm.vision_generation import IMAGE_PROMPT, VIDEO_PROMPT
 from lwm.vision_io import write_image, write_video
@@ -68,8 +68,9 @@ class WorldWriter:
         self.lines: list[dict] = []
 
     def _place(self, position: str) -> tuple[float, float]:
-        cx, cy = POSITIONS[position]
-        return cx + self.rng.uniform(-self.jitter, self.jitter), cy + self.rng.uniform(-self.jitter, self.jitter)
+        # kept whole inside the frame (a no-op for jitter <= 5)
+        return tuple(float(np.clip(c + self.rng.uniform(-self.jitter, self.jitter), RADIUS, SIZE - RADIUS))
+                     for c in POSITIONS[position])
 
     def _add(self, media_id: str, path: str, caption: str, kind: str, example: dict, **attributes) -> None:
         self.lines.append(dict(id=f"{media_id}:{kind}:{len(self.lines)}", path=path, caption=caption, kind=kind,
@@ -118,11 +119,15 @@ class WorldWriter:
 def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: int = 300, n_needle: int = 300,
                 motion_frames_range: tuple[int, int] = (4, 6), needle_frames_range: tuple[int, int] = (4, 8),
                 heldout_images: int = 48, heldout_motion: int = 32, needle_eval_frames: tuple[int, ...] = (8, 16, 32),
-                needle_eval_rounds: int = 4, progress: bool = True) -> dict:
-    """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts."""
+                needle_eval_rounds: int = 4, jitter: float = 3.0, progress: bool = True) -> dict:
+    """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts.
+
+    jitter: how far (pixels, each axis) a training image's shape may sit from its named position,
+    kept whole inside the frame; held-out images keep 3. A wider jitter moves a shape across the VQGAN's code cells, so the
+    same colour and shape come out as codes at more places of the frame."""
     rng = np.random.default_rng(seed)
     directions, colours = list(DIRECTIONS), list(COLOURS)
-    train = WorldWriter(output_dir, rng)
+    train = WorldWriter(output_dir, rng, jitter=jitter)
     seen = combos(held_out=False)
     total = n_images + n_motion + n_needle
     bar = tqdm(total=total, desc="synthetic world (train)", disable=not progress)
@@ -179,6 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--needle_eval_rounds", type=int, default=4, help="held-out videos per length and depth")
     parser.add_argument("--heldout_images", type=int, default=48, help="held-out images (4 questions each)")
     parser.add_argument("--heldout_motion", type=int, default=32, help="held-out motion clips")
+    parser.add_argument("--jitter", type=float, default=3.0,
+                        help="training images: pixels a shape may sit from its named position (at most 12)")
     cli.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     with cli.user_errors(args.verbose):
@@ -186,13 +193,15 @@ def main(argv=None) -> int:
         if not 1 <= low <= high:
             raise ValueError(f"--needle_frames={args.needle_frames}: expected MIN,MAX with 1 <= MIN <= MAX")
         eval_frames = tuple(int(x) for x in args.needle_eval_frames.split(","))
+        if not 0 <= args.jitter <= 12:
+            raise ValueError(f"--jitter={args.jitter}: expected 0..12 pixels (more crosses into the next position)")
         for name in ("n_images", "n_motion", "n_needle", "needle_eval_rounds", "heldout_images", "heldout_motion"):
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
         counts = write_world(args.output_dir, args.seed, args.n_images, args.n_motion, args.n_needle,
                              needle_frames_range=(low, high), heldout_images=args.heldout_images,
                              heldout_motion=args.heldout_motion, needle_eval_frames=eval_frames,
-                             needle_eval_rounds=args.needle_eval_rounds)
+                             needle_eval_rounds=args.needle_eval_rounds, jitter=args.jitter)
     print(json.dumps(counts))
     return 0
 
