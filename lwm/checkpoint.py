@@ -356,6 +356,29 @@ def saved_step(path: str) -> int | None:
     return None
 
 
+def checkpoint_origin(path: str) -> tuple[int | None, str | None]:
+    """(step, run folder name) of a run's save, from the metadata written beside it
+    (`streaming_params` -> metadata.pkl, `streaming_params_500` -> metadata_500.pkl); (None, None)
+    for a file that is no run's save."""
+    folder, name = storage.dirname(path), storage.basename(path)
+    suffix = name.rsplit("_", 1)[1] if name.rsplit("_", 1)[-1].isdigit() else ""
+    meta = storage.join(folder, f"metadata_{suffix}.pkl" if suffix else "metadata.pkl")
+    try:
+        step = load_pickle(meta).get("step") if storage.exists(meta) else None
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+        step = None
+    return (None, None) if step is None else (int(step), storage.basename(folder))
+
+
+def checkpoint_identity(spec: str) -> dict:
+    """What an eval records about the checkpoint it scored: the --load_checkpoint value, the
+    file's content hash, and its step and run when it is a run's save. Two evals with equal
+    hashes scored the same weights, whatever path or bucket the file was read from."""
+    path = spec.split("::", 1)[1] if "::" in spec else spec
+    step, run = checkpoint_origin(path)
+    return dict(load_checkpoint=spec, sha256=storage.content_hash(path).split(":", 1)[1], step=step, run=run)
+
+
 def flat_fns(fns) -> dict:
     """A tree of per-leaf functions as a flat {key_path: fn} dict."""
     return flatten_dict(state_dict(fns), keep_empty_nodes=False)

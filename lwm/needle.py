@@ -89,8 +89,12 @@ class NeedleSettings:
     n_needles_retrieve: int = 4  # multi only: needles asked for
     max_new_tokens: int = 0  # 0: the attention block size, as the original
     prompt_buffer_tokens: int = FINAL_CONTEXT_BUFFER  # context tokens kept for the prompt text and answer
+    needle_placement: str = "period"  # a needle goes after the last `period` ('.') or any `sentence_end` before its depth
+    checkpoint: dict | None = None  # lwm.checkpoint.checkpoint_identity of the weights scored, written with each result
 
     def __post_init__(self):
+        if self.needle_placement not in PLACEMENTS:
+            raise ValueError(f"--needle_placement={self.needle_placement!r}; expected one of {', '.join(PLACEMENTS)}")
         if not self.haystack_file:
             raise ValueError("--haystack_file is required (a JSONL of {\"text\": ...}; scripts/create_needle_data.py "
                              "writes one)")
@@ -184,6 +188,24 @@ def read_haystacks(path: str, tokenizer, n_rounds: int, n_tokens: int) -> list[l
     return rounds
 
 
+PLACEMENTS = ("period", "sentence_end")  # the original's rule | any sentence end ('.', '?', '!', '."', ...)
+SENTENCE_END = re.compile(r"^[^\w\s]*[.!?][\"'\u201d\u2019)\]]*$")  # punctuation only, ending a sentence
+
+
+def break_token_ids(tokenizer, placement: str = "period") -> frozenset[int]:
+    """Ids after which a needle may go: lone periods (`period`, the original's rule) or every
+    piece of punctuation that ends a sentence (`sentence_end`: '.', '?', '!', '."', '?)', ...)."""
+    if placement == "period":
+        return period_token_ids(tokenizer)
+    if placement != "sentence_end":
+        raise ValueError(f"needle placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
+    sp = tokenizer.sp
+    ids = {i for i in range(sp.get_piece_size())
+           if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+           and SENTENCE_END.match(sp.id_to_piece(i).lstrip("\u2581"))}
+    return frozenset(ids | period_token_ids(tokenizer))
+
+
 def period_token_ids(tokenizer) -> frozenset[int]:
     """Ids of the pieces that are a lone period ('.' and '▁.' in LLaMA's vocabulary)."""
     ids = set()
@@ -206,7 +228,14 @@ def sentence_break_at_or_before(tokens: Sequence[int], position: int, period_ids
 
 def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int], float]], context_length: int,
                    period_ids: Iterable[int], buffer: int = FINAL_CONTEXT_BUFFER) -> list[int]:
-    """Haystack tokens with each (needle tokens, depth %) inserted; total <= context_length - buffer.
+    """Haystack tokens with each (needle tokens, depth %) inserted (`place_needles` without the depths)."""
+    return place_needles(haystack, needles, context_length, period_ids, buffer)[0]
+
+
+def place_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int], float]], context_length: int,
+                  period_ids: Iterable[int], buffer: int = FINAL_CONTEXT_BUFFER) -> tuple[list[int], list[float]]:
+    """(tokens, actual depths): the haystack with each (needle tokens, depth %) inserted, total
+    <= context_length - buffer, and where each needle went, in percent of the (cut) haystack.
 
     The haystack is first cut so the needles fit the budget; a needle at depth 100 goes at the
     end, any other at the last sentence break before depth% of the (cut) haystack. All needles
@@ -214,7 +243,7 @@ def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int
     Worked example (period id 9; budget 10 - 2 = 8; needle [7, 7]):
         insert_needles([1, 9, 2, 3, 9, 4, 5, 6], [([7, 7], 50)], 10, {9}, buffer=2)
         -> haystack cut to [1, 9, 2, 3, 9, 4]; 50% = position 3; last break before it at 2
-        -> [1, 9, 7, 7, 2, 3, 9, 4]
+        -> [1, 9, 7, 7, 2, 3, 9, 4], actual depth 2/6 = 33.3%
     """
     budget = context_length - buffer
     needle_total = sum(len(n) for n, _ in needles)
@@ -235,7 +264,7 @@ def insert_needles(haystack: Sequence[int], needles: Sequence[tuple[Sequence[int
     for at, _, needle in sorted(placed):
         out += hay[last:at] + needle
         last = at
-    return out + hay[last:]
+    return out + hay[last:], [round(100 * at / max(len(hay), 1), 1) for at, _, _ in placed]
 
 
 # ---- cases -----------------------------------------------------------------------------------
@@ -266,12 +295,12 @@ def single_case(tokenizer, haystack: Sequence[int], context_length: int, depth: 
     rng = random.Random(f"needle:{seed}:{context_length}:{depth}:{round_index}")
     city, number = rng.choice(CITIES), random_number(rng)
     needle = NEEDLE.format(city=city, number=number)
-    tokens = insert_needles(haystack[:context_length], [(tokenizer.encode(needle), depth)], context_length,
-                            period_ids, buffer)
+    tokens, (actual,) = place_needles(haystack[:context_length], [(tokenizer.encode(needle), depth)], context_length,
+                                      period_ids, buffer)
     question = QUESTION.format(city=city)
     prompt = PROMPT.format(context=tokenizer.decode(tokens), question=question)
-    record = dict(context_length=int(context_length), depth_percent=float(depth), needle=needle, question=question,
-                  answer=number, seed=int(round_index))
+    record = dict(context_length=int(context_length), depth_percent=float(depth), actual_depth_percent=actual,
+                  needle=needle, question=question, answer=number, seed=int(round_index))
     return NeedleCase((int(context_length), float(depth), int(round_index)), prompt, [number], record)
 
 
@@ -291,12 +320,13 @@ def multi_case(tokenizer, haystack: Sequence[int], context_length: int, round_in
     asked = rng.sample(cities, r)
     info = {c: (random_number(rng), d) for c, d in zip(cities, depths)}
     needles = [(tokenizer.encode(NEEDLE.format(city=c, number=info[c][0])), info[c][1]) for c in cities]
-    tokens = insert_needles(haystack[:context_length], needles, context_length, period_ids,
-                            settings.prompt_buffer_tokens)
+    tokens, actual = place_needles(haystack[:context_length], needles, context_length, period_ids,
+                                   settings.prompt_buffer_tokens)
     question = multi_question(asked)
     prompt = MULTI_PROMPT.format(context=tokenizer.decode(tokens), question=question)
     answers = [info[c][0] for c in asked]
     record = dict(context_length=int(context_length), needles_info={c: list(v) for c, v in info.items()},
+                  actual_depth_percent=dict(zip(cities, actual)),
                   question=question, cities_to_retrieve=asked, answer=answers, seed=int(round_index),
                   n_needles_total=n, n_needles_retrieve=r)
     return NeedleCase((int(context_length), int(round_index), n, r), prompt, answers, record)
@@ -327,6 +357,38 @@ def score_strict(response: str, answers: Sequence[str]) -> list[bool]:
 
 
 # ---- results file ----------------------------------------------------------------------------
+
+
+def check_same_checkpoint(results: Sequence[dict], settings: NeedleSettings) -> None:
+    """Refuse to add to results scored on other weights (their checkpoint's content hash
+    differs): a results file holds one checkpoint's answers. Results without a recorded
+    checkpoint (written before results carried one) are kept, with a warning."""
+    if settings.checkpoint is None:
+        return
+    others = {r["checkpoint"]["sha256"] for r in results if "checkpoint" in r} - {settings.checkpoint["sha256"]}
+    if others:
+        first = next(r["checkpoint"] for r in results if r.get("checkpoint", {}).get("sha256") in others)
+        raise ValueError(f"--output_file={settings.output_file}: its results were scored on another checkpoint "
+                         f"({first['load_checkpoint']}, sha256 {first['sha256'][:12]}...), not on "
+                         f"{settings.checkpoint['load_checkpoint']} (sha256 {settings.checkpoint['sha256'][:12]}...); "
+                         "write to a new --output_file, or delete this one to score the new checkpoint")
+    unknown = sum("checkpoint" not in r for r in results)
+    if unknown:
+        log.warning("%s: %d results record no checkpoint; they are kept as this checkpoint's", settings.output_file,
+                    unknown)
+
+
+def placement_deviation(results: Sequence[dict]) -> tuple[float, float] | None:
+    """(mean, max) of |actual - labelled| needle depth in percentage points, over every needle of
+    results that record where their needles went (None when none does)."""
+    gaps = []
+    for r in results:
+        actual = r.get("actual_depth_percent")
+        if isinstance(actual, dict):  # multi: {city: actual} beside needles_info {city: [number, depth]}
+            gaps += [abs(actual[c] - float(r["needles_info"][c][1])) for c in actual]
+        elif actual is not None:
+            gaps.append(abs(actual - float(r["depth_percent"])))
+    return (round(float(np.mean(gaps)), 1), round(float(np.max(gaps)), 1)) if gaps else None
 
 
 def load_results(path: str) -> list[dict]:
@@ -397,10 +459,11 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True, sam
     greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.eos_token_id)
     results = load_results(settings.output_file)
+    check_same_checkpoint(results, settings)
     done = {result_key(r, settings.multi) for r in results}
     if done:
         log.info("%s: %d results already there; skipping those cases", settings.output_file, len(done))
-    period_ids = period_token_ids(tokenizer)
+    period_ids = break_token_ids(tokenizer, settings.needle_placement)
     haystacks = read_haystacks(settings.haystack_file, tokenizer, settings.n_rounds, max(settings.context_lengths))
     per_length = {}
     for length in settings.context_lengths:
@@ -438,7 +501,8 @@ def run_needle_eval(settings: NeedleSettings, loaded, progress: bool = True, sam
                 correct, strict = score(response, case.answers), score_strict(response, case.answers)
                 results.append({**case.record, "response": response,
                                 "correct": correct if settings.multi else correct[0],
-                                "correct_strict": strict if settings.multi else strict[0]})
+                                "correct_strict": strict if settings.multi else strict[0],
+                                **({"checkpoint": settings.checkpoint} if settings.checkpoint else {})})
             if write:
                 save_results(settings.output_file, results)
             bar.update(len(batch_cases))
@@ -533,6 +597,10 @@ def summary_table(results: Sequence[dict], scoring: str = "strict") -> str:
         lines.append(f"overall accuracy {np.mean([needle_accuracy(r, scoring) for r in results]):.3f} over "
                      f"{len(results)} cases")
     lines.append(f"score: {scoring}")
+    deviation = placement_deviation(results)
+    if deviation:
+        lines.append(f"needle placement: actual depth differs from the labelled depth by {deviation[0]:.1f} points on "
+                     f"average, {deviation[1]:.1f} at most")
     fallbacks = strict_fallbacks(results) if scoring == "strict" else 0
     if fallbacks:
         lines.append(f"{fallbacks} of {len(results)} results have no response to score strictly: their substring "
@@ -630,6 +698,7 @@ def flag_defaults(multi: bool) -> dict[str, Any]:
     flags.update(
         max_new_tokens=0,  # ours: tokens generated per prompt (0 = the attention block size, as the original)
         prompt_buffer_tokens=FINAL_CONTEXT_BUFFER,  # ours: context tokens kept for prompt text and answer
+        needle_placement="period",  # ours: after the last lone period before the depth (the original's) | sentence_end
         plot=True,  # ours: write a heatmap PNG next to output_file at the end
         score="strict",  # ours: the score of the summary and heatmap: strict | substring (the original's)
         checkpointer=StreamingCheckpointer.get_default_config(), **model_flag_defaults())
@@ -648,7 +717,7 @@ def check_needle_files(settings: NeedleSettings) -> None:
     finally:
         texts.close()
     check_output_file("--output_file", settings.output_file)
-    load_results(settings.output_file)
+    check_same_checkpoint(load_results(settings.output_file), settings)
 
 
 def main_from_flags(flags, multi: bool) -> list[dict]:
@@ -668,9 +737,14 @@ def main_from_flags(flags, multi: bool) -> list[dict]:
         n_document_depth_intervals=flags.n_document_depth_intervals, n_rounds=flags.n_rounds, seed=flags.seed,
         multi=multi, n_needles_total=flags.n_needles_total if multi else 1,
         n_needles_retrieve=flags.n_needles_retrieve if multi else 1, max_new_tokens=flags.max_new_tokens,
-        prompt_buffer_tokens=flags.prompt_buffer_tokens)
+        prompt_buffer_tokens=flags.prompt_buffer_tokens, needle_placement=flags.needle_placement)
     check_needle_files(settings)
     check_model_files(flags)
+    if flags.load_checkpoint:  # results record the weights they score; another checkpoint's are not added to
+        from lwm.checkpoint import checkpoint_identity
+
+        settings = dataclasses.replace(settings, checkpoint=checkpoint_identity(flags.load_checkpoint))
+        check_same_checkpoint(load_results(settings.output_file), settings)
     JaxDistributedConfig.initialize(flags.jax_distributed)
     loaded = load_model_from_flags(flags)
     print(f"needle eval: context lengths {settings.context_lengths}, depths {settings.depth_percents}, "

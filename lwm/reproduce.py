@@ -13,8 +13,11 @@ data and tokenizer are kept, a finished stage is skipped, a stage in progress au
 from its last save, and an eval resumes its results file.
 
 Outputs go under --out (default outputs/reproduce, git-ignored): data/, tokenizer/, runs/,
-evals/; the summary goes to --results (default docs/reproduction.json) and the heatmaps to
---assets (default docs/assets/reproduction).
+evals/, the summary reproduction.json and the heatmaps in assets/. `--publish` then copies the
+summary, the heatmaps and every eval's per-case results into docs/ (docs/reproduction.json,
+docs/assets/reproduction/, docs/reproduction_results/): tracked files change only when asked.
+An eval's results record the checkpoint they scored (its content hash): when a stage has been
+retrained since, its old results are set aside and the eval runs again.
 """
 from __future__ import annotations
 
@@ -160,7 +163,7 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
     """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds."""
     if stage_done(out, stage):
         log(f"{stage['name']}: done already")
-        return _recorded_wall(out, stage["name"])
+        return recorded_wall(out, stage["name"])
     args = [
         "-m", "lwm.train", "--modality=text", f"--mesh_dim={stage['mesh_dim']}", "--dtype=fp32",
         f"--total_steps={stage['steps']}", "--log_freq=10", f"--save_model_freq={max(1, stage['steps'] // 5)}",
@@ -183,7 +186,7 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
     log(f"{stage['name']}: training {stage['steps']} steps of {stage['batch_size']} x {stage['seq_length']} tokens, "
         f"theta {stage['theta']:g}, mesh {stage['mesh_dim']}" + (f", from {stage['init_from']}" if stage["init_from"]
                                                                 else ", from random weights"))
-    return _add_wall(out, stage["name"], run_python(args))
+    return add_wall(out, stage["name"], run_python(args))
 
 
 def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, float]:
@@ -203,14 +206,33 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, fl
             f"--tokenizer={tokenizer}"]
     if multi:
         args += [f"--n_needles_total={spec['needles_total']}", f"--n_needles_retrieve={spec['needles_retrieve']}"]
-    from lwm.needle import load_results
-
     cases = spec["lengths"] * spec["rounds"] * (1 if multi else spec["depths"])
-    if os.path.exists(output) and len(load_results(output)) >= cases:
+    if os.path.exists(output) and set_aside_if_stale(output, os.path.join(run_folder(out, stage["name"]),
+                                                                          "streaming_params")) >= cases:
         log(f"{stage['name']}: eval {spec['key']} done already")
-        return output, _recorded_wall(out, f"eval:{spec['key']}")
+        return output, recorded_wall(out, f"eval:{spec['key']}")
     log(f"{stage['name']}: eval {spec['key']} ({spec['kind']}, lengths {spec['min']}..{spec['max']})")
-    return output, _add_wall(out, f"eval:{spec['key']}", run_python(args))
+    return output, add_wall(out, f"eval:{spec['key']}", run_python(args))
+
+
+def set_aside_if_stale(results_file: str, checkpoint: str) -> int:
+    """How many results of `results_file` score `checkpoint` as it is now. Results of other
+    weights (the stage was retrained since) move to <file>.stale-<their hash>.json, so the eval
+    runs again on the new weights; results that record no checkpoint are counted as stale too."""
+    from lwm.needle import load_results
+    from lwm.storage import content_hash
+
+    results = load_results(results_file)
+    current = content_hash(checkpoint).split(":", 1)[1]
+    scored = {r.get("checkpoint", {}).get("sha256") for r in results}
+    if results and scored != {current}:
+        tag = next((h for h in sorted(scored, key=str) if h), "unknown")[:12]
+        stale = f"{os.path.splitext(results_file)[0]}.stale-{tag}.json"
+        os.replace(results_file, stale)
+        log(f"{project_path(results_file)}: scored other weights than {project_path(checkpoint)} now holds; moved "
+            f"to {os.path.basename(stale)}, the eval runs again")
+        return 0
+    return len(results)
 
 
 def accuracy(results_file: str) -> float:
@@ -314,23 +336,24 @@ def _wall_file(out: str) -> str:
     return os.path.join(out, "runs", "wall_seconds.json")
 
 
-def _recorded_wall(out: str, name: str) -> float:
+def recorded_walls(out: str) -> dict[str, float]:
+    """{step: seconds over all its attempts} of a study folder."""
     path = _wall_file(out)
     if not os.path.exists(path):
-        return 0.0
+        return {}
     with open(path) as f:
-        return float(json.load(f).get(name, 0.0))
+        return json.load(f)
 
 
-def _add_wall(out: str, name: str, seconds: float) -> float:
+def recorded_wall(out: str, name: str) -> float:
+    return float(recorded_walls(out).get(name, 0.0))
+
+
+def add_wall(out: str, name: str, seconds: float) -> float:
     """Add a run's seconds to what earlier (killed) attempts of the same step took; the total."""
-    path = _wall_file(out)
-    walls = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            walls = json.load(f)
+    walls = recorded_walls(out)
     walls[name] = walls.get(name, 0.0) + seconds
-    write_lines(path, [json.dumps(walls)])
+    write_lines(_wall_file(out), [json.dumps(walls)])
     return walls[name]
 
 
@@ -354,15 +377,48 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
+PUBLISHED = dict(results=os.path.join(ROOT, "docs", "reproduction.json"),
+                 assets=os.path.join(ROOT, "docs", "assets", "reproduction"),
+                 cases=os.path.join(ROOT, "docs", "reproduction_results"))
+
+
+def publish(summary: dict, results: str = PUBLISHED["results"], assets: str = PUBLISHED["assets"],
+            cases: str = PUBLISHED["cases"]) -> dict:
+    """The study as the docs hold it: the summary, the heatmaps and every eval's per-case results
+    file (the responses scored), copied from the run's outputs; the summary's `results` paths
+    then name the copies. Returns the published summary."""
+    published = json.loads(json.dumps(summary))
+    os.makedirs(cases, exist_ok=True)
+    os.makedirs(assets, exist_ok=True)
+    for key, entry in published["evals"].items():
+        source = os.path.join(ROOT, entry["results"])
+        target = os.path.join(cases, f"{key}.json")
+        shutil.copy(source, target)
+        entry["results"] = project_path(target)
+        heatmap = os.path.splitext(source)[0] + ".png"
+        if os.path.exists(heatmap):
+            shutil.copy(heatmap, os.path.join(assets, f"{key}.png"))
+    write_lines(results, [json.dumps(published, indent=2)])
+    log(f"published {project_path(results)}, {project_path(assets)}/ and {project_path(cases)}/")
+    return published
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce"))
-    parser.add_argument("--results", default=os.path.join(ROOT, "docs", "reproduction.json"))
-    parser.add_argument("--assets", default=os.path.join(ROOT, "docs", "assets", "reproduction"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce"),
+                        help="working folder (data, tokenizer, runs, evals); a rerun resumes there")
+    parser.add_argument("--results", default="", help="the summary JSON (default <out>/reproduction.json)")
+    parser.add_argument("--assets", default="", help="the heatmaps' folder (default <out>/assets)")
+    parser.add_argument("--publish", action="store_true",
+                        help="also copy the summary, heatmaps and per-case results into docs/ (tracked files: only "
+                             "when asked)")
     parser.add_argument("--ablations", action="store_true", help="also run the three ablations at 4x")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
-    reproduce(args.out, args.results, args.assets, args.ablations, args.smoke)
+    summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
+                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke)
+    if args.publish:
+        publish(summary)
     return 0
 
 

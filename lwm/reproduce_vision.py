@@ -18,9 +18,12 @@ Outputs go under --out (default outputs/reproduce_vision, git-ignored); the summ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -193,8 +196,12 @@ def tokenize(world: str, name: str, vqgan: tuple[str, str], out: str, tag: str =
 
 
 def load_stage(name: str, smoke: bool) -> dict:
+    """configs/reproduce_vision/<name>.json; an ablation (`ablation_of`) is its stage with the keys it changes."""
     with open(os.path.join(CONFIGS, f"{name}.json")) as f:
         stage = json.load(f)
+    if "ablation_of" in stage:
+        with open(os.path.join(CONFIGS, f"{stage['ablation_of']}.json")) as f:
+            stage = {**json.load(f), **stage}
     if smoke:
         stage.update(steps=3, warmup_steps=1, batch_size=8)
     return stage
@@ -253,7 +260,7 @@ def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: st
            f"--train_dataset.json_vision_dataset.seq_length={seq}",
            f"--train_dataset.json_vision_dataset.batch_size={stage['batch_size']}",
            "--train_dataset.json_vision_dataset.tokenizer_processes=1",
-           "--checkpointer.float_dtype=fp32", f"--logger.output_dir={os.path.join(out, 'runs')}",
+           f"--loss_averaging={stage.get('loss_averaging', 'auto')}", "--checkpointer.float_dtype=fp32", f"--logger.output_dir={os.path.join(out, 'runs')}",
            f"--logger.experiment_id={stage['name']}", "--logger.append_uuid=False", "--autoresume=True"]
     if start_from:
         cmd.append(f"--load_checkpoint=params::{start_from}")
@@ -371,9 +378,36 @@ def score_videos(results: list[dict], folder: str) -> float:
 # ---- the study --------------------------------------------------------------------------------------
 
 
-def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str], out: str) -> dict:
-    """Every held-out eval of one trained stage, through lwm.vision_chat and lwm.vision_generation."""
-    folder = os.path.join(out, "evals", stage["name"])
+def eval_folder_for(folder: str, params: str) -> str:
+    """`folder`, holding evals of the weights in `params` only: it records their checkpoint
+    (lwm.checkpoint.checkpoint_identity) before any answer, and a folder of other weights (the
+    stage was retrained since) moves to <folder>.stale-<hash> so every eval runs again."""
+    from lwm.checkpoint import checkpoint_identity
+
+    identity = checkpoint_identity(f"params::{params}")
+    record = os.path.join(folder, "checkpoint.json")
+    if os.path.exists(folder):
+        scored = None
+        if os.path.exists(record):
+            with open(record) as f:
+                scored = json.load(f)["sha256"]
+        if scored == identity["sha256"]:
+            return folder
+        stale = f"{folder}.stale-{(scored or 'unknown')[:12]}"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(folder, stale)
+        log(f"{folder}: evals of other weights than {params} holds now; moved to {os.path.basename(stale)}")
+    os.makedirs(folder)
+    with open(record, "w") as f:
+        json.dump(identity, f, indent=1)
+    return folder
+
+
+def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str], out: str,
+             generation: bool = True) -> dict:
+    """Every held-out eval of one trained stage, through lwm.vision_chat and (with `generation`)
+    lwm.vision_generation."""
+    folder = eval_folder_for(os.path.join(out, "evals", stage["name"]), params)
     if os.path.exists(os.path.join(folder, "summary.json")):
         with open(os.path.join(folder, "summary.json")) as f:
             return json.load(f)
@@ -387,6 +421,17 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
         motion_qa=accuracy([r for r in qa if r["kind"] == "motion_qa"]),
         video_needle=accuracy(needle), video_needle_lengths=lengths,
         video_needle_by_length={str(n): accuracy([r for r in needle if r["n_frames"] == n]) for n in lengths})
+    if generation:
+        summary.update(evaluate_generation(stage, params, world, tokenizer, vqgan, folder))
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"evals after {stage['name']}: {summary}")
+    return summary
+
+
+def evaluate_generation(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str],
+                        folder: str) -> dict:
+    summary = {}
     gen_folder = os.path.join(folder, "generated")
     generated = generate(world, stage, params, tokenizer, vqgan, gen_folder)
     for key in IMAGE_CFG:
@@ -395,37 +440,89 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
         summary[f"text_to_image_exact_{key}"] = images["exact"]
         summary[f"text_to_image_code_agreement_{key}"] = images["code_agreement"]
     summary["text_to_video_motion"] = score_videos([r for r in generated if r["setting"] == "video"], gen_folder)
-    with open(os.path.join(folder, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    log(f"evals after {stage['name']}: {summary}")
     return summary
+
+
+@contextlib.contextmanager
+def timed(out: str, step: str):
+    """Add the step's seconds to <out>/runs/wall_seconds.json (a resumed study adds up every attempt)."""
+    from lwm.reproduce import add_wall
+
+    start = time.time()
+    yield
+    add_wall(out, f"vision:{step}", time.time() - start)
+
+
+def study_wall(out: str) -> float:
+    """Seconds of every step of the study so far, over all its attempts."""
+    from lwm.reproduce import recorded_walls
+
+    return round(sum(v for k, v in recorded_walls(out).items() if k.startswith("vision:")), 1)
+
+
+def frames_per_example(world: str) -> str:
+    """'MIN-MAX' frames of the examples of a world's training list."""
+    with open(os.path.join(world, "train.jsonl")) as f:
+        frames = {json.loads(line).get("n_frames", 1) for line in f}
+    return f"{min(frames)}-{max(frames)}"
+
+
+UNDERSTANDING = ("image_qa", "image_qa_by_attribute", "motion_qa", "video_needle", "video_needle_by_length")
 
 
 def reproduce(out: str, results: str, smoke: bool) -> dict:
     from lwm.reproduce import project_path
+    from lwm.storage import content_hash
 
-    start = time.time()
     out = os.path.abspath(out)  # job lists name media by absolute path
-    world = prepare_world(out, smoke)
-    tokenizer = prepare_tokenizer(world, out)
-    vqgan_checkpoint, vqgan_config, vqgan_report = prepare_vqgan(world, out, smoke)
+    with timed(out, "world"):
+        world = prepare_world(out, smoke)
+    with timed(out, "tokenizer"):
+        tokenizer = prepare_tokenizer(world, out)
+    with timed(out, "vqgan"):
+        vqgan_checkpoint, vqgan_config, vqgan_report = prepare_vqgan(world, out, smoke)
     vqgan = (vqgan_checkpoint, vqgan_config)
-    tokens = tokenize(world, "train", vqgan, out)
+    with timed(out, "tokens"):
+        tokens = tokenize(world, "train", vqgan, out)
     stage1 = load_stage("stage1", smoke)
-    params1, wall1 = train_stage(stage1, stage_data(tokens, stage1, out, epochs=1 if smoke else stage1["epochs"]),
-                                 tokenizer, out)
-    evals1 = None if smoke else evaluate(stage1, params1, world, tokenizer, vqgan, out)
-    long_tokens = tokenize(prepare_long_world(out, smoke), "train", vqgan, out, tag="long")
+    data1 = stage_data(tokens, stage1, out, epochs=1 if smoke else stage1["epochs"])
+    with timed(out, "train stage1"):
+        params1, wall1 = train_stage(stage1, data1, tokenizer, out)
+    with timed(out, "evals stage1"):
+        evals1 = None if smoke else evaluate(stage1, params1, world, tokenizer, vqgan, out)
+
+    # The ablation: stage 1 again on the same lines in the same order, masked packing off.
+    unmasked = load_stage("stage1_unmasked", smoke)
+    with timed(out, "train stage1_unmasked"):
+        params_u, wall_u = train_stage(unmasked, data1, tokenizer, out)
+    with timed(out, "evals stage1_unmasked"):
+        evals_u = None if smoke else evaluate(unmasked, params_u, world, tokenizer, vqgan, out, generation=False)
+
+    with timed(out, "long world and tokens"):
+        long_world = prepare_long_world(out, smoke)
+        long_tokens = tokenize(long_world, "train", vqgan, out, tag="long")
     stage2 = load_stage("stage2", smoke)
-    params2, wall2 = train_stage(stage2, stage_data(tokens, stage2, out, epochs=1 if smoke else stage2["epochs"],
-                                                    long_tokens=long_tokens), tokenizer, out, start_from=params1)
-    evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
-    stages = [dict(name=s["name"], seq_length=s["seq_length"], theta=s["theta"], steps=s["steps"],
-                   tokens=s["steps"] * s["batch_size"] * s["seq_length"], mesh_dim=s["mesh_dim"], wall_s=w,
-                   checkpoint=project_path(p)) for s, p, w in ((stage1, params1, wall1), (stage2, params2, wall2))]
-    summary = dict(total_wall_s=round(time.time() - start, 1), stages=stages,
-                   after_stage1=evals1 and {k: evals1[k] for k in ("image_qa", "image_qa_by_attribute", "motion_qa",
-                                                                   "video_needle", "video_needle_by_length")},
+    data2 = stage_data(tokens, stage2, out, epochs=1 if smoke else stage2["epochs"], long_tokens=long_tokens)
+    with timed(out, "train stage2"):
+        params2, wall2 = train_stage(stage2, data2, tokenizer, out, start_from=params1)
+    with timed(out, "evals stage2"):
+        evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
+
+    def stage_row(s, params, wall, frames):
+        return dict(name=s["name"], mode=s["mode"], frames_per_example=frames, seq_length=s["seq_length"],
+                    theta=s["theta"], steps=s["steps"], tokens=s["steps"] * s["batch_size"] * s["seq_length"],
+                    mesh_dim=s["mesh_dim"], wall_s=wall, checkpoint=project_path(params),
+                    checkpoint_sha256=content_hash(params).split(":", 1)[1])
+
+    first_frames = frames_per_example(world)
+    stages = [stage_row(stage1, params1, wall1, first_frames),
+              stage_row(stage2, params2, wall2, f"{frames_per_example(long_world)} (and {first_frames} replayed)")]
+    ablation = dict(name="masked_packing_off", what=unmasked["what"],
+                    stage=stage_row(unmasked, params_u, wall_u, first_frames),
+                    results=evals_u and {k: evals_u[k] for k in UNDERSTANDING},
+                    compared_with=dict(stage=stage1["name"], results=evals1 and {k: evals1[k] for k in UNDERSTANDING}))
+    summary = dict(total_wall_s=study_wall(out), commit=git_commit(), stages=stages,
+                   after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
                    vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
                                   final=vqgan_report["history"][-1]),
@@ -438,6 +535,17 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     log(f"summary: {results}")
     print(summary_table(summary), flush=True)
     return summary
+
+
+def git_commit() -> str | None:
+    """The project's commit (with '+changes' when the work tree differs from it), for provenance."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 TARGETS = {"image_qa": 0.90, "video_needle": 0.80, "motion_qa": 0.80, "text_to_image_attributes_cfg": 0.80,
@@ -456,13 +564,20 @@ def summary_table(summary: dict) -> str:
         rows.append(f"| video_needle at {n} frames | {value:.3f} | |")
     for attribute, value in summary["tokenizer_attribute_code_agreement"].items():
         rows.append(f"| VQGAN code agreement, frames differing in {attribute} | {value:.3f} | low |")
+    ablation = summary.get("ablation") or {}
+    if ablation.get("results") and ablation["compared_with"].get("results"):
+        main, off = ablation["compared_with"]["results"], ablation["results"]
+        for key in ("image_qa", "motion_qa", "video_needle"):
+            rows.append(f"| ablation {ablation['name']}: {key} (vs {ablation['compared_with']['stage']}) | "
+                        f"{off[key]:.3f} (vs {main[key]:.3f}) | |")
     rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | <= 90 min |")
     return "\n".join(rows)
 
 
 def publish(out: str, summary: dict, results: str, assets: str) -> None:
     """The summary to `results` and pictures to `assets`: generated images beside their held-out
-    captions' ground truth, and the video needle's accuracy by length and depth."""
+    captions' ground truth, generated videos as one GIF, and the video needle's accuracy by length and depth."""
+    import imageio.v2 as imageio
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,6 +604,18 @@ def publish(out: str, summary: dict, results: str, assets: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(assets, "text_to_image.png"), dpi=120)
     plt.close(fig)
+
+    videos = [r for r in generated if r["setting"] == "video"][:6]
+    if videos:
+        clips = [to_uint8(read_vision(os.path.join(evals, "generated", r["output_file"]), max_n_frames=0, size=64))
+                 for r in videos]
+        n = min(len(c) for c in clips)
+        gap = np.full((64, 4, 3), 255, np.uint8)
+        strip = [np.concatenate([x for c in clips for x in (c[t], gap)][:-1], axis=1) for t in range(n)]
+        imageio.mimsave(os.path.join(assets, "text_to_video.gif"), [np.kron(f, np.ones((2, 2, 1), np.uint8))
+                                                                   for f in strip], duration=0.4, loop=0)
+        with open(os.path.join(assets, "text_to_video.txt"), "w") as f:
+            f.write("text_to_video.gif, left to right: " + "; ".join(r["prompt"] for r in videos) + "\n")
 
     with open(os.path.join(evals, "qa", "answers.jsonl")) as f:
         needle = [r for r in map(json.loads, f) if r["kind"] == "needle_qa"]

@@ -27,6 +27,7 @@ missing credentials or access is a PermissionError saying which.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -212,6 +213,16 @@ def read_text(path: str) -> str:
     """UTF-8 text as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
     with open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
         return f.read()
+
+
+def content_hash(path: str, chunk_bytes: int = 1 << 24) -> str:
+    """'sha256:<hex>' of a file's bytes, read in chunks (a local file or an object in a bucket:
+    a copy keeps its hash wherever it lies)."""
+    digest = hashlib.sha256()
+    with open_file(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def write_bytes(path: str, data: bytes) -> None:

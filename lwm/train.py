@@ -31,7 +31,8 @@ from absl import app
 from tqdm import tqdm
 
 from lwm import cli, storage
-from lwm.checkpoint import StreamingCheckpointer, failed_processes, float_dtype_by_name, load_pickle, saved_step
+from lwm.checkpoint import (StreamingCheckpointer, checkpoint_origin, failed_processes, float_dtype_by_name,
+                            load_pickle, saved_step)
 from lwm.config import LLaMAConfig, VideoLLaMAConfig, build_config_with_sources, describe_runtime_fields
 from lwm.data import DatasetFactory
 from lwm.distributed import JaxDistributedConfig
@@ -393,15 +394,8 @@ def check_start_checkpoint(spec: str, total_steps: int) -> None:
 
 def describe_start_checkpoint(spec: str) -> str:
     """`params::PATH (step N of run R)` when the file is a run's save whose metadata says so."""
-    path = spec.split("::", 1)[1]
-    folder, name = storage.dirname(path), storage.basename(path)
-    suffix = name.rsplit("_", 1)[1] if name.rsplit("_", 1)[-1].isdigit() else ""
-    meta = storage.join(folder, f"metadata_{suffix}.pkl" if suffix else "metadata.pkl")
-    try:
-        step = load_pickle(meta).get("step") if storage.exists(meta) else None
-    except (OSError, EOFError, ValueError):
-        step = None
-    return spec if step is None else f"{spec} (step {step} of run {storage.basename(folder)})"
+    step, run = checkpoint_origin(spec.split("::", 1)[1])
+    return spec if step is None else f"{spec} (step {step} of run {run})"
 
 
 def restore_state(trainer: Trainer, checkpointer: StreamingCheckpointer, dataset):

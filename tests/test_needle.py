@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, accuracy_grid, batch_size_for,
-                        insert_needles, load_results, multi_accuracy_table, multi_case, numbers_in, period_token_ids,
+                        break_token_ids, check_same_checkpoint, insert_needles, place_needles, placement_deviation, load_results, multi_accuracy_table, multi_case, numbers_in, period_token_ids,
                         plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
                         score_strict, sentence_break_at_or_before, single_case, summary_table)
 from tests.helpers import run_script_with_fake_python
@@ -36,6 +36,70 @@ def test_insertion_by_hand():
     assert got == [-3] + hay[:6] + [-2] + hay[6:12] + [-1]
     with pytest.raises(ValueError, match="cannot hold the needles"):
         insert_needles(hay, [([0] * 5, 50)], 204, {9})
+
+
+def test_actual_depths_and_sentence_end_placement(tokenizer):
+    # the worked example: 50% of the cut haystack (6 tokens) is position 3, the break before it is 2: 33.3%
+    assert place_needles([1, 9, 2, 3, 9, 4, 5, 6], [([7, 7], 50)], 10, {9}, buffer=2) == (
+        [1, 9, 7, 7, 2, 3, 9, 4], [33.3])
+    hay = [1, 2, 9, 3, 4, 9, 5, 6, 7, 9, 8, 8]
+    assert place_needles(hay, [([-1], 100), ([-2], 75), ([-3], 0)], 15, {9}, buffer=0)[1] == [100.0, 50.0, 0.0]
+
+    # sentence ends other than a lone period: '?', '!' and a period inside a closing quote
+    ends = break_token_ids(tokenizer, "sentence_end")
+    periods = break_token_ids(tokenizer, "period")
+    assert periods < ends
+    for text in ("Why?", "Stop!", 'He said "go."'):
+        assert tokenizer.encode(text)[-1] in ends, text
+    assert not any(t in ends for t in tokenizer.encode("no sentence ends in these words"))
+    text = " ".join(f"Is question {i} here?" for i in range(40)) + " The end."
+    hay = tokenizer.encode(text)
+    needle = tokenizer.encode(NEEDLE.format(city="Paris", number="1234567"))
+    # the original's rule finds no period before 50% and puts the needle at the very start;
+    # counting every sentence end puts it within one sentence of the labelled depth
+    _, (by_period,) = place_needles(hay, [(needle, 50)], 400, periods)
+    _, (by_sentence,) = place_needles(hay, [(needle, 50)], 400, ends)
+    assert by_period == 0.0 and 45 <= by_sentence <= 50
+    records = [dict(depth_percent=50.0, actual_depth_percent=by_period),
+               dict(depth_percent=50.0, actual_depth_percent=by_sentence)]
+    assert placement_deviation(records) == (round((50 + 50 - by_sentence) / 2, 1), 50.0)
+    with pytest.raises(ValueError, match="needle_placement='comma'; expected one of period, sentence_end"):
+        NeedleSettings(haystack_file="x", needle_placement="comma")
+
+
+def test_results_of_another_checkpoint_are_never_mixed_in(tmp_path, haystack_file, tiny_loaded):
+    import pickle
+
+    from lwm.checkpoint import checkpoint_identity
+
+    run = tmp_path / "runs" / "stage1"
+    run.mkdir(parents=True)
+    (run / "streaming_params").write_bytes(b"weights of stage 1")
+    (run / "metadata.pkl").write_bytes(pickle.dumps({"step": 40}))
+    first = checkpoint_identity(f"params::{run / 'streaming_params'}")
+    import hashlib
+
+    assert first == dict(load_checkpoint=f"params::{run / 'streaming_params'}",
+                         sha256=hashlib.sha256(b"weights of stage 1").hexdigest(), step=40, run="stage1")
+    tok = tiny_loaded.tokenizer
+    settings = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "r.json"),
+                              context_lengths_min=300, context_lengths_max=300, n_context_length_intervals=1,
+                              n_document_depth_intervals=2, n_rounds=1, max_new_tokens=16, checkpoint=first)
+    finder = ScriptedSampler(tok, lambda needles, asked: needles[asked[0]])
+    results = run_needle_eval(settings, tiny_loaded, progress=False, sampler=finder)
+    assert len(results) == 2 and all(r["checkpoint"] == first for r in results)
+    assert all(0 <= r["actual_depth_percent"] <= r["depth_percent"] for r in results)
+
+    (run / "streaming_params").write_bytes(b"weights of stage 1, retrained")  # the same path, other weights
+    second = checkpoint_identity(f"params::{run / 'streaming_params'}")
+    wider = dataclasses.replace(settings, n_document_depth_intervals=3, checkpoint=second)
+    with pytest.raises(ValueError, match=r"r\.json: its results were scored on another checkpoint \(params::.*"
+                                         rf"sha256 {first['sha256'][:12]}\.\.\.\), not on .*write to a new --output_file"):
+        run_needle_eval(wider, tiny_loaded, progress=False, sampler=finder)
+    assert load_results(settings.output_file) == results  # nothing added
+    check_same_checkpoint(results, dataclasses.replace(settings, checkpoint=None))  # no identity given: no check
+    legacy = [{k: v for k, v in r.items() if k != "checkpoint"} for r in results]
+    check_same_checkpoint(legacy, wider)  # results that record no checkpoint are kept
 
 
 def test_insertion_with_the_tokenizer(tokenizer):
@@ -280,7 +344,7 @@ def test_eval_with_a_model_that_finds_the_needles(tmp_path, haystack_file, tiny_
         city = re.search(r"magic (.+) number", r["needle"]).group(1)
         assert r["response"] == f"The special magic {city} number is {r['answer']}."
         assert r["correct"] is True and r["correct_strict"] is True
-    assert summary_table(results).splitlines()[-2] == "overall accuracy 1.000 over 12 cases"
+    assert "overall accuracy 1.000 over 12 cases" in summary_table(results).splitlines()
 
     multi = NeedleSettings(haystack_file=haystack_file, output_file=str(tmp_path / "multi.json"),
                            context_lengths_min=400, context_lengths_max=400, n_context_length_intervals=1,

@@ -48,3 +48,39 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     assert "main study wall time" in proc.stdout
     rerun = reproduce(tmp_path)  # everything is done: skipped, evals resumed with nothing left
     assert rerun.returncode == 0 and rerun.stdout.count("done already") == 6, rerun.stdout[-3000:]
+
+
+def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):
+    import hashlib
+
+    from lwm import reproduce as study
+    from lwm.needle import save_results
+
+    checkpoint = tmp_path / "streaming_params"
+    checkpoint.write_bytes(b"stage 1 weights")
+    scored = dict(load_checkpoint=f"params::{checkpoint}", sha256=hashlib.sha256(b"stage 1 weights").hexdigest(),
+                  step=3, run="stage1")
+    results = tmp_path / "single.json"
+    save_results(str(results), [dict(context_length=256, depth_percent=0.0, seed=0, correct=True, checkpoint=scored)])
+    assert study.set_aside_if_stale(str(results), str(checkpoint)) == 1 and results.exists()
+    checkpoint.write_bytes(b"stage 1 weights, retrained")
+    assert study.set_aside_if_stale(str(results), str(checkpoint)) == 0
+    assert not results.exists() and (tmp_path / f"single.stale-{scored['sha256'][:12]}.json").exists()
+    save_results(str(results), [dict(context_length=256, depth_percent=0.0, seed=0, correct=True)])  # no identity
+    assert study.set_aside_if_stale(str(results), str(checkpoint)) == 0
+    assert (tmp_path / "single.stale-unknown.json").exists()
+
+    # --publish: the summary, heatmap and per-case results into docs-like folders, paths relative
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+    evals = tmp_path / "outputs" / "evals"
+    evals.mkdir(parents=True)
+    save_results(str(evals / "k.json"), [dict(context_length=256, depth_percent=0.0, seed=0, correct=True)])
+    (evals / "k.png").write_bytes(b"\x89PNG")
+    summary = {"evals": {"k": {"accuracy": 1.0, "results": "outputs/evals/k.json"}}, "k": 1.0}
+    docs = tmp_path / "docs"
+    published = study.publish(summary, str(docs / "reproduction.json"), str(docs / "assets"), str(docs / "cases"))
+    assert published["evals"]["k"]["results"] == "docs/cases/k.json" and summary["evals"]["k"]["results"] == \
+        "outputs/evals/k.json"
+    assert json.loads((docs / "reproduction.json").read_text()) == published
+    assert load_results(str(docs / "cases" / "k.json")) == load_results(str(evals / "k.json"))
+    assert (docs / "assets" / "k.png").read_bytes() == b"\x89PNG"

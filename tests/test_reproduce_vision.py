@@ -27,15 +27,57 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     assert set(summary["tokenizer_attribute_code_agreement"]) == {"colour", "shape", "position"}
     assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert summary["stages"][1]["mesh_dim"] == "1,2,1,4"  # the long stage runs ring attention over sp = 4
-    for stage in summary["stages"]:
+    assert [s["frames_per_example"] for s in summary["stages"]] == ["1-8", "12-16 (and 1-8 replayed)"]
+    ablation = summary["ablation"]
+    assert ablation["name"] == "masked_packing_off" and ablation["stage"]["mode"] == "no_pad"
+    assert ablation["stage"]["tokens"] == summary["stages"][0]["tokens"]  # equal compute
+    for stage in summary["stages"] + [ablation["stage"]]:
         assert os.path.exists(os.path.join(ROOT, stage["checkpoint"]))  # recorded relative to the project
+    for stage in summary["stages"]:  # every eval folder names the weights it scored
+        recorded = json.loads((out / "evals" / stage["name"] / "checkpoint.json").read_text()) \
+            if (out / "evals" / stage["name"]).exists() else None
+        assert recorded is None or recorded["sha256"] == stage["checkpoint_sha256"]
+    assert json.loads((out / "evals" / "stage2" / "checkpoint.json").read_text())["step"] == 3
+    walls = json.loads((out / "runs" / "wall_seconds.json").read_text())
+    assert summary["total_wall_s"] == pytest.approx(sum(walls.values()), abs=0.1) and summary["total_wall_s"] > 0
     generated = out / "evals" / "stage2" / "generated"
     listed = [json.loads(line) for line in (generated / "generated.jsonl").read_text().splitlines()]
     assert {x["setting"] for x in listed} == {"cfg", "no_cfg", "video"}
     assert all((generated / x["output_file"]).exists() for x in listed)
     answers = [json.loads(line) for line in (out / "evals" / "stage2" / "qa" / "answers.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in answers} == {"image_qa", "motion_qa", "needle_qa"}
+    # the pictures of --publish (written here to a temporary folder, not to docs/)
+    from lwm.reproduce_vision import publish
+
+    assets = tmp_path / "assets"
+    publish(str(out), summary, str(tmp_path / "published.json"), str(assets))
+    assert json.loads((tmp_path / "published.json").read_text()) == summary
+    import imageio.v2 as imageio
+
+    gif = imageio.mimread(assets / "text_to_video.gif")
+    n_videos = sum(x["setting"] == "video" for x in listed)
+    assert len(gif) >= 2 and gif[0].shape[1] == 128 * n_videos + 8 * (n_videos - 1)  # clips side by side, 2x
+    assert (assets / "text_to_image.png").stat().st_size > 0 and (assets / "video_needle.png").stat().st_size > 0
     # a second run finds every step done and only rewrites the summary
     again = subprocess.run([sys.executable, "-m", "lwm.reproduce_vision", "--smoke", f"--out={out}"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "train stage" not in again.stdout, again.stdout[-3000:]
+
+
+def test_an_eval_folder_holds_one_checkpoints_answers(tmp_path):
+    from lwm.reproduce_vision import eval_folder_for
+
+    params = tmp_path / "streaming_params"
+    params.write_bytes(b"stage 1")
+    folder = tmp_path / "evals" / "stage1"
+    assert eval_folder_for(str(folder), str(params)) == str(folder)
+    (folder / "qa").mkdir()
+    (folder / "qa" / "answers.jsonl").write_text('{"id": "a", "answer": "red"}\n')
+    assert eval_folder_for(str(folder), str(params)) == str(folder)  # the same weights: answers kept, resumed
+    assert (folder / "qa" / "answers.jsonl").exists()
+    first = json.loads((folder / "checkpoint.json").read_text())["sha256"]
+    params.write_bytes(b"stage 1, retrained")
+    assert eval_folder_for(str(folder), str(params)) == str(folder)
+    assert not (folder / "qa").exists()  # a fresh folder for the new weights; the old answers set aside
+    assert (tmp_path / "evals" / f"stage1.stale-{first[:12]}" / "qa" / "answers.jsonl").exists()
+    assert json.loads((folder / "checkpoint.json").read_text())["sha256"] != first
