@@ -11,7 +11,8 @@ Each line of `train.jsonl` / `heldout.jsonl` is one training or evaluation examp
   chat (questions, descriptions)   [prompt],[vision],[cue],answer      as lwm.vision_chat asks
   generation (images, videos)      [prompt],vision                      as lwm.vision_generation prompts
 Kinds: `image_qa` (colour / shape / position / describe), `image_gen`, `motion_qa` (which
-way it moves), `video_gen`, `needle_qa` (the colour of the one diamond in a long video).
+way it moves), `video_gen`, `needle_qa` (the colour of the one diamond in a long video), and
+`image_uncond` / `video_uncond` (a tenth of the media again, after the unconditional prompt).
 The held-out list has images of (colour, position) pairs never drawn together in training
 (HELD_OUT: red is never at the top left, ...), motion clips of other random seeds, and needle
 videos `--needle_eval_frames` long at five depths.
@@ -29,7 +30,7 @@ from lwm import cli, storage
 from lwm.synthetic_vision import (COLOURS, DIRECTIONS, NEEDLE_SHAPE, POSITIONS, RADIUS, SHAPES, SIZE, Scene, draw,
                                   motion_frames, needle_index, needle_video)
 from lwm.vision_chat import ANSWER_CUE, SYSTEM_PROMPT
-from lwm.vision_generation import IMAGE_PROMPT, VIDEO_PROMPT
+from lwm.vision_generation import IMAGE_PROMPT, UNCONDITIONAL_PROMPT, VIDEO_PROMPT
 from lwm.vision_io import write_image, write_video
 
 # (colour, position) pairs never drawn together in training images: every colour is still seen
@@ -50,9 +51,14 @@ def chat_example(question: str, answer: str) -> dict:
     return dict(prompt=SYSTEM_PROMPT.format(question=question), cue=ANSWER_CUE, answer=answer, fields=CHAT_FIELDS)
 
 
-def generation_example(template: str, caption: str) -> dict:
-    # the loader puts encode('<vision>') before the codes itself
-    return dict(prompt=template.format(prompt=caption).removesuffix(" <vision>"), fields=GENERATION_FIELDS)
+def generation_example(template: str, caption: str = "") -> dict:
+    """A line training on lwm.vision_generation's prompt stream: the loader puts `<vision>` before
+    the codes itself, without a BOS ("marker_bos": false), as the prompt `... ASSISTANT: <vision>`
+    has none there. UNCONDITIONAL_PROMPT (`<s><vision>`) gives the guidance row's stream."""
+    text = template.format(prompt=caption)
+    if not text.endswith("<vision>"):
+        raise ValueError(f"a generation template ends with <vision>, got {template!r}")
+    return dict(prompt=text.removesuffix("<vision>").rstrip(" "), fields=GENERATION_FIELDS, marker_bos=False)
 
 
 def combos(held_out: bool) -> list[tuple[str, str]]:
@@ -77,7 +83,7 @@ class WorldWriter:
                                **example, **attributes))
 
     def image(self, index: int, colour: str, shape: str, position: str, questions=tuple(QUESTIONS),
-              generation: bool = True) -> None:
+              generation: bool = True, unconditional: bool = False) -> None:
         scene = Scene(shape, colour, position)
         media_id = f"image_{index:06d}"
         path = f"media/images/{media_id}.png"
@@ -90,9 +96,12 @@ class WorldWriter:
         if generation:
             self._add(media_id, path, scene.caption(), "image_gen", generation_example(IMAGE_PROMPT, scene.caption()),
                       **attributes)
+        if unconditional:
+            self._add(media_id, path, scene.caption(), "image_uncond", generation_example(UNCONDITIONAL_PROMPT),
+                      **attributes)
 
     def motion(self, index: int, colour: str, shape: str, direction: str, n_frames: int,
-               generation: bool = True) -> None:
+               generation: bool = True, unconditional: bool = False) -> None:
         media_id = f"motion_{index:06d}"
         path = f"media/motion/{media_id}.mp4"
         start = (32 + self.rng.uniform(-4, 4), 32 + self.rng.uniform(-4, 4))
@@ -105,6 +114,8 @@ class WorldWriter:
         self._add(media_id, path, caption, "motion_qa", chat_example(MOTION_QUESTION, direction), **attributes)
         if generation:
             self._add(media_id, path, caption, "video_gen", generation_example(VIDEO_PROMPT, caption), **attributes)
+        if unconditional:
+            self._add(media_id, path, caption, "video_uncond", generation_example(UNCONDITIONAL_PROMPT), **attributes)
 
     def needle(self, index: int, n_frames: int, colour: str, depth: float) -> None:
         media_id = f"needle_{index:06d}"
@@ -119,11 +130,14 @@ class WorldWriter:
 def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: int = 300, n_needle: int = 300,
                 motion_frames_range: tuple[int, int] = (4, 6), needle_frames_range: tuple[int, int] = (4, 8),
                 heldout_images: int = 48, heldout_motion: int = 32, needle_eval_frames: tuple[int, ...] = (8, 16, 32),
-                needle_eval_rounds: int = 4, jitter: float = 3.0, progress: bool = True) -> dict:
+                needle_eval_rounds: int = 4, jitter: float = 3.0, unconditional_fraction: float = 0.1,
+                progress: bool = True) -> dict:
     """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts.
 
     jitter: how far (pixels, each axis) a training image's shape may sit from its named position,
-    kept whole inside the frame; held-out images keep 3. A wider jitter moves a shape across the VQGAN's code cells, so the
+    kept whole inside the frame; held-out images keep 3. unconditional_fraction: the share of
+    training images and clips that also get an unconditional generation line (the prompt
+    classifier-free guidance mixes in), so the guidance has a trained unconditional model. A wider jitter moves a shape across the VQGAN's code cells, so the
     same colour and shape come out as codes at more places of the frame."""
     rng = np.random.default_rng(seed)
     directions, colours = list(DIRECTIONS), list(COLOURS)
@@ -134,12 +148,14 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
     shapes = list(SHAPES)
     for i in range(n_images):
         colour, position = seen[rng.integers(len(seen))]
-        train.image(i, colour, shapes[rng.integers(len(shapes))], position)
+        train.image(i, colour, shapes[rng.integers(len(shapes))], position,
+                    unconditional=bool(rng.random() < unconditional_fraction))
         bar.update()
     for i in range(n_motion):
         n = int(rng.integers(motion_frames_range[0], motion_frames_range[1] + 1))
         train.motion(i, colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))],
-                     directions[rng.integers(len(directions))], n)
+                     directions[rng.integers(len(directions))], n,
+                     unconditional=bool(rng.random() < unconditional_fraction))
         bar.update()
     for i in range(n_needle):
         n = int(rng.integers(needle_frames_range[0], needle_frames_range[1] + 1))
@@ -184,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--needle_eval_rounds", type=int, default=4, help="held-out videos per length and depth")
     parser.add_argument("--heldout_images", type=int, default=48, help="held-out images (4 questions each)")
     parser.add_argument("--heldout_motion", type=int, default=32, help="held-out motion clips")
+    parser.add_argument("--unconditional_fraction", type=float, default=0.1,
+                        help="share of training images and clips with an unconditional generation line too")
     parser.add_argument("--jitter", type=float, default=3.0,
                         help="training images: pixels a shape may sit from its named position (at most 12)")
     cli.add_verbose_argument(parser)
@@ -193,6 +211,8 @@ def main(argv=None) -> int:
         if not 1 <= low <= high:
             raise ValueError(f"--needle_frames={args.needle_frames}: expected MIN,MAX with 1 <= MIN <= MAX")
         eval_frames = tuple(int(x) for x in args.needle_eval_frames.split(","))
+        if not 0 <= args.unconditional_fraction <= 1:
+            raise ValueError(f"--unconditional_fraction={args.unconditional_fraction}: expected a share in 0..1")
         if not 0 <= args.jitter <= 12:
             raise ValueError(f"--jitter={args.jitter}: expected 0..12 pixels (more crosses into the next position)")
         for name in ("n_images", "n_motion", "n_needle", "needle_eval_rounds", "heldout_images", "heldout_motion"):
@@ -201,7 +221,8 @@ def main(argv=None) -> int:
         counts = write_world(args.output_dir, args.seed, args.n_images, args.n_motion, args.n_needle,
                              needle_frames_range=(low, high), heldout_images=args.heldout_images,
                              heldout_motion=args.heldout_motion, needle_eval_frames=eval_frames,
-                             needle_eval_rounds=args.needle_eval_rounds, jitter=args.jitter)
+                             needle_eval_rounds=args.needle_eval_rounds, jitter=args.jitter,
+                             unconditional_fraction=args.unconditional_fraction)
     print(json.dumps(counts))
     return 0
 

@@ -50,11 +50,14 @@ def test_the_generator_writes_lists_tokenize_vision_reads(tmp_path):
     out = tmp_path / "world"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"),
                            f"--output_dir={out}", "--n_images=12", "--n_motion=4", "--n_needle=4",
-                           "--needle_eval_frames=8", "--needle_eval_rounds=1"], capture_output=True, text=True,
+                           "--needle_eval_frames=8", "--needle_eval_rounds=1", "--unconditional_fraction=0.5"],
+                          capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    uncond = {k: counts["train"].pop(k, 0) for k in ("image_uncond", "video_uncond")}
     assert counts["train"] == {"image_qa": 48, "image_gen": 12, "motion_qa": 4, "video_gen": 4, "needle_qa": 4}
+    assert 0 < uncond["image_uncond"] < 12 and 0 < uncond["image_uncond"] + uncond["video_uncond"] < 16
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     held = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
     from scripts.make_synthetic_vision import HELD_OUT
@@ -74,6 +77,9 @@ def test_the_generator_writes_lists_tokenize_vision_reads(tmp_path):
     gen = next(x for x in train if x["kind"] == "image_gen")
     assert gen["fields"] == "[prompt],vision" and gen["prompt"].endswith(f"Generate an image of {gen['caption']} "
                                                                          "ASSISTANT:")
+    assert gen["marker_bos"] is False  # the generation prompt has no BOS before <vision>
+    uncond = next(x for x in train if x["kind"] == "image_uncond")
+    assert (uncond["prompt"], uncond["fields"], uncond["marker_bos"]) == ("<s>", "[prompt],vision", False)
     needle = next(x for x in held if x["kind"] == "needle_qa")
     frames = np.round((read_vision(str(out / needle["path"]), max_n_frames=0, size=64) + 1) * 127.5).astype(np.uint8)
     assert len(frames) == 8 and classify(frames[needle["needle_frame"]]).shape == NEEDLE_SHAPE  # survives H.264

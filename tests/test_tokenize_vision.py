@@ -238,3 +238,31 @@ def test_question_answer_lines_keep_their_fields_and_train_on_the_chat_stream(wo
     assert example.tokens.tolist() == asked + answer
     assert example.vision_masks.tolist() == vision + [False] * len(answer)
     assert example.loss_masks.tolist() == [0.0] * len(asked) + [1.0] * len(answer)
+
+
+def test_generation_lines_train_on_the_prompts_vision_generation_feeds(tokenizer):
+    """The synthetic world's text-to-image lines (and the unconditional ones that classifier-free
+    guidance mixes in) become exactly lwm.vision_generation's prompt row followed by the codes:
+    no BOS before `<vision>` there, unlike the chat stream's (`"marker_bos": false`)."""
+    from lwm.data import VisionTextProcessor
+    from lwm.vision_generation import IMAGE_PROMPT, UNCONDITIONAL_PROMPT, VIDEO_PROMPT, prompt_batch
+    from scripts.make_synthetic_vision import generation_example
+
+    processor = VisionTextProcessor({"fields_from_example": "fields", "add_bos_token": False,
+                                     "n_tokens_per_frame": 4}, tokenizer)
+    codes = [5, 6, 7, 8, 9, 10, 11, 12]  # two frames of 4 codes
+    for template, caption in ((IMAGE_PROMPT, "a red square at the top left"), (VIDEO_PROMPT, "a circle moving up"),
+                              (UNCONDITIONAL_PROMPT, "")):
+        example = processor({**generation_example(template, caption), "vision": codes})
+        ids, mask = prompt_batch(tokenizer, [template.format(prompt=caption)])
+        prompt = ids[0][mask[0].astype(bool)].tolist()
+        first_code = int(np.flatnonzero(example.vision_masks)[0])
+        assert example.tokens[:first_code].tolist() == prompt, template
+        assert example.tokens[first_code:first_code + 10].tolist() == [5, 6, 7, 8, 8192, 9, 10, 11, 12, 8193]
+        marker = len(tokenizer.encode("<vision>", add_bos=False))  # the markers carry the vision field's loss
+        assert example.loss_masks[:first_code - marker].max() == 0 and example.loss_masks[first_code - marker:].min() == 1
+    # the chat stream keeps the original loader's BOS before <vision>
+    with_bos = processor({"prompt": "a", "fields": "[prompt],vision", "vision": codes})
+    assert with_bos.tokens[:len(tokenizer.encode("a", add_bos=True)) + 1].tolist()[-1] == tokenizer.bos_token_id
+    with pytest.raises(ValueError, match="'marker_bos' must be true or false, got 'no'"):
+        processor({"prompt": "a", "fields": "[prompt],vision", "vision": codes, "marker_bos": "no"})

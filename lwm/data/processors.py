@@ -195,6 +195,8 @@ class VisionTextProcessor(_FieldProcessor):
     True on the codes and the eof/eov markers only. With ``max_n_frames > 0`` longer videos
     keep frames ``np.linspace(0, n - 1, max_n_frames).astype(int)``. A trailing partial frame
     is dropped (reported in ``dropped_vision_codes``); fewer codes than one frame is an error.
+    A line with ``"marker_bos": false`` gets its markers without the BOS: the stream of
+    ``lwm.vision_generation``'s prompts (``... ASSISTANT: <vision>`` is one encode call there).
     """
 
     @staticmethod
@@ -219,8 +221,11 @@ class VisionTextProcessor(_FieldProcessor):
             raise ValueError("vision_text_processor: fields_from_example must name the key holding each example's fields")
         if self.config.n_tokens_per_frame <= 0:
             raise ValueError(f"vision_text_processor.n_tokens_per_frame must be positive, got {self.config.n_tokens_per_frame}")
-        self.vision_start = list(tokenizer.encode("<vision>", add_bos=True))
-        self.vision_end = list(tokenizer.encode("</vision>", add_bos=True))
+        # The markers as the original's loader encodes them (BOS first), and without the BOS: a
+        # line with "marker_bos": false trains on lwm.vision_generation's prompt stream, where
+        # `<vision>` ends the prompt text (`... ASSISTANT: <vision>`, one encode call).
+        self.markers = {bos: (list(tokenizer.encode("<vision>", add_bos=bos)),
+                              list(tokenizer.encode("</vision>", add_bos=bos))) for bos in (True, False)}
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_bos=True)
@@ -270,6 +275,9 @@ class VisionTextProcessor(_FieldProcessor):
 
         if add_bos_token and self.config.add_bos_token:
             add([self.tokenizer.bos_token_id], 0.0, False)
+        marker_bos = example.get("marker_bos", True)
+        if not isinstance(marker_bos, bool):
+            raise DataError(f"'marker_bos' must be true or false, got {marker_bos!r}", "bad_field")
         specs = self._field_specs(example, line_index, None, self.config.fields_index)
         for i, spec in enumerate(specs):
             if spec.special:
@@ -278,9 +286,10 @@ class VisionTextProcessor(_FieldProcessor):
                 # The whole entry names the codes' key, '+' included, as the original reads it.
                 body, n_dropped = self._vision_codes(example, "+".join(spec.keys))
                 dropped += n_dropped
-                add(self.vision_start, spec.loss, False)
+                start, end = self.markers[marker_bos]
+                add(start, spec.loss, False)
                 add(body, spec.loss, True)
-                add(self.vision_end, spec.loss, False)
+                add(end, spec.loss, False)
             else:
                 if i == 0 and self.config.prepend_text:
                     text = self.config.prepend_text + self._text(example, spec)
