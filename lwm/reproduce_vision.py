@@ -491,13 +491,6 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     with timed(out, "evals stage1"):
         evals1 = None if smoke else evaluate(stage1, params1, world, tokenizer, vqgan, out)
 
-    # The ablation: stage 1 again on the same lines in the same order, masked packing off.
-    unmasked = load_stage("stage1_unmasked", smoke)
-    with timed(out, "train stage1_unmasked"):
-        params_u, wall_u = train_stage(unmasked, data1, tokenizer, out)
-    with timed(out, "evals stage1_unmasked"):
-        evals_u = None if smoke else evaluate(unmasked, params_u, world, tokenizer, vqgan, out, generation=False)
-
     with timed(out, "long world and tokens"):
         long_world = prepare_long_world(out, smoke)
         long_tokens = tokenize(long_world, "train", vqgan, out, tag="long")
@@ -507,6 +500,13 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
         params2, wall2 = train_stage(stage2, data2, tokenizer, out, start_from=params1)
     with timed(out, "evals stage2"):
         evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
+
+    # The ablation: stage 1 again on the same lines in the same order, masked packing off.
+    unmasked = load_stage("stage1_unmasked", smoke)
+    with timed(out, "train stage1_unmasked"):
+        params_u, wall_u = train_stage(unmasked, data1, tokenizer, out)
+    with timed(out, "evals stage1_unmasked"):
+        evals_u = None if smoke else evaluate(unmasked, params_u, world, tokenizer, vqgan, out, generation=False)
 
     def stage_row(s, params, wall, frames):
         return dict(name=s["name"], mode=s["mode"], frames_per_example=frames, seq_length=s["seq_length"],
