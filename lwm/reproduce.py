@@ -235,12 +235,14 @@ def set_aside_if_stale(results_file: str, checkpoint: str) -> int:
     return len(results)
 
 
-def accuracy(results_file: str) -> float:
-    """Mean strict accuracy over every case (per needle for the multi-needle eval)."""
+def accuracy(results_file: str) -> tuple[float, tuple[float, float] | None]:
+    """(mean strict accuracy over every case (per needle for the multi-needle eval), its 95%
+    bootstrap interval over the cases)."""
     from lwm.needle import load_results, needle_accuracy
+    from lwm.stats import bootstrap_interval
 
-    results = load_results(results_file)
-    return float(sum(needle_accuracy(r, "strict") for r in results) / max(len(results), 1))
+    scores = [needle_accuracy(r, "strict") for r in load_results(results_file)]
+    return float(sum(scores) / max(len(scores), 1)), bootstrap_interval(scores)
 
 
 # ---- the study -----------------------------------------------------------------------------------
@@ -268,7 +270,8 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
                 continue
             results_file, eval_wall = run_eval(stage, spec, tokenizer, out)
             record["evals_wall_s"] += round(eval_wall, 1)
-            summary["evals"][spec["key"]] = {"accuracy": accuracy(results_file), "results": project_path(results_file),
+            mean, interval = accuracy(results_file)
+            summary["evals"][spec["key"]] = {"accuracy": mean, "ci95": interval, "results": project_path(results_file),
                                              "stage": name, "lengths": [spec["min"], spec["max"]]}
             heatmap = os.path.splitext(results_file)[0] + ".png"
             if os.path.exists(heatmap) and assets:
@@ -285,6 +288,7 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
                 "ablation_no_extension_at_4x", "ablation_extension_without_theta_at_4x",
                 "ablation_long_from_start_at_4x"):
         summary[key] = summary["evals"].get(key, {}).get("accuracy")
+        summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
     summary["total_wall_s"] = round(time.time() - start, 1)
     summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -302,9 +306,10 @@ def summary_table(summary: dict) -> str:
     rows = ["stage            length   theta      steps   tokens      wall s  evals s",
             *(f"{s['name']:16} {s['length']:6d}   {s['theta']:<9g}  {s['steps']:5d}   {s['tokens']:<10d}  "
               f"{s['wall_s']:7.0f}  {s['evals_wall_s']:7.0f}" for s in summary["stages"] + summary.get("ablation_stages", [])),
-            "", "eval (strict score)                                  accuracy"]
+            "", "eval (strict score)                                  accuracy  95% interval"]
     for key, e in summary["evals"].items():
-        rows.append(f"{key:52} {e['accuracy']:.3f}")
+        interval = e.get("ci95")
+        rows.append(f"{key:52} {e['accuracy']:.3f}" + (f"     {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""))
     rows.append(f"\nmain study wall time: {summary['main_study_wall_s']:.0f} s; total {summary['total_wall_s']:.0f} s")
     return "\n".join(rows)
 

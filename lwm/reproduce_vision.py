@@ -299,10 +299,11 @@ def ask(world: str, kinds: tuple[str, ...], stage: dict, params: str, tokenizer:
                  depth=x.get("depth"))
             for x in lines if x["kind"] in kinds and x.get("question") != "describe"]
     questions, answers = os.path.join(folder, "questions.jsonl"), os.path.join(folder, "answers.jsonl")
-    write_jobs(questions, jobs)
-    run([sys.executable, "-m", "lwm.vision_chat", *model_flags(stage, params, tokenizer, vqgan),
-         f"--questions_file={questions}", f"--output_file={answers}", "--temperature=0", "--max_new_tokens=8"],
-        f"vision_chat {','.join(kinds)}", devices=1)
+    if count_lines(answers) < len(jobs):
+        write_jobs(questions, jobs)
+        run([sys.executable, "-m", "lwm.vision_chat", *model_flags(stage, params, tokenizer, vqgan),
+             f"--questions_file={questions}", f"--output_file={answers}", "--temperature=0", "--max_new_tokens=8"],
+            f"vision_chat {','.join(kinds)}", devices=1)
     with open(answers) as f:
         results = [json.loads(line) for line in f]
     for r in results:
@@ -310,8 +311,28 @@ def ask(world: str, kinds: tuple[str, ...], stage: dict, params: str, tokenizer:
     return results
 
 
+def count_lines(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def accuracy(results: list[dict]) -> float | None:
-    return round(float(np.mean([r["correct"] for r in results])), 4) if results else None
+    return mean(r["correct"] for r in results)
+
+
+def mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def with_intervals(summary: dict, cases: dict[str, list]) -> dict:
+    """summary plus `<key>_ci95`: a 95% bootstrap interval over the cases behind each key."""
+    from lwm.stats import bootstrap_interval
+
+    return {**summary, **{f"{key}_ci95": bootstrap_interval([float(v) for v in values])
+                          for key, values in cases.items()}}
 
 
 IMAGE_CFG = {"no_cfg": 1.0, "cfg": 3.0}  # text-to-image with and without classifier-free guidance
@@ -333,46 +354,46 @@ def generate(world: str, stage: dict, params: str, tokenizer: str, vqgan: tuple[
             jobs.append(dict(id=x["id"].replace(":", "_"), prompt=x["caption"], n_frames=x["n_frames"],
                              cfg_scale=VIDEO_CFG, setting="video", truth=x["path"], **attributes))
     prompts = os.path.join(folder, "prompts.jsonl")
-    write_jobs(prompts, jobs)
-    run([sys.executable, "-m", "lwm.vision_generation", *model_flags(stage, params, tokenizer, vqgan),
-         f"--prompts_file={prompts}", f"--output_dir={folder}", "--temperature_image=0.3", "--top_k_image=8",
-         "--temperature_video=0.3", "--top_k_video=8"],
-        "vision_generation", devices=1)
+    if count_lines(os.path.join(folder, "generated.jsonl")) < len(jobs):
+        write_jobs(prompts, jobs)
+        run([sys.executable, "-m", "lwm.vision_generation", *model_flags(stage, params, tokenizer, vqgan),
+             f"--prompts_file={prompts}", f"--output_dir={folder}", "--temperature_image=0.3", "--top_k_image=8",
+             "--temperature_video=0.3", "--top_k_video=8"],
+            "vision_generation", devices=1)
     with open(os.path.join(folder, "generated.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def score_images(results: list[dict], folder: str, world: str, vqgan: tuple[str, str]) -> dict:
-    """Attribute accuracy of generated images by the pixel classifier, and their codes' agreement
-    with the caption's ground-truth image (both read and encoded as the tokenizer script does)."""
+def score_images(results: list[dict], folder: str, world: str, vqgan: tuple[str, str]) -> dict[str, list]:
+    """Per generated image: the fraction of its caption's attributes the pixel classifier reads
+    back, whether all three are right, and its codes' agreement with the caption's ground-truth
+    image (both read and encoded as the tokenizer script does)."""
     from lwm.synthetic_vision import classify_frame
     from lwm.vision_io import read_vision, to_uint8
     from lwm.vqgan import VQGAN, VQGANConfig
 
     model = VQGAN(vqgan[0], VQGANConfig.from_json(vqgan[1]))
     size = model.config.resolution
-    right, exact, agreement = [], [], []
+    per_image = {"attributes": [], "exact": [], "code_agreement": []}
     for r in results:
         frame = read_vision(os.path.join(folder, r["output_file"]), size=size)
         truth = read_vision(os.path.join(world, r["truth"]), size=size)
         seen = classify_frame(to_uint8(frame)[0])
         hits = [seen is not None and getattr(seen, k) == r[k] for k in ("colour", "shape", "position")]
-        right.extend(hits)
-        exact.append(all(hits))
+        per_image["attributes"].append(float(np.mean(hits)))
+        per_image["exact"].append(all(hits))
         codes = [np.asarray(model.encode(x, progress=False)[1]) for x in (frame, truth)]
-        agreement.append(float(np.mean(codes[0] == codes[1])))
-    return dict(attributes=round(float(np.mean(right)), 4), exact=round(float(np.mean(exact)), 4),
-                code_agreement=round(float(np.mean(agreement)), 4))
+        per_image["code_agreement"].append(float(np.mean(codes[0] == codes[1])))
+    return per_image
 
 
-def score_videos(results: list[dict], folder: str) -> float:
-    """Fraction of generated clips whose object moves the captioned way (pixel classifier)."""
+def score_videos(results: list[dict], folder: str) -> list[bool]:
+    """Per generated clip: does its object move the captioned way (pixel classifier)."""
     from lwm.synthetic_vision import motion_direction
     from lwm.vision_io import read_vision, to_uint8
 
-    return round(float(np.mean([motion_direction(to_uint8(read_vision(os.path.join(folder, r["output_file"]),
-                                                                        max_n_frames=0, size=64)))
-                                == r["direction"] for r in results])), 4)
+    return [motion_direction(to_uint8(read_vision(os.path.join(folder, r["output_file"]), max_n_frames=0, size=64)))
+            == r["direction"] for r in results]
 
 
 # ---- the study --------------------------------------------------------------------------------------
@@ -408,39 +429,48 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
     """Every held-out eval of one trained stage, through lwm.vision_chat and (with `generation`)
     lwm.vision_generation."""
     folder = eval_folder_for(os.path.join(out, "evals", stage["name"]), params)
-    if os.path.exists(os.path.join(folder, "summary.json")):
-        with open(os.path.join(folder, "summary.json")) as f:
-            return json.load(f)
+    summary_file = os.path.join(folder, "summary.json")
+    if os.path.exists(summary_file):
+        with open(summary_file) as f:
+            summary = json.load(f)
+        if "image_qa_ci95" in summary:  # else scored before summaries had intervals: score again
+            return summary
+    # The entry points answer what is not answered yet; the scores are computed from their files.
     qa = ask(world, ("image_qa", "motion_qa", "needle_qa"), stage, params, tokenizer, vqgan, os.path.join(folder, "qa"))
     needle = [r for r in qa if r["kind"] == "needle_qa"]
     lengths = sorted({r["n_frames"] for r in needle})
+    cases = {"image_qa": [r["correct"] for r in qa if r["kind"] == "image_qa"],
+             "motion_qa": [r["correct"] for r in qa if r["kind"] == "motion_qa"],
+             "video_needle": [r["correct"] for r in needle]}
     summary = dict(
-        image_qa=accuracy([r for r in qa if r["kind"] == "image_qa"]),
+        {key: mean(values) for key, values in cases.items()},
         image_qa_by_attribute={a: accuracy([r for r in qa if r["kind"] == "image_qa" and r["attribute"] == a])
                                for a in ("colour", "shape", "position")},
-        motion_qa=accuracy([r for r in qa if r["kind"] == "motion_qa"]),
-        video_needle=accuracy(needle), video_needle_lengths=lengths,
+        video_needle_lengths=lengths,
         video_needle_by_length={str(n): accuracy([r for r in needle if r["n_frames"] == n]) for n in lengths})
     if generation:
-        summary.update(evaluate_generation(stage, params, world, tokenizer, vqgan, folder))
-    with open(os.path.join(folder, "summary.json"), "w") as f:
+        generated_cases = generation_cases(stage, params, world, tokenizer, vqgan, folder)
+        summary.update({key: mean(values) for key, values in generated_cases.items()})
+        cases.update(generated_cases)
+    summary = with_intervals(summary, cases)
+    with open(summary_file, "w") as f:
         json.dump(summary, f, indent=1)
     log(f"evals after {stage['name']}: {summary}")
     return summary
 
 
-def evaluate_generation(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str],
-                        folder: str) -> dict:
-    summary = {}
+def generation_cases(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str],
+                     folder: str) -> dict[str, list]:
+    """{result key: per-case scores} of the generated images (with and without guidance) and clips."""
     gen_folder = os.path.join(folder, "generated")
     generated = generate(world, stage, params, tokenizer, vqgan, gen_folder)
+    cases = {}
     for key in IMAGE_CFG:
         images = score_images([r for r in generated if r["setting"] == key], gen_folder, world, vqgan)
-        summary[f"text_to_image_attributes_{key}"] = images["attributes"]
-        summary[f"text_to_image_exact_{key}"] = images["exact"]
-        summary[f"text_to_image_code_agreement_{key}"] = images["code_agreement"]
-    summary["text_to_video_motion"] = score_videos([r for r in generated if r["setting"] == "video"], gen_folder)
-    return summary
+        for measure, values in images.items():
+            cases[f"text_to_image_{measure}_{key}"] = values
+    cases["text_to_video_motion"] = score_videos([r for r in generated if r["setting"] == "video"], gen_folder)
+    return cases
 
 
 @contextlib.contextmanager
@@ -467,7 +497,8 @@ def frames_per_example(world: str) -> str:
     return f"{min(frames)}-{max(frames)}"
 
 
-UNDERSTANDING = ("image_qa", "image_qa_by_attribute", "motion_qa", "video_needle", "video_needle_by_length")
+UNDERSTANDING = ("image_qa", "image_qa_ci95", "image_qa_by_attribute", "motion_qa", "motion_qa_ci95", "video_needle",
+                 "video_needle_ci95", "video_needle_by_length")
 
 
 def reproduce(out: str, results: str, smoke: bool) -> dict:
@@ -554,23 +585,26 @@ TARGETS = {"image_qa": 0.90, "video_needle": 0.80, "motion_qa": 0.80, "text_to_i
 
 def summary_table(summary: dict) -> str:
     """The results as a markdown table, with the targets of the study beside them."""
-    rows = ["| result | value | target |", "|---|---|---|"]
+    rows = ["| result | value | 95% interval | target |", "|---|---|---|---|"]
     for key in ("image_qa", "motion_qa", "video_needle", "text_to_image_attributes_cfg",
                 "text_to_image_attributes_no_cfg", "text_to_image_exact_cfg", "text_to_image_code_agreement_cfg",
                 "text_to_image_code_agreement_no_cfg", "text_to_video_motion"):
         target = TARGETS.get(key)
-        rows.append(f"| {key} | {summary[key]:.3f} | {'>= ' + format(target, '.2f') if target else ''} |")
+        interval = summary.get(f"{key}_ci95")
+        rows.append(f"| {key} | {summary[key]:.3f} | {f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | "
+                    f"{'>= ' + format(target, '.2f') if target else ''} |")
     for n, value in summary["video_needle_by_length"].items():
-        rows.append(f"| video_needle at {n} frames | {value:.3f} | |")
+        rows.append(f"| video_needle at {n} frames | {value:.3f} | | |")
     for attribute, value in summary["tokenizer_attribute_code_agreement"].items():
-        rows.append(f"| VQGAN code agreement, frames differing in {attribute} | {value:.3f} | low |")
+        rows.append(f"| VQGAN code agreement, frames differing in {attribute} | {value:.3f} | | low |")
     ablation = summary.get("ablation") or {}
     if ablation.get("results") and ablation["compared_with"].get("results"):
         main, off = ablation["compared_with"]["results"], ablation["results"]
         for key in ("image_qa", "motion_qa", "video_needle"):
-            rows.append(f"| ablation {ablation['name']}: {key} (vs {ablation['compared_with']['stage']}) | "
-                        f"{off[key]:.3f} (vs {main[key]:.3f}) | |")
-    rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | <= 90 min |")
+            interval = off.get(f"{key}_ci95")
+            rows.append(f"| ablation {ablation['name']}: {key} ({ablation['compared_with']['stage']}: {main[key]:.3f}) "
+                        f"| {off[key]:.3f} | {f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | |")
+    rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | | <= 90 min |")
     return "\n".join(rows)
 
 

@@ -32,6 +32,8 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
                 "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage"):
         assert 0.0 <= summary[key] <= 1.0, key
+        low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over the eval's cases
+        assert 0.0 <= low <= summary[key] <= high <= 1.0, key
         assert not os.path.isabs(summary["evals"][key]["results"])  # relative to the project: no machine's paths
         results = load_results(os.path.join(ROOT, summary["evals"][key]["results"]))
         assert results and all("correct_strict" in r for r in results)

@@ -23,6 +23,8 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     for key in ("image_qa", "video_needle", "motion_qa", "text_to_image_attributes_cfg",
                 "text_to_image_attributes_no_cfg", "text_to_image_code_agreement_cfg", "text_to_video_motion"):
         assert 0.0 <= summary[key] <= 1.0, key
+        low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over the eval's cases
+        assert 0.0 <= low <= summary[key] <= high <= 1.0, key
     assert summary["video_needle_lengths"] == [8]
     assert set(summary["tokenizer_attribute_code_agreement"]) == {"colour", "shape", "position"}
     assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]

@@ -1,0 +1,31 @@
+"""Intervals for accuracies measured on a finite set of eval cases.
+
+    bootstrap_interval([1, 0, 1, 1], seed=0)  # -> (low, high): a 95% percentile-bootstrap interval of the mean
+
+A study's accuracy is a mean over cases (a needle prompt, a question, a generated image); the
+interval says how far it could move with another draw of cases of the same kind. Cases that share
+a haystack or a picture are correlated, so the interval is, if anything, too narrow.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_resamples: int = 4000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """(low, high) percentile-bootstrap interval of the mean of `values` (None for no values).
+
+    Resamples the cases with replacement n_resamples times; the interval holds the central
+    `level` of the resampled means. Seeded: the same values give the same interval."""
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        return None
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return round(float(low), 4), round(float(high), 4)
