@@ -97,6 +97,15 @@ def needle_video(rng: np.random.Generator, n_frames: int, needle_colour: str, ne
     return np.stack(frames)
 
 
+def scattered_frames(rng: np.random.Generator, n_frames: int) -> np.ndarray:
+    """uint8 [n_frames, SIZE, SIZE, 3]: one random shape of a random colour each, anywhere in the
+    frame (kept inside it): frames for fitting a tokenizer whose codes do not depend on where a
+    shape is (no captions; every colour at every place, as the needle videos' distractors)."""
+    colours = list(COLOURS)
+    return np.stack([draw([(SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(colours))],
+                            *rng.uniform(RADIUS, SIZE - RADIUS, 2))]) for _ in range(n_frames)])
+
+
 def needle_index(n_frames: int, depth: float) -> int:
     """The frame at `depth` (0 = first, 1 = last) of a video of n_frames."""
     return min(n_frames - 1, max(0, int(round(depth * (n_frames - 1)))))

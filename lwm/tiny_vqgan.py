@@ -51,10 +51,13 @@ def kmeans(points: np.ndarray, k: int, rng: np.random.Generator, iterations: int
 
 
 def fit_vqgan(frames: np.ndarray, config: VQGANConfig = TINY_CONFIG, steps: int = 600, batch_size: int = 32,
-              learning_rate: float = 2e-3, seed: int = 0, kmeans_points: int = 4096,
+              learning_rate: float = 2e-3, seed: int = 0, kmeans_points: int = 4096, restart_every: int = 0,
               progress: bool = True) -> tuple[dict, list[dict]]:
     """(params, history) of a VQGAN fitted to `frames` (uint8 [N, H, W, 3] at config.resolution).
 
+    restart_every > 0: every that many steps, each code no frame of those steps used restarts at
+    a latent of the current batch that its code fits worst (dead codes come back where the
+    codebook is coarsest), until the last fifth of the fit.
     history: (step, mse, vq_loss, codes_used) every 50 steps (every steps/5 for short fits).
     """
     frames = np.asarray(frames)
@@ -89,14 +92,34 @@ def fit_vqgan(frames: np.ndarray, config: VQGANConfig = TINY_CONFIG, steps: int 
 
     history, every = [], max(1, min(50, steps // 5))
     used = np.zeros(config.num_embeddings, bool)
+    window = np.zeros(config.num_embeddings, bool)  # codes used since the last restart
     for i in tqdm(range(steps), desc="fit vqgan", disable=not progress):
         batch = to_pixels(frames[rng.integers(len(frames), size=batch_size)])
         params, opt_state, mse, vq_loss, codes = step(params, opt_state, batch)
         used[np.unique(np.asarray(codes))] = True
+        window[np.unique(np.asarray(codes))] = True
+        if restart_every and (i + 1) % restart_every == 0 and i + 1 < steps * 4 // 5:
+            params = restart_dead_codes(params, ~window, np.asarray(encode(params, batch)), rng)
+            window[:] = False
         if (i + 1) % every == 0 or i + 1 == steps:
             history.append(dict(step=i + 1, mse=float(mse), vq_loss=float(vq_loss), codes_used=int(used.sum())))
             used[:] = False
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params), history
+
+
+def restart_dead_codes(params: dict, dead: np.ndarray, latents: np.ndarray, rng: np.random.Generator) -> dict:
+    """params with the codebook rows `dead` (bool [K]) moved to the latents (of [..., D]) farthest
+    from their nearest code, one latent each (the optimizer's moments of those rows stay)."""
+    if not dead.any():
+        return params
+    book = np.array(params["quantize"]["embeddings"])
+    flat = latents.reshape(-1, book.shape[1])
+    distance = ((flat[:, None, :] - book[None]) ** 2).sum(-1).min(axis=1)
+    worst = np.argsort(-distance)[:int(dead.sum())]
+    if len(worst) < dead.sum():  # fewer latents than dead codes: the rest at random latents
+        worst = np.concatenate([worst, rng.integers(len(flat), size=int(dead.sum()) - len(worst))])
+    book[np.flatnonzero(dead)] = flat[worst]
+    return {**params, "quantize": {**params["quantize"], "embeddings": jnp.asarray(book)}}
 
 
 def code_agreement(vqgan: VQGAN, frames_a: np.ndarray, frames_b: np.ndarray, objects_only: bool = True) -> float:

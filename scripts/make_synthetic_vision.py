@@ -12,7 +12,8 @@ Each line of `train.jsonl` / `heldout.jsonl` is one training or evaluation examp
   generation (images, videos)      [prompt],vision                      as lwm.vision_generation prompts
 Kinds: `image_qa` (colour / shape / position / describe), `image_gen`, `motion_qa` (which
 way it moves), `video_gen`, `needle_qa` (the colour of the one diamond in a long video), and
-`image_uncond` / `video_uncond` (a tenth of the media again, after the unconditional prompt).
+`image_uncond` / `video_uncond` (a tenth of the media again, after the unconditional prompt),
+and with --clip_questions `clip_qa` (colour and shape questions about a motion clip).
 The held-out list has images of (colour, position) pairs never drawn together in training
 (HELD_OUT: red is never at the top left, ...), motion clips of other random seeds, and needle
 videos `--needle_eval_frames` long at five depths.
@@ -101,17 +102,23 @@ class WorldWriter:
                       **attributes)
 
     def motion(self, index: int, colour: str, shape: str, direction: str, n_frames: int,
-               generation: bool = True, unconditional: bool = False) -> None:
+               generation: bool = True, unconditional: bool = False, step: float = 6.0,
+               attribute_questions: bool = False) -> None:
         media_id = f"motion_{index:06d}"
         path = f"media/motion/{media_id}.mp4"
         start = (32 + self.rng.uniform(-4, 4), 32 + self.rng.uniform(-4, 4))
         dx, dy = DIRECTIONS[direction]
-        travel = 6.0 * (n_frames - 1)
+        travel = step * (n_frames - 1)
         start = (start[0] - dx * travel / 2, start[1] - dy * travel / 2)
-        write_video(storage.join(self.output_dir, path), motion_frames(shape, colour, direction, n_frames, start=start))
+        write_video(storage.join(self.output_dir, path),
+                    motion_frames(shape, colour, direction, n_frames, step=step, start=start))
         caption = f"a {colour} {shape} moving {direction}"
         attributes = dict(colour=colour, shape=shape, direction=direction, n_frames=n_frames)
         self._add(media_id, path, caption, "motion_qa", chat_example(MOTION_QUESTION, direction), **attributes)
+        if attribute_questions:  # colours and shapes seen along the frame's middle, not only at its corners
+            for q in ("colour", "shape"):
+                self._add(media_id, path, caption, "clip_qa", chat_example(QUESTIONS[q], attributes[q]), question=q,
+                          **attributes)
         if generation:
             self._add(media_id, path, caption, "video_gen", generation_example(VIDEO_PROMPT, caption), **attributes)
         if unconditional:
@@ -131,13 +138,16 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
                 motion_frames_range: tuple[int, int] = (4, 6), needle_frames_range: tuple[int, int] = (4, 8),
                 heldout_images: int = 48, heldout_motion: int = 32, needle_eval_frames: tuple[int, ...] = (8, 16, 32),
                 needle_eval_rounds: int = 4, jitter: float = 3.0, unconditional_fraction: float = 0.1,
-                progress: bool = True) -> dict:
+                motion_step: float = 6.0, clip_questions: bool = False, progress: bool = True) -> dict:
     """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts.
 
     jitter: how far (pixels, each axis) a training image's shape may sit from its named position,
     kept whole inside the frame; held-out images keep 3. unconditional_fraction: the share of
     training images and clips that also get an unconditional generation line (the prompt
-    classifier-free guidance mixes in), so the guidance has a trained unconditional model. A wider jitter moves a shape across the VQGAN's code cells, so the
+    classifier-free guidance mixes in), so the guidance has a trained unconditional model.
+    motion_step: pixels a clip's shape moves a frame. clip_questions: motion clips also get a
+    colour and a shape question (kind `clip_qa`): shapes along the frame's middle, where no
+    corner position is, asked about as in the images. A wider jitter moves a shape across the VQGAN's code cells, so the
     same colour and shape come out as codes at more places of the frame."""
     rng = np.random.default_rng(seed)
     directions, colours = list(DIRECTIONS), list(COLOURS)
@@ -155,7 +165,8 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
         n = int(rng.integers(motion_frames_range[0], motion_frames_range[1] + 1))
         train.motion(i, colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))],
                      directions[rng.integers(len(directions))], n,
-                     unconditional=bool(rng.random() < unconditional_fraction))
+                     unconditional=bool(rng.random() < unconditional_fraction), step=motion_step,
+                     attribute_questions=clip_questions)
         bar.update()
     for i in range(n_needle):
         n = int(rng.integers(needle_frames_range[0], needle_frames_range[1] + 1))
@@ -171,7 +182,8 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
         held.image(100_000 + i, colour, shapes[(i // len(unseen)) % len(shapes)], position)
     for i in range(heldout_motion):
         held.motion(100_000 + i, colours[i % len(colours)], shapes[(i // len(colours)) % len(shapes)],
-                    directions[(i // (len(colours) * len(shapes)) + i) % len(directions)], motion_frames_range[1])
+                    directions[(i // (len(colours) * len(shapes)) + i) % len(directions)], motion_frames_range[1],
+                    step=motion_step)
     index = 100_000
     for n in needle_eval_frames:
         for depth in NEEDLE_DEPTHS:
@@ -200,6 +212,9 @@ def main(argv=None) -> int:
     parser.add_argument("--needle_eval_rounds", type=int, default=4, help="held-out videos per length and depth")
     parser.add_argument("--heldout_images", type=int, default=48, help="held-out images (4 questions each)")
     parser.add_argument("--heldout_motion", type=int, default=32, help="held-out motion clips")
+    parser.add_argument("--motion_step", type=float, default=6.0, help="pixels a clip's shape moves a frame")
+    parser.add_argument("--clip_questions", action="store_true",
+                        help="motion clips also get a colour and a shape question (kind clip_qa)")
     parser.add_argument("--unconditional_fraction", type=float, default=0.1,
                         help="share of training images and clips with an unconditional generation line too")
     parser.add_argument("--jitter", type=float, default=3.0,
@@ -211,6 +226,8 @@ def main(argv=None) -> int:
         if not 1 <= low <= high:
             raise ValueError(f"--needle_frames={args.needle_frames}: expected MIN,MAX with 1 <= MIN <= MAX")
         eval_frames = tuple(int(x) for x in args.needle_eval_frames.split(","))
+        if not 0 < args.motion_step <= 10:
+            raise ValueError(f"--motion_step={args.motion_step}: expected 0 < pixels <= 10 (more leaves the frame)")
         if not 0 <= args.unconditional_fraction <= 1:
             raise ValueError(f"--unconditional_fraction={args.unconditional_fraction}: expected a share in 0..1")
         if not 0 <= args.jitter <= 12:
@@ -222,7 +239,8 @@ def main(argv=None) -> int:
                              needle_frames_range=(low, high), heldout_images=args.heldout_images,
                              heldout_motion=args.heldout_motion, needle_eval_frames=eval_frames,
                              needle_eval_rounds=args.needle_eval_rounds, jitter=args.jitter,
-                             unconditional_fraction=args.unconditional_fraction)
+                             unconditional_fraction=args.unconditional_fraction, motion_step=args.motion_step,
+                             clip_questions=args.clip_questions)
     print(json.dumps(counts))
     return 0
 

@@ -50,12 +50,14 @@ def test_the_generator_writes_lists_tokenize_vision_reads(tmp_path):
     out = tmp_path / "world"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_vision.py"),
                            f"--output_dir={out}", "--n_images=12", "--n_motion=4", "--n_needle=4",
-                           "--needle_eval_frames=8", "--needle_eval_rounds=1", "--unconditional_fraction=0.5"],
+                           "--needle_eval_frames=8", "--needle_eval_rounds=1", "--unconditional_fraction=0.5",
+                           "--clip_questions", "--motion_step=8"],
                           capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     uncond = {k: counts["train"].pop(k, 0) for k in ("image_uncond", "video_uncond")}
+    assert counts["train"].pop("clip_qa") == 2 * 4  # a colour and a shape question a clip
     assert counts["train"] == {"image_qa": 48, "image_gen": 12, "motion_qa": 4, "video_gen": 4, "needle_qa": 4}
     assert 0 < uncond["image_uncond"] < 12 and 0 < uncond["image_uncond"] + uncond["video_uncond"] < 16
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
@@ -115,3 +117,28 @@ def test_a_tiny_vqgan_fit_starts_from_k_means_and_lowers_the_reconstruction_erro
     moved = np.stack([small(draw_image(Scene(s.shape, s.colour, list(POSITIONS)[(list(POSITIONS).index(s.position)
                                                                                       + 1) % 4]))) for s in scenes])
     assert code_agreement(vqgan, frames, moved) < 0.5
+
+
+def test_dead_codes_restart_at_the_latents_the_codebook_fits_worst():
+    import jax.numpy as jnp
+
+    from lwm.tiny_vqgan import restart_dead_codes
+
+    book = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]], np.float32)
+    latents = np.array([[0.1, 0.0], [0.9, 0.1], [3.0, -4.0], [-6.0, 0.0]], np.float32)  # the last two fit worst
+    params = {"quantize": {"embeddings": jnp.asarray(book)}, "decoder": {"w": 1}}
+    dead = np.array([True, False, True])
+    out = restart_dead_codes(params, dead, latents, np.random.default_rng(0))
+    np.testing.assert_array_equal(np.asarray(out["quantize"]["embeddings"]), [[-6.0, 0.0], [1.0, 0.0], [3.0, -4.0]])
+    assert out["decoder"] is params["decoder"]
+    assert restart_dead_codes(params, np.zeros(3, bool), latents, np.random.default_rng(0)) is params
+
+
+def test_scattered_frames_put_every_colour_anywhere():
+    from lwm.synthetic_vision import COLOURS, centroid, classify_frame, scattered_frames
+
+    frames = scattered_frames(np.random.default_rng(0), 64)
+    seen = [classify_frame(f) for f in frames]
+    assert {s.colour for s in seen} == set(COLOURS) and all(s.shape in SHAPES for s in seen)
+    xs = [centroid(f)[0] for f in frames]
+    assert min(xs) < 20 and max(xs) > 44 and any(26 < x < 38 for x in xs)  # corners and the middle
