@@ -1,6 +1,6 @@
 """Evidence that the vision half learns: a tiny video-language world trained and evaluated on a CPU.
 
-    python -m lwm.reproduce_vision                       # the main study (make reproduce-vision), ~32 min
+    python -m lwm.reproduce_vision                       # the study and its ablation (make reproduce-vision), ~55 min
     python -m lwm.reproduce_vision --publish             # and docs/reproduction_vision.json + pictures
     python -m lwm.reproduce_vision --smoke --out /tmp/v  # every step in minutes (tests)
 
@@ -11,6 +11,7 @@ Steps, each resumable (a finished step is skipped; a stage in progress autoresum
   tokens     scripts/tokenize_vision.py: the lists -> json_vision lines
   stages     python -m lwm.train --modality=vision,text on them (configs/reproduce_vision/)
   evals      python -m lwm.vision_chat and python -m lwm.vision_generation on held-out examples
+  ablation   stage 1 again with naive packing (configs/reproduce_vision/stage1_unmasked.json), its questions
 
 Outputs go under --out (default outputs/reproduce_vision, git-ignored); the summary is
 <out>/reproduction_vision.json, printed as a table with the study's targets.
@@ -159,8 +160,8 @@ def prepare_vqgan(world: str, out: str, smoke: bool) -> tuple[str, str, dict]:
     steps = 20 if smoke else 800
     rng = np.random.default_rng(0)
     media = world_frames(world, TINY_CONFIG.resolution, 64 if smoke else 2048, rng)
-    # Half as many frames again of a shape anywhere: codes that read the same wherever a shape is
-    # (measured: a bag-of-codes colour probe on held-out images 0.60 -> 0.90 with them).
+    # Half as many frames again of a shape anywhere: codes that read the same wherever a shape
+    # is, so a colour seen at three positions is recognised at the fourth.
     scattered = resized(scattered_frames(rng, len(media) // 2), TINY_CONFIG.resolution)
     start = time.time()
     params, history = fit_vqgan(np.concatenate([media, scattered]), TINY_CONFIG, steps=steps, batch_size=32,
