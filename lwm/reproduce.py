@@ -291,6 +291,7 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
         summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
     summary["total_wall_s"] = round(time.time() - start, 1)
+    summary["commit"] = git_commit()
     summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count()}
     if results_path:
@@ -360,6 +361,17 @@ def add_wall(out: str, name: str, seconds: float) -> float:
     walls[name] = walls.get(name, 0.0) + seconds
     write_lines(_wall_file(out), [json.dumps(walls)])
     return walls[name]
+
+
+def git_commit() -> str | None:
+    """The project's commit (with '+changes' when the work tree differs from it), for provenance."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def project_path(path: str) -> str:

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -515,7 +514,7 @@ UNDERSTANDING = ("image_qa", "image_qa_ci95", "image_qa_by_attribute", "motion_q
 
 
 def reproduce(out: str, results: str, smoke: bool) -> dict:
-    from lwm.reproduce import project_path
+    from lwm.reproduce import git_commit, project_path
     from lwm.storage import content_hash
 
     out = os.path.abspath(out)  # job lists name media by absolute path
@@ -579,17 +578,6 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     log(f"summary: {results}")
     print(summary_table(summary), flush=True)
     return summary
-
-
-def git_commit() -> str | None:
-    """The project's commit (with '+changes' when the work tree differs from it), for provenance."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 TARGETS = {"image_qa": 0.90, "video_needle": 0.80, "motion_qa": 0.80, "text_to_image_attributes_cfg": 0.80,

@@ -48,6 +48,8 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     train = set((out / "data" / "train.jsonl").read_text().splitlines())
     assert not train & set((out / "data" / "eval.jsonl").read_text().splitlines())
     assert "main study wall time" in proc.stdout
+    assert summary["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                                             capture_output=True).stdout.strip()
     rerun = reproduce(tmp_path)  # everything is done: skipped, evals resumed with nothing left
     assert rerun.returncode == 0 and rerun.stdout.count("done already") == 6, rerun.stdout[-3000:]
 
