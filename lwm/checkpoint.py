@@ -376,7 +376,7 @@ def checkpoint_identity(spec: str) -> dict:
     hashes scored the same weights, whatever path or bucket the file was read from."""
     path = spec.split("::", 1)[1] if "::" in spec else spec
     step, run = checkpoint_origin(path)
-    return dict(load_checkpoint=spec, sha256=storage.content_hash(path).split(":", 1)[1], step=step, run=run)
+    return dict(load_checkpoint=spec, sha256=storage.content_sha256(path), step=step, run=run)
 
 
 def flat_fns(fns) -> dict:

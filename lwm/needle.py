@@ -89,7 +89,7 @@ class NeedleSettings:
     n_needles_retrieve: int = 4  # multi only: needles asked for
     max_new_tokens: int = 0  # 0: the attention block size, as the original
     prompt_buffer_tokens: int = FINAL_CONTEXT_BUFFER  # context tokens kept for the prompt text and answer
-    needle_placement: str = "period"  # a needle goes after the last `period` ('.') or any `sentence_end` before its depth
+    needle_placement: str = "period"  # after the last lone period before the depth, or any `sentence_end`
     checkpoint: dict | None = None  # lwm.checkpoint.checkpoint_identity of the weights scored, written with each result
 
     def __post_init__(self):
@@ -717,7 +717,7 @@ def check_needle_files(settings: NeedleSettings) -> None:
     finally:
         texts.close()
     check_output_file("--output_file", settings.output_file)
-    check_same_checkpoint(load_results(settings.output_file), settings)
+    load_results(settings.output_file)
 
 
 def main_from_flags(flags, multi: bool) -> list[dict]:

@@ -220,10 +220,10 @@ def set_aside_if_stale(results_file: str, checkpoint: str) -> int:
     weights (the stage was retrained since) move to <file>.stale-<their hash>.json, so the eval
     runs again on the new weights; results that record no checkpoint are counted as stale too."""
     from lwm.needle import load_results
-    from lwm.storage import content_hash
+    from lwm.storage import content_sha256
 
     results = load_results(results_file)
-    current = content_hash(checkpoint).split(":", 1)[1]
+    current = content_sha256(checkpoint)
     scored = {r.get("checkpoint", {}).get("sha256") for r in results}
     if results and scored != {current}:
         tag = next((h for h in sorted(scored, key=str) if h), "unknown")[:12]

@@ -215,14 +215,14 @@ def read_text(path: str) -> str:
         return f.read()
 
 
-def content_hash(path: str, chunk_bytes: int = 1 << 24) -> str:
-    """'sha256:<hex>' of a file's bytes, read in chunks (a local file or an object in a bucket:
+def content_sha256(path: str, chunk_bytes: int = 1 << 24) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (a local file or an object in a bucket:
     a copy keeps its hash wherever it lies)."""
     digest = hashlib.sha256()
     with open_file(path, "rb") as f:
         while block := f.read(chunk_bytes):
             digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return digest.hexdigest()
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -96,8 +96,8 @@ def fit_vqgan(frames: np.ndarray, config: VQGANConfig = TINY_CONFIG, steps: int 
     for i in tqdm(range(steps), desc="fit vqgan", disable=not progress):
         batch = to_pixels(frames[rng.integers(len(frames), size=batch_size)])
         params, opt_state, mse, vq_loss, codes = step(params, opt_state, batch)
-        used[np.unique(np.asarray(codes))] = True
-        window[np.unique(np.asarray(codes))] = True
+        seen = np.unique(np.asarray(codes))
+        used[seen] = window[seen] = True
         if restart_every and (i + 1) % restart_every == 0 and i + 1 < steps * 4 // 5:
             params = restart_dead_codes(params, ~window, np.asarray(encode(params, batch)), rng)
             window[:] = False

@@ -142,13 +142,14 @@ def write_world(output_dir: str, seed: int = 0, n_images: int = 600, n_motion: i
     """Write media and `train.jsonl` / `heldout.jsonl` under output_dir; returns the counts.
 
     jitter: how far (pixels, each axis) a training image's shape may sit from its named position,
-    kept whole inside the frame; held-out images keep 3. unconditional_fraction: the share of
+    kept whole inside the frame (held-out images keep 3): a wider jitter moves a shape across the
+    VQGAN's code cells, so the same colour and shape come out as codes at more places of the
+    frame. unconditional_fraction: the share of
     training images and clips that also get an unconditional generation line (the prompt
     classifier-free guidance mixes in), so the guidance has a trained unconditional model.
     motion_step: pixels a clip's shape moves a frame. clip_questions: motion clips also get a
     colour and a shape question (kind `clip_qa`): shapes along the frame's middle, where no
-    corner position is, asked about as in the images. A wider jitter moves a shape across the VQGAN's code cells, so the
-    same colour and shape come out as codes at more places of the frame."""
+    corner position is, asked about as in the images."""
     rng = np.random.default_rng(seed)
     directions, colours = list(DIRECTIONS), list(COLOURS)
     train = WorldWriter(output_dir, rng, jitter=jitter)

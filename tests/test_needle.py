@@ -435,3 +435,23 @@ def test_length_tick_labels_read_as_people_write_lengths():
 
     assert [_length_label(n) for n in (256, 1000, 2048, 3000, 32768, 131072, 1048576, 1536)] == [
         "256", "1,000", "2K", "3,000", "32K", "128K", "1M", "1,536"]
+
+
+def test_eval_script_refuses_another_checkpoints_results_before_loading_a_model(tmp_path, haystack_file):
+    """The refusal comes from the checkpoint's hash alone: here the 'checkpoint' is not even a
+    loadable file, so reaching the model would fail differently."""
+    weights = tmp_path / "streaming_params"
+    weights.write_bytes(b"other weights")
+    output = tmp_path / "results.json"
+    save_results(str(output), [dict(fake_result(300, 0.0, 0, True), checkpoint=dict(
+        load_checkpoint="params::/old/streaming_params", sha256="ab" * 32, step=5, run="old"))])
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "eval_needle.py"), "--load_llama_config=debug",
+           f"--load_checkpoint=params::{weights}", "--tokenizer=builtin", f"--haystack_file={haystack_file}",
+           f"--output_file={output}", "--context_lengths_min=300", "--context_lengths_max=300"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, XLA_FLAGS=cpu_xla_flags(1), JAX_PLATFORMS="cpu"))
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    assert run.returncode != 0 and len(lines) == 1, run.stderr[-2000:]
+    assert ("its results were scored on another checkpoint (params::/old/streaming_params, sha256 abababababab...)"
+            in lines[0]) and f"not on params::{weights}" in lines[0]
+    assert len(load_results(str(output))) == 1  # untouched
