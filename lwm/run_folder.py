@@ -14,8 +14,10 @@ every ttl/4 seconds by a thread of the owner. A new copy of the run finds the le
   - otherwise watches it for up to ttl seconds: renewed meanwhile means a live copy (a requeued job
     whose old process still runs), and the new copy stops with one line naming it; not renewed
     means a dead owner, and the lease is taken over.
-`--checkpointer.take_over_lock=True` takes it regardless. The old copy, if it is alive after all,
-finds the lease no longer its own at its next commit and stops without committing.
+`--checkpointer.take_over_lock=True` takes it regardless (from a holder that may be alive it watches the
+lease for ttl/2, rewriting it over a renewal that was in flight, as a bucket has no compare-and-swap).
+The old copy, if it is alive after all, finds the lease no longer its own at its next commit and stops
+without committing.
 """
 from __future__ import annotations
 
@@ -200,14 +202,36 @@ class RunLock:
         elif lease is not None:
             note += f" over from {_describe(json.dumps(lease))} (--checkpointer.take_over_lock=True)"
         self._write()
-        time.sleep(min(1.0, self.ttl / 10))  # another starter may have written at the same moment: last one wins
-        current = self._read()
-        if current is None or current.get("id") != self.owner["id"]:
-            raise RunFolderError(f"run folder {self.folder}: another copy of this run took the lock at the same moment "
-                                 f"({_describe(json.dumps(current or {}))}); start only one")
+        maybe_alive = lease is not None and not self._dead(lease) and time.time() - float(lease.get("time", 0)) < self.ttl
+        self._confirm(lease if self.take_over and maybe_alive else None)
         self._thread = threading.Thread(target=self._renew, name="lwm-run-lease", daemon=True)
         self._thread.start()
         return note
+
+    def _confirm(self, taken_from: dict | None) -> None:
+        """Make sure our lease stands: on a bucket the last writer wins. Another starter writing at the same
+        moment stops us with one line. A live holder we took over from (`taken_from`) may have read the lease
+        just before our write and renew just after it; it stops renewing once it reads ours, so rewrite ours
+        whenever its renewal lands, until half a lease period (two of its renewals) passes with ours intact."""
+        settle = max(self.ttl, float((taken_from or {}).get("ttl", 0))) / 2 if taken_from else min(1.0, self.ttl / 10)
+        deadline, rewrites = time.time() + settle, 0
+        while True:
+            time.sleep(min(settle / 8, max(0.01, deadline - time.time())))
+            current = self._read()
+            mine = current is not None and current.get("id") == self.owner["id"]
+            if not mine and taken_from and current is not None and current.get("id") == taken_from.get("id"):
+                rewrites += 1
+                if rewrites > 4:
+                    raise RunFolderError(f"run folder {self.folder}: the lock's previous holder "
+                                         f"({_describe(json.dumps(current))}) keeps renewing it over ours; stop it")
+                self._write()
+                deadline = time.time() + settle
+                continue
+            if not mine:
+                raise RunFolderError(f"run folder {self.folder}: another copy of this run took the lock at the same "
+                                     f"moment ({_describe(json.dumps(current or {}))}); start only one")
+            if time.time() >= deadline:
+                return
 
     def _wait_for_expiry(self, lease: dict, age: float) -> None:
         log.warning("run folder %s: waiting up to %.0f s to see whether the run lock's holder (%s, renewed %.0f s "

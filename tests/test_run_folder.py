@@ -1,6 +1,7 @@
 """One live copy of a run per folder: a local flock, a lease object in a bucket (a GCS
 emulator through the real gcsfs), and what each does when the holder is alive or dead."""
 import json
+import threading
 import time
 
 import pytest
@@ -59,4 +60,27 @@ def test_a_live_holder_is_refused_and_can_be_taken_over_on_request(bucket_dir):
     assert json.loads(storage.read_text(storage.join(bucket_dir, LOCK_NAME)))["id"] == second.owner["id"]
     first.release()  # leaves the new holder's lease alone
     second.verify()
+    second.release()
+
+
+def test_a_take_over_outlasts_a_renewal_of_the_old_holder_in_flight(bucket_dir):
+    """A bucket has no compare-and-swap: the old holder may read the lease (its own) just before the
+    take-over writes and renew just after it. The new holder rewrites its lease until the old one's
+    renewals have had time to read it, so the take-over stands and the old copy cannot commit."""
+    path = storage.join(bucket_dir, LOCK_NAME)
+    first = RunLock(bucket_dir, ttl_seconds=2)
+    first.acquire()
+    first._stop.set()
+    first._thread.join()  # its renewal is made by hand below, at the worst moment
+    second = RunLock(bucket_dir, ttl_seconds=2, take_over=True)
+    notes = []
+    taker = threading.Thread(target=lambda: notes.append(second.acquire()))
+    taker.start()
+    while json.loads(storage.read_text(path))["id"] != second.owner["id"]:
+        time.sleep(0.01)
+    first._write()  # the renewal that read the lease just before the take-over
+    taker.join()
+    assert notes and json.loads(storage.read_text(path))["id"] == second.owner["id"]
+    with pytest.raises(CheckpointWriteError, match="taken over by another copy"):
+        first.verify()
     second.release()
