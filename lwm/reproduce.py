@@ -1,7 +1,8 @@
 """Reproduce LWM's progressive context extension at tiny scale: data, tokenizer, stages, evals.
 
-    python -m lwm.reproduce                         # the main study (make reproduce)
-    python -m lwm.reproduce --ablations             # and the three ablations at 4x
+    python -m lwm.reproduce                         # the main study: 1K -> 4K -> 16K (make reproduce)
+    python -m lwm.reproduce --ablations             # and the ablations at 4x
+    python -m lwm.reproduce --seeds 3               # each of them three times (other data and init seeds)
     python -m lwm.reproduce --smoke --out /tmp/r    # a few steps per stage, a tiny grid (tests)
 
 Every stage is a `python -m lwm.train` run and every eval a `scripts/eval_needle.py` or
@@ -13,7 +14,10 @@ data and tokenizer are kept, a finished stage is skipped, a stage in progress au
 from its last save, and an eval resumes its results file.
 
 Outputs go under --out (default outputs/reproduce, git-ignored): data/, tokenizer/, runs/,
-evals/, the summary reproduction.json and the heatmaps in assets/. `--publish` then copies the
+evals/, the summary reproduction.json and the heatmaps in assets/. With --seeds N, seed k > 0
+trains and evaluates in seed<k>/ (its own data/, runs/, evals/; the corpus and tokenizer are
+shared), and the summary gives every accuracy as the mean over seeds, the per-seed values and
+an interval over seeds and cases. `--publish` then copies the
 summary, the heatmaps and every eval's per-case results into docs/ (docs/reproduction.json,
 docs/assets/reproduction/, docs/reproduction_results/): tracked files change only when asked.
 An eval's results record the checkpoint they scored (its content hash): when a stage has been
@@ -34,8 +38,14 @@ from lwm import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "reproduce")
-MAIN_STAGES = ("stage1", "stage2")
-ABLATION_STAGES = ("ablation_extension_without_theta", "ablation_long_from_start")
+MAIN_STAGES = ("stage1", "stage2", "stage3")
+ABLATION_STAGES = ("ablation_extension_without_theta", "ablation_no_staging", "ablation_long_from_start")
+ACCURACY_KEYS = ("single_needle_up_to_first_stage", "multi_needle_4_2_at_first_stage",
+                 "single_needle_up_to_4x_after_extension", "single_needle_up_to_first_stage_after_extension",
+                 "multi_needle_4_2_at_4x_after_extension", "single_needle_up_to_16x_after_stage3",
+                 "single_needle_up_to_4x_after_stage3", "multi_needle_4_2_at_4x", "multi_needle_4_2_at_16x",
+                 "ablation_no_extension_at_4x", "ablation_extension_without_theta_at_4x", "ablation_no_staging_at_4x",
+                 "ablation_long_from_start_at_4x")
 EVAL_EVERY = 6  # every 6th essay (by name) is held out: eval haystacks only
 PROMPT_BUFFER = 56  # the eval prompt (41 tokens with the study's tokenizer), answer and margin
 
@@ -47,6 +57,9 @@ def log(message: str) -> None:
 def load_stage(name: str, smoke: bool) -> dict:
     with open(os.path.join(CONFIGS, f"tiny_{name}.json")) as f:
         stage = json.load(f)
+    if "steps_for_tokens_of" in stage:  # an ablation with as many tokens as these stages together
+        tokens = sum(stage_tokens(load_stage(other, smoke)) for other in stage["steps_for_tokens_of"])
+        stage["steps"] = tokens // (stage["batch_size"] * stage["seq_length"])
     if smoke:  # the whole pipeline in minutes: a few steps, one round, two lengths, short contexts
         scale = 4
         length = stage["seq_length"] // scale
@@ -59,6 +72,10 @@ def load_stage(name: str, smoke: bool) -> dict:
             if e["kind"] == "multi":
                 e["rounds"] = 2
     return stage
+
+
+def stage_tokens(stage: dict) -> int:
+    return stage["steps"] * stage["batch_size"] * stage["seq_length"]
 
 
 # ---- data and tokenizer ------------------------------------------------------------------------
@@ -116,16 +133,22 @@ def data_phases(stage: dict) -> list[dict]:
     """The stage's data, phase by phase: its `curriculum` (shares of the stage's tokens at
     shorter lengths first), or one phase at the stage's length. Each phase gets 10% more
     examples than its share needs, so packing losses never run the loader into a second pass."""
-    tokens = stage["steps"] * stage["batch_size"] * stage["seq_length"]
+    tokens = stage_tokens(stage)
     phases = stage.get("curriculum") or [{"length": stage["seq_length"], "share": 1.0, "needles": stage["needles"]}]
-    return [{"length": p["length"], "needles": p["needles"],
+    return [{"length": p["length"], "needles": p["needles"], "used": int(p["share"] * tokens / p["length"]),
              "examples": int(1.1 * p["share"] * tokens / p["length"]) + 1} for p in phases]
 
 
-def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str) -> str:
+def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str, seed: int = 0,
+                           smoke: bool = False) -> str:
+    """The stage's JSONL of retrieval examples (written once; `seed` > 0 draws other examples).
+    A stage with `data_of` trains on those stages' own examples instead, in their order: each
+    phase's share of them (its surplus left out), then the last phase's surplus."""
     from lwm.retrieval_data import curriculum_examples, read_texts, write_retrieval_jsonl
     from lwm.tokenizer import load_tokenizer
 
+    if stage.get("data_of"):
+        return concatenated_data(stage, train_path, tokenizer_path, data_dir, seed, smoke)
     phases = data_phases(stage)
     n = sum(p["examples"] for p in phases)
     tag = "-".join(f"{p['length']}x{p['examples']}" for p in phases)
@@ -133,8 +156,26 @@ def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, da
     if os.path.exists(path):
         return path
     examples = curriculum_examples(load_tokenizer(tokenizer_path), read_texts(train_path), phases,
-                                   seed=stage["seq_length"], multi_fraction=stage["multi_fraction"])
+                                   seed=stage["seq_length"] + 1_000_000 * seed, multi_fraction=stage["multi_fraction"])
     write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['name']}"))
+    return path
+
+
+def concatenated_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str, seed: int,
+                      smoke: bool) -> str:
+    lines, surplus = [], []
+    for name in stage["data_of"]:
+        source = load_stage(name, smoke)
+        with open(prepare_retrieval_data(source, train_path, tokenizer_path, data_dir, seed, smoke)) as f:
+            examples = f.readlines()
+        start = 0
+        for phase in data_phases(source):
+            lines += examples[start:start + phase["used"]]
+            surplus = examples[start + phase["used"]:start + phase["examples"]]
+            start += phase["examples"]
+    path = os.path.join(data_dir, f"retrieval_{stage['name']}_{'+'.join(stage['data_of'])}.jsonl")
+    if not os.path.exists(path):
+        write_lines(path, (line.rstrip("\n") for line in lines + surplus))
     return path
 
 
@@ -159,7 +200,7 @@ def stage_done(out: str, stage: dict) -> bool:
     return os.path.exists(meta) and load_pickle(meta).get("step") == stage["steps"]
 
 
-def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
+def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int = 0) -> float:
     """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds."""
     if stage_done(out, stage):
         log(f"{stage['name']}: done already")
@@ -181,6 +222,8 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
         "--optimizer.adamw_optimizer.weight_decay=0.0", "--checkpointer.float_dtype=fp32",
         f"--logger.output_dir={os.path.join(out, 'runs')}", f"--logger.experiment_id={stage['name']}",
         "--logger.append_uuid=False", "--autoresume=True"]
+    if seed:  # seed 0 keeps lwm.train's default, so its commands are those of the single-seed study
+        args.append(f"--seed={42 + 1000 * seed}")
     if stage["init_from"]:
         args.append(f"--load_checkpoint=params::{os.path.join(run_folder(out, stage['init_from']), 'streaming_params')}")
     log(f"{stage['name']}: training {stage['steps']} steps of {stage['batch_size']} x {stage['seq_length']} tokens, "
@@ -189,13 +232,14 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str) -> float:
     return add_wall(out, stage["name"], run_python(args))
 
 
-def run_eval(stage: dict, spec: dict, tokenizer: str, out: str) -> tuple[str, float]:
-    """One needle eval of a stage's checkpoint; returns (results file, wall seconds)."""
+def run_eval(stage: dict, spec: dict, tokenizer: str, out: str, haystack: str) -> tuple[str, float]:
+    """One needle eval of a stage's checkpoint over the held-out `haystack`; returns (results file,
+    wall seconds)."""
     multi = spec["kind"] == "multi"
     output = os.path.join(out, "evals", f"{spec['key']}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     script = os.path.join(ROOT, "scripts", "eval_needle_multi.py" if multi else "eval_needle.py")
-    args = [script, f"--haystack_file={os.path.join(out, 'data', 'eval.jsonl')}", f"--output_file={output}",
+    args = [script, f"--haystack_file={haystack}", f"--output_file={output}",
             f"--context_lengths_min={spec['min']}", f"--context_lengths_max={spec['max']}",
             f"--n_context_length_intervals={spec['lengths']}", f"--n_document_depth_intervals={spec['depths']}",
             f"--n_rounds={spec['rounds']}", f"--prompt_buffer_tokens={PROMPT_BUFFER}", "--max_new_tokens=24",
@@ -235,40 +279,73 @@ def set_aside_if_stale(results_file: str, checkpoint: str) -> int:
     return len(results)
 
 
-def accuracy(results_file: str) -> tuple[float, tuple[float, float] | None]:
-    """(mean strict accuracy over every case (per needle for the multi-needle eval), its 95%
-    bootstrap interval over the cases)."""
+def case_scores(results_file: str) -> list[float]:
+    """Each case's strict score (the fraction of its asked needles found, for the multi-needle eval)."""
     from lwm.needle import load_results, needle_accuracy
+
+    return [needle_accuracy(r, "strict") for r in load_results(results_file)]
+
+
+def accuracy(results_file: str) -> tuple[float, tuple[float, float] | None]:
+    """(mean strict accuracy over every case, its 95% bootstrap interval over the cases)."""
     from lwm.stats import bootstrap_interval
 
-    scores = [needle_accuracy(r, "strict") for r in load_results(results_file)]
+    scores = case_scores(results_file)
     return float(sum(scores) / max(len(scores), 1)), bootstrap_interval(scores)
 
 
 # ---- the study -----------------------------------------------------------------------------------
 
 
-def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool) -> dict:
+def seed_folder(out: str, seed: int) -> str:
+    return out if seed == 0 else os.path.join(out, f"seed{seed}")
+
+
+def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool, seeds: int = 1) -> dict:
+    """The study (and its ablations) once per seed; writes and returns the summary."""
     start = time.time()
-    data_dir = os.path.join(out, "data")
-    train_path, _ = prepare_corpus(data_dir)
+    if seeds < 1:
+        raise SystemExit(f"reproduce: --seeds must be at least 1, got {seeds}")
+    train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
     tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
-    names = MAIN_STAGES + (ABLATION_STAGES if ablations else ())
-    summary = {"first_stage_length": None, "stages": [], "evals": {}, "ablations_run": ablations, "smoke": smoke}
+    runs = []
+    for seed in range(seeds):
+        if seeds > 1:
+            log(f"seed {seed} of {seeds}: {project_path(seed_folder(out, seed))}")
+        runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer, ablations, smoke,
+                                   assets if seed == 0 else ""))
+    summary = combine_seeds(runs) if seeds > 1 else runs[0]
+    summary.update(ablations_run=ablations, smoke=smoke, seeds=seeds, total_wall_s=round(time.time() - start, 1),
+                   commit=git_commit(), machine={"platform": platform.platform(),
+                                                 "processor": platform.processor() or platform.machine(),
+                                                 "cpu_count": os.cpu_count()})
+    if results_path:
+        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+        write_lines(results_path, [json.dumps(summary, indent=2)])
+    print(summary_table(summary), flush=True)
+    return summary
+
+
+def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokenizer: str, ablations: bool,
+                   smoke: bool, assets: str) -> dict:
+    """Every stage of one seed, each followed by its evals; the seed's summary (without the run's
+    commit and machine, which reproduce() adds)."""
+    data_dir = os.path.join(out, "data")
+    summary = {"first_stage_length": None, "seed": seed, "stages": [], "evals": {}}
     main_wall = 0.0
-    for name in names:
+    for name in MAIN_STAGES + (ABLATION_STAGES if ablations else ()):
         stage = load_stage(name, smoke)
-        data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir)
-        wall = train_stage(stage, data_path, tokenizer, out)
+        data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir, seed, smoke)
+        wall = train_stage(stage, data_path, tokenizer, out, seed)
         record = {"name": name, "length": stage["seq_length"], "theta": stage["theta"], "steps": stage["steps"],
-                  "tokens": stage["steps"] * stage["batch_size"] * stage["seq_length"], "wall_s": round(wall, 1),
-                  "init_from": stage["init_from"] or None, "mesh_dim": stage["mesh_dim"],
+                  "tokens": stage_tokens(stage), "wall_s": round(wall, 1), "init_from": stage["init_from"] or None,
+                  "mesh_dim": stage["mesh_dim"],
                   "checkpoint": project_path(os.path.join(run_folder(out, name), "streaming_params")),
                   "evals_wall_s": 0.0}
         for spec in stage["evals"]:
             if spec["key"].startswith("ablation") and not ablations and name in MAIN_STAGES:
                 continue
-            results_file, eval_wall = run_eval(stage, spec, tokenizer, out)
+            results_file, eval_wall = run_eval(stage, spec, tokenizer, out, eval_path)
             record["evals_wall_s"] += round(eval_wall, 1)
             mean, interval = accuracy(results_file)
             summary["evals"][spec["key"]] = {"accuracy": mean, "ci95": interval, "results": project_path(results_file),
@@ -283,23 +360,32 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
         else:
             summary.setdefault("ablation_stages", []).append(record)
     summary["first_stage_length"] = summary["stages"][0]["length"]
-    for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
-                "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage",
-                "ablation_no_extension_at_4x", "ablation_extension_without_theta_at_4x",
-                "ablation_long_from_start_at_4x"):
+    for key in ACCURACY_KEYS:
         summary[key] = summary["evals"].get(key, {}).get("accuracy")
         summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
-    summary["total_wall_s"] = round(time.time() - start, 1)
-    summary["commit"] = git_commit()
-    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpu_count": os.cpu_count()}
-    if results_path:
-        os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-        with open(results_path, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-    print(summary_table(summary), flush=True)
+    return summary
+
+
+def combine_seeds(runs: list[dict]) -> dict:
+    """One summary of several seeds' summaries: seed 0's stages, heatmaps and per-case results
+    stand for the study; every accuracy becomes the mean over seeds, with `<key>_seeds` (one
+    value per seed) and `<key>_ci95` over seeds and cases (lwm.stats.seeds_bootstrap_interval);
+    `main_study_wall_s` stays one seed's (seed 0's)."""
+    from lwm.stats import seeds_bootstrap_interval
+
+    summary = json.loads(json.dumps(runs[0]))
+    summary.pop("seed")
+    summary["seed_stages"] = [run["stages"] + run.get("ablation_stages", []) for run in runs]
+    for key, entry in summary["evals"].items():
+        per_seed = [run["evals"][key] for run in runs if key in run["evals"]]
+        values = [e["accuracy"] for e in per_seed]
+        entry.update(accuracy=sum(values) / len(values), seeds=values, results_seeds=[e["results"] for e in per_seed],
+                     ci95=seeds_bootstrap_interval([case_scores(os.path.join(ROOT, e["results"])) for e in per_seed]))
+    for key in ACCURACY_KEYS:
+        entry = summary["evals"].get(key, {})
+        summary[key], summary[f"{key}_ci95"] = entry.get("accuracy"), entry.get("ci95")
+        summary[f"{key}_seeds"] = entry.get("seeds")
     return summary
 
 
@@ -307,11 +393,14 @@ def summary_table(summary: dict) -> str:
     rows = ["stage            length   theta      steps   tokens      wall s  evals s",
             *(f"{s['name']:16} {s['length']:6d}   {s['theta']:<9g}  {s['steps']:5d}   {s['tokens']:<10d}  "
               f"{s['wall_s']:7.0f}  {s['evals_wall_s']:7.0f}" for s in summary["stages"] + summary.get("ablation_stages", [])),
-            "", "eval (strict score)                                  accuracy  95% interval"]
+            "", "eval (strict score)                                  accuracy  95% interval" +
+            ("  per seed" if summary.get("seeds", 1) > 1 else "")]
     for key, e in summary["evals"].items():
         interval = e.get("ci95")
-        rows.append(f"{key:52} {e['accuracy']:.3f}" + (f"     {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""))
-    rows.append(f"\nmain study wall time: {summary['main_study_wall_s']:.0f} s; total {summary['total_wall_s']:.0f} s")
+        rows.append(f"{key:52} {e['accuracy']:.3f}" + (f"     {interval[0]:.3f}-{interval[1]:.3f}" if interval else "")
+                    + ("  " + " ".join(f"{v:.3f}" for v in e["seeds"]) if "seeds" in e else ""))
+    rows.append(f"\nmain study wall time (one seed): {summary['main_study_wall_s']:.0f} s; "
+                f"total {summary['total_wall_s']:.0f} s")
     return "\n".join(rows)
 
 
@@ -415,6 +504,11 @@ def publish(summary: dict, results: str = PUBLISHED["results"], assets: str = PU
         heatmap = os.path.splitext(source)[0] + ".png"
         if os.path.exists(heatmap):
             shutil.copy(heatmap, os.path.join(assets, f"{key}.png"))
+        for seed, path in enumerate(entry.get("results_seeds", [])):
+            target = os.path.join(cases, f"{key}.json" if seed == 0 else f"{key}.seed{seed}.json")
+            if seed:
+                shutil.copy(os.path.join(ROOT, path), target)
+            entry["results_seeds"][seed] = project_path(target)
     write_lines(results, [json.dumps(published, indent=2)])
     log(f"published {project_path(results)}, {project_path(assets)}/ and {project_path(cases)}/")
     return published
@@ -429,11 +523,13 @@ def main(argv=None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="also copy the summary, heatmaps and per-case results into docs/ (tracked files: only "
                              "when asked)")
-    parser.add_argument("--ablations", action="store_true", help="also run the three ablations at 4x")
+    parser.add_argument("--ablations", action="store_true", help="also run the ablations at 4x")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run the study (and ablations) this many times, with other data and init seeds")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
-                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke)
+                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke, args.seeds)
     if args.publish:
         publish(summary)
     return 0

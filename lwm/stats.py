@@ -29,3 +29,26 @@ def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_resamples
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return round(float(low), 4), round(float(high), 4)
+
+
+def seeds_bootstrap_interval(runs: Sequence[Sequence[float]], level: float = 0.95, n_resamples: int = 4000,
+                             seed: int = 0) -> tuple[float, float] | None:
+    """(low, high) interval of the mean over several training runs (seeds), each a list of case scores.
+
+    Two-level bootstrap: draw the runs with replacement, then each drawn run's cases with
+    replacement; the statistic is the mean of the drawn runs' means. It holds both the case
+    sampling error and the spread between seeds (with one run it is `bootstrap_interval`)."""
+    runs = [np.asarray(r, np.float64) for r in runs if len(r)]
+    if not runs:
+        return None
+    if len(runs) == 1:
+        return bootstrap_interval(runs[0], level, n_resamples, seed)
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(runs), size=(n_resamples, len(runs)))
+    case_means = np.stack([r[rng.integers(0, r.size, size=(n_resamples, r.size))].mean(axis=1) for r in runs], 1)
+    means = np.take_along_axis(case_means, picks, axis=1).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return round(float(low), 4), round(float(high), 4)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lwm.mesh import cpu_xla_flags
-from lwm.needle import load_results
+from lwm.needle import load_results, needle_accuracy
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def reproduce(tmp_path):
     env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "lwm.reproduce", "--smoke", f"--out={tmp_path / 'out'}",
+    return subprocess.run([sys.executable, "-m", "lwm.reproduce", "--smoke", "--seeds=2", f"--out={tmp_path / 'out'}",
                            f"--results={tmp_path / 'reproduction.json'}", f"--assets={tmp_path / 'assets'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
@@ -26,21 +26,32 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     proc = reproduce(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "reproduction.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
-    assert summary["stages"][1]["length"] == 4 * summary["first_stage_length"]
-    assert summary["stages"][1]["theta"] > summary["stages"][0]["theta"]
+    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2", "stage3"]
+    assert [s["length"] for s in summary["stages"]] == [summary["first_stage_length"] * k for k in (1, 4, 16)]
+    assert [s["init_from"] for s in summary["stages"]] == [None, "stage1", "stage2"]
+    assert summary["stages"][0]["theta"] < summary["stages"][1]["theta"] < summary["stages"][2]["theta"]
+    assert summary["seeds"] == 2 and len(summary["seed_stages"]) == 2
     for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
-                "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage"):
-        assert 0.0 <= summary[key] <= 1.0, key
-        low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over the eval's cases
+                "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage",
+                "single_needle_up_to_16x_after_stage3", "single_needle_up_to_4x_after_stage3",
+                "multi_needle_4_2_at_4x", "multi_needle_4_2_at_16x"):
+        per_seed = summary[f"{key}_seeds"]  # one value per seed, each from that seed's own results
+        assert len(per_seed) == 2 and summary[key] == pytest.approx(sum(per_seed) / 2), key
+        low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over seeds and cases
         assert 0.0 <= low <= summary[key] <= high <= 1.0, key
-        assert not os.path.isabs(summary["evals"][key]["results"])  # relative to the project: no machine's paths
-        results = load_results(os.path.join(ROOT, summary["evals"][key]["results"]))
-        assert results and all("correct_strict" in r for r in results)
+        entry = summary["evals"][key]
+        assert not os.path.isabs(entry["results"])  # relative to the project: no machine's paths
+        assert entry["results_seeds"][0] == entry["results"] and "seed1" in entry["results_seeds"][1]
+        for seed, path in enumerate(entry["results_seeds"]):
+            results = load_results(os.path.join(ROOT, path))
+            assert results and all("correct_strict" in r for r in results)
+            assert per_seed[seed] == pytest.approx(sum(needle_accuracy(r, "strict") for r in results) / len(results))
         assert (tmp_path / "assets" / f"{key}.png").exists()
-    for stage in summary["stages"]:
+    for stage in summary["stages"] + summary["seed_stages"][1]:
         assert not os.path.isabs(stage["checkpoint"])
         assert os.path.exists(os.path.join(ROOT, stage["checkpoint"])) and stage["wall_s"] > 0
+    seed0, seed1 = (os.path.join(ROOT, s["checkpoint"]) for s in (summary["stages"][0], summary["seed_stages"][1][0]))
+    assert "seed1" in seed1 and open(seed0, "rb").read() != open(seed1, "rb").read()  # another init and data
     out = tmp_path / "out"
     assert {"train.jsonl", "eval.jsonl"} <= set(os.listdir(out / "data"))
     assert (out / "tokenizer" / "tokenizer.model").exists()
@@ -51,7 +62,8 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     assert summary["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
                                                              capture_output=True).stdout.strip()
     rerun = reproduce(tmp_path)  # everything is done: skipped, evals resumed with nothing left
-    assert rerun.returncode == 0 and rerun.stdout.count("done already") == 6, rerun.stdout[-3000:]
+    # 3 stages and 9 evals per seed
+    assert rerun.returncode == 0 and rerun.stdout.count("done already") == 24, rerun.stdout[-3000:]
 
 
 def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):

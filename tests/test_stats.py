@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lwm.stats import bootstrap_interval
+from lwm.stats import bootstrap_interval, seeds_bootstrap_interval
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_for_many_cases():
@@ -21,3 +21,18 @@ def test_bootstrap_interval_edges():
     assert 0.0 <= low < 0.5 < high <= 1.0
     with pytest.raises(ValueError, match="level must lie in"):
         bootstrap_interval([1, 0], level=95)
+
+
+def test_seeds_interval_holds_the_spread_between_seeds():
+    """Two seeds at 0.6 and 0.8 (400 cases each): drawing seeds gives means 0.6, 0.7 or 0.8 (1/4,
+    1/2, 1/4), so the 95% interval reaches about 0.6 and 0.8 (the case noise, sd 0.017 per
+    seed, widens it a little); pooling the cases would claim 0.70 +- 0.03."""
+    runs = [[1] * 240 + [0] * 160, [1] * 320 + [0] * 80]
+    low, high = seeds_bootstrap_interval(runs)
+    assert 0.55 < low < 0.63 and 0.77 < high < 0.85
+    pooled = bootstrap_interval(runs[0] + runs[1])
+    assert pooled[1] - pooled[0] < 0.08
+    same = seeds_bootstrap_interval([runs[0], runs[0]])  # identical seeds: only the case noise is left
+    assert same[0] == pytest.approx(0.6 - 1.96 * math.sqrt(0.24 / 800), abs=0.015)
+    assert seeds_bootstrap_interval([runs[0]]) == bootstrap_interval(runs[0])
+    assert seeds_bootstrap_interval([]) is None
