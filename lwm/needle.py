@@ -575,6 +575,70 @@ def multi_accuracy_table(results: Sequence[dict], scoring: str = "strict") -> di
             for nr, by_len in sorted(groups.items())}
 
 
+MULTI_ERROR_KINDS = ("found", "other_asked", "distractor", "not_a_needle", "missing")
+
+
+def multi_needle_errors(results: Sequence[dict]) -> dict:
+    """What comes back in the slot of each asked needle of multi-needle results (strict reading:
+    the response's i-th number answers the i-th asked city):
+
+      found          the asked number is among the first R numbers (the strict score's hit);
+      other_asked    the number of the other asked city (said twice, or the pair swapped and half lost);
+      distractor     the number of a needle that was not asked;
+      not_a_needle   a number no needle holds (digits garbled or invented);
+      missing        the response has fewer than i + 1 numbers.
+
+    Returns the fraction of asked needles of each kind, and for the distractor answers the share
+    that took the needle nearest in the context to the asked one (`distractor_nearest`) and the
+    share placed before it (`distractor_before`): a lookup by position instead of by key
+    returns neighbours, a lookup by a partial key any of them."""
+    counts = dict.fromkeys(MULTI_ERROR_KINDS, 0)
+    nearest = before = 0
+    for r in results:
+        if "response" not in r or "cities_to_retrieve" not in r:
+            continue  # a result without its response cannot say what came back
+        info = {c: (int(v[0]), v[1]) for c, v in r["needles_info"].items()}
+        depth = {c: float(r.get("actual_depth_percent", {}).get(c, info[c][1])) for c in info}
+        asked = list(r["cities_to_retrieve"])
+        returned = numbers_in(r.get("response", ""))
+        for i, city in enumerate(asked):
+            if info[city][0] in returned[:len(asked)]:
+                counts["found"] += 1
+                continue
+            if i >= len(returned):
+                counts["missing"] += 1
+                continue
+            owner = next((c for c, (number, _) in info.items() if number == returned[i]), None)
+            if owner is None:
+                counts["not_a_needle"] += 1
+            elif owner in asked:
+                counts["other_asked"] += 1
+            else:
+                counts["distractor"] += 1
+                others = [c for c in info if c != city]
+                nearest += owner == min(others, key=lambda c: abs(depth[c] - depth[city]))
+                before += depth[owner] < depth[city]
+    total = max(sum(counts.values()), 1)
+    summary = {kind: round(n / total, 4) for kind, n in counts.items()}
+    summary.update(asked=sum(counts.values()),
+                   distractor_nearest=round(nearest / counts["distractor"], 4) if counts["distractor"] else None,
+                   distractor_before=round(before / counts["distractor"], 4) if counts["distractor"] else None)
+    return summary
+
+
+def multi_errors_line(results: Sequence[dict]) -> str:
+    """multi_needle_errors as one line of the eval's summary ('' when no result has its response)."""
+    e = multi_needle_errors(results)
+    if not e["asked"]:
+        return ""
+    line = (f"asked needles ({e['asked']}): found {e['found']:.2f}, another asked city's number {e['other_asked']:.2f}, "
+            f"an unasked needle's {e['distractor']:.2f}, no needle's {e['not_a_needle']:.2f}, none {e['missing']:.2f}")
+    if e["distractor_nearest"] is not None:
+        line += (f"; of the unasked needles returned, {e['distractor_nearest']:.2f} the nearest to the asked one, "
+                 f"{e['distractor_before']:.2f} before it")
+    return line
+
+
 def summary_table(results: Sequence[dict], scoring: str = "strict") -> str:
     """A markdown table of accuracy (single: depth x context length; multi: (N, R) x context
     length) under `scoring`, with a line naming the score and any results it could not apply to."""
@@ -588,6 +652,7 @@ def summary_table(results: Sequence[dict], scoring: str = "strict") -> str:
         for (n, k), by_len in table.items():
             cells = [f"{by_len[x]:.2f}" if x in by_len else "-" for x in lengths]
             lines.append(f"| {n}, {k} | " + " | ".join(cells) + f" | {np.mean(list(by_len.values())):.2f} |")
+        lines += [line for line in [multi_errors_line(results)] if line]
     else:
         lengths, depths, grid = accuracy_grid(results, scoring)
         lines = ["| depth % \\ context | " + " | ".join(str(x) for x in lengths) + " |",

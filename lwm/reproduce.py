@@ -350,6 +350,10 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
             mean, interval = accuracy(results_file)
             summary["evals"][spec["key"]] = {"accuracy": mean, "ci95": interval, "results": project_path(results_file),
                                              "stage": name, "lengths": [spec["min"], spec["max"]]}
+            if spec["kind"] == "multi":  # what came back instead of a missed needle
+                from lwm.needle import load_results, multi_needle_errors
+
+                summary["evals"][spec["key"]]["errors"] = multi_needle_errors(load_results(results_file))
             heatmap = os.path.splitext(results_file)[0] + ".png"
             if os.path.exists(heatmap) and assets:
                 os.makedirs(assets, exist_ok=True)

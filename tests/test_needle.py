@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lwm.needle import (CITIES, FINAL_CONTEXT_BUFFER, NEEDLE, NeedleSettings, accuracy_grid, batch_size_for,
-                        break_token_ids, check_same_checkpoint, insert_needles, place_needles, placement_deviation, load_results, multi_accuracy_table, multi_case, numbers_in, period_token_ids,
+                        break_token_ids, check_same_checkpoint, insert_needles, load_results, multi_accuracy_table,
+                        multi_case, needle_accuracy, numbers_in, period_token_ids, place_needles, placement_deviation,
                         plot_needle_results, read_haystacks, result_key, run_needle_eval, save_results, score,
                         score_strict, sentence_break_at_or_before, single_case, summary_table)
 from tests.helpers import run_script_with_fake_python
@@ -455,3 +456,26 @@ def test_eval_script_refuses_another_checkpoints_results_before_loading_a_model(
     assert ("its results were scored on another checkpoint (params::/old/streaming_params, sha256 abababababab...)"
             in lines[0]) and f"not on params::{weights}" in lines[0]
     assert len(load_results(str(output))) == 1  # untouched
+
+
+def test_multi_needle_errors_name_the_number_returned_instead():
+    """Four hand-made multi-needle results (4 needles, 2 asked): each asked needle is found, or
+    its slot holds the other asked city's number, an unasked needle's, a number of no needle, or
+    nothing; the breakdown counts each by hand."""
+    from lwm.needle import multi_errors_line, multi_needle_errors  # noqa: I001 (kept beside its test)
+
+    info = {"Lima": ["1111111", 0.0], "Oslo": ["2222222", 30.0], "Doha": ["3333333", 50.0], "Rome": ["4444444", 90.0]}
+
+    def result(asked, response):
+        return dict(needles_info=info, cities_to_retrieve=asked, response=response, context_length=1024,
+                    answer=[info[c][0] for c in asked], n_needles_total=4, n_needles_retrieve=2)
+
+    results = [result(["Lima", "Doha"], "1111111, 3333333."),  # both found
+               result(["Oslo", "Rome"], "3333333, 4444444."),  # Oslo -> Doha's number (unasked, nearest, after)
+               result(["Lima", "Oslo"], "2222222, 2222222."),  # Lima -> Oslo's (asked): said twice
+               result(["Doha", "Rome"], "1234567.")]  # Doha -> no needle's number; Rome -> nothing
+    errors = multi_needle_errors(results)
+    assert errors == dict(found=0.5, other_asked=0.125, distractor=0.125, not_a_needle=0.125, missing=0.125,
+                          asked=8, distractor_nearest=1.0, distractor_before=0.0)
+    assert "found 0.50" in multi_errors_line(results) and "1.00 the nearest" in multi_errors_line(results)
+    assert sum(needle_accuracy(r) for r in results) / 4 == errors["found"]  # the strict score agrees

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lwm.mesh import cpu_xla_flags
-from lwm.needle import load_results, needle_accuracy
+from lwm.needle import MULTI_ERROR_KINDS, load_results, needle_accuracy
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,9 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
         low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over seeds and cases
         assert 0.0 <= low <= summary[key] <= high <= 1.0, key
         entry = summary["evals"][key]
+        if key.startswith("multi"):  # every asked needle's slot is classified (lwm.needle.multi_needle_errors)
+            assert sum(entry["errors"][k] for k in MULTI_ERROR_KINDS) == pytest.approx(1.0, abs=1e-3)
+            assert entry["errors"]["found"] == pytest.approx(per_seed[0], abs=1e-3)
         assert not os.path.isabs(entry["results"])  # relative to the project: no machine's paths
         assert entry["results_seeds"][0] == entry["results"] and "seed1" in entry["results_seeds"][1]
         for seed, path in enumerate(entry["results_seeds"]):
