@@ -222,6 +222,8 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int
         "--optimizer.adamw_optimizer.weight_decay=0.0", "--checkpointer.float_dtype=fp32",
         f"--logger.output_dir={os.path.join(out, 'runs')}", f"--logger.experiment_id={stage['name']}",
         "--logger.append_uuid=False", "--autoresume=True"]
+    if stage.get("packed_loss_weighting"):
+        args.append(f"--train_dataset.json_dataset.packed_loss_weighting={stage['packed_loss_weighting']}")
     if seed:  # seed 0 keeps lwm.train's default, so its commands are those of the single-seed study
         args.append(f"--seed={42 + 1000 * seed}")
     if stage["init_from"]:

@@ -133,6 +133,27 @@ def test_pad_and_packed_batches(tokenizer, tmp_path, layout):
         assert 0 < batches[0][1]["dataset_batch_fill"] <= 1
 
 
+def test_packed_loss_weighting_per_token(tokenizer, tmp_path):
+    """packed_loss_weighting="token": the same rows as LWM's packing, but every loss-bearing
+    target weighs 1 instead of 1/(its example's loss-bearing targets); an unknown value is one line."""
+    path, pairs = _qa_file(tmp_path, n=12, long_every=5)
+    per_example = _take(DatasetFactory.load_dataset(_config(path, packed=True, batch_size=3), tokenizer), 4)
+    per_token = _take(DatasetFactory.load_dataset(_config(path, packed=True, batch_size=3,
+                                                          packed_loss_weighting="token"), tokenizer), 4)
+    for (a, _), (b, _) in zip(per_example, per_token):
+        for key in BATCH_KEYS:
+            if key != "loss_masks":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        np.testing.assert_array_equal(b["loss_masks"], (a["loss_masks"] > 0).astype(np.float32))
+        for r in range(3):  # per example: its weights sum to 1 (or to the share of it in this row)
+            for segment in set(a["segment_ids"][r].tolist()) - {0}:
+                in_segment = a["segment_ids"][r] == segment
+                assert a["loss_masks"][r][in_segment].sum() <= 1 + 1e-6
+    assert any((a["loss_masks"] != b["loss_masks"]).any() for (a, _), (b, _) in zip(per_example, per_token))
+    with pytest.raises(ValueError, match="packed_loss_weighting='tokens'; expected one of example, token"):
+        DatasetFactory.load_dataset(_config(path, packed=True, packed_loss_weighting="tokens"), tokenizer)
+
+
 def test_always_start_with_bos(tokenizer, tmp_path):
     path, _ = _qa_file(tmp_path, n=6)
     batches = _take(DatasetFactory.load_dataset(_config(path, always_start_with_bos=True), tokenizer), 3)

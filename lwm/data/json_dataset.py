@@ -75,6 +75,9 @@ def _reader_defaults(config: ConfigDict) -> None:
     config.throughput_average_window_size = 200  # batches averaged in dataset_average_tps
 
 
+# json_dataset.packed_loss_weighting -> the layout (lwm.data.layouts) that packs with it
+PACKED_WEIGHTINGS = {"example": "packed", "token": "packed_per_token"}
+
 class JsonDataset(_Dataset):
     """Newline-delimited JSON, one example per line, tokenized by a (Vision)TextProcessor.
 
@@ -95,6 +98,9 @@ class JsonDataset(_Dataset):
         _reader_defaults(config)
         config.pad = False  # one example per row (truncated, padded) instead of a stream
         config.packed = False  # masked sequence packing (see Packer); excludes pad
+        # packed rows' loss weights: "example" (each example's targets share a weight of 1, as LWM packs) or
+        # "token" (every loss-bearing target weighs 1, so an example with more answers counts for more)
+        config.packed_loss_weighting = "example"
         config.use_data_sharded_loader = True  # each data-reading process reads its own lines
         config.return_local_batch = False  # read by the trainer: keep batches host-local
         return _update_config(config, updates)
@@ -117,7 +123,11 @@ class JsonDataset(_Dataset):
     def _set_layout(self) -> None:
         if self.config.pad and self.config.packed:
             raise ValueError("json_dataset: pad and packed are exclusive; choose one")
-        self._layout_name = "packed" if self.config.packed else "pad" if self.config.pad else "stream"
+        if self.config.packed_loss_weighting not in PACKED_WEIGHTINGS:
+            raise ValueError(f"json_dataset.packed_loss_weighting={self.config.packed_loss_weighting!r}; expected one "
+                             f"of {', '.join(PACKED_WEIGHTINGS)}")
+        packed = PACKED_WEIGHTINGS[self.config.packed_loss_weighting]
+        self._layout_name = packed if self.config.packed else "pad" if self.config.pad else "stream"
 
     def _problem_where(self, index: int) -> str:
         return f"{self.config.path} line {index + 1}"

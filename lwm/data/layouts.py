@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -198,11 +199,12 @@ class Packer:
         loss_masks   A: 1/5 each, B: 1/2, C: 1/3, D: 1, E: 1/4; padding 0
 
     sum(loss_masks) = 5 (examples), so sum(w * ce) / sum(w) is the mean over the five
-    examples of each example's mean token loss.
+    examples of each example's mean token loss. With ``weighted=False`` (layout
+    "packed_per_token") every loss-bearing target weighs 1: the mean over the tokens.
     """
 
-    def __init__(self, seq_length: int, n_rows: int, state: dict | None = None):
-        self.seq_length, self.n_rows = seq_length, n_rows
+    def __init__(self, seq_length: int, n_rows: int, state: dict | None = None, weighted: bool = True):
+        self.seq_length, self.n_rows, self.weighted = seq_length, n_rows, weighted
         self._rows: list[list[Piece]] = [[] for _ in range(n_rows)]
         self._free = [seq_length] * n_rows
         self._queue: collections.deque[Piece] = collections.deque()
@@ -227,7 +229,7 @@ class Packer:
             self._queue.popleft()
 
     def add(self, example: ProcessedExample) -> dict:
-        pieces = example_to_pieces(example, self.seq_length, weighted=True)
+        pieces = example_to_pieces(example, self.seq_length, weighted=self.weighted)
         if not pieces:
             kind = "dataset_empty_examples" if len(example) <= 1 else "dataset_no_loss_examples"
             return {kind: 1}
@@ -253,4 +255,5 @@ class Packer:
         return {"rows": [list(r) for r in self._rows], "queue": list(self._queue)}
 
 
-_LAYOUTS = {"stream": StreamRows, "pad": PadRows, "packed": Packer}
+_LAYOUTS = {"stream": StreamRows, "pad": PadRows, "packed": Packer,
+            "packed_per_token": functools.partial(Packer, weighted=False)}  # every loss-bearing target weighs 1
