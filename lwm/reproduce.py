@@ -303,8 +303,10 @@ def seed_folder(out: str, seed: int) -> str:
     return out if seed == 0 else os.path.join(out, f"seed{seed}")
 
 
-def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool, seeds: int = 1) -> dict:
-    """The study (and its ablations) once per seed; writes and returns the summary."""
+def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool, seeds: int = 1,
+              extra: tuple[str, ...] = ()) -> dict:
+    """The study (its ablations, and any `extra` stage configs) once per seed; writes and returns
+    the summary."""
     start = time.time()
     if seeds < 1:
         raise SystemExit(f"reproduce: --seeds must be at least 1, got {seeds}")
@@ -315,7 +317,7 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
         if seeds > 1:
             log(f"seed {seed} of {seeds}: {project_path(seed_folder(out, seed))}")
         runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer, ablations, smoke,
-                                   assets if seed == 0 else ""))
+                                   assets if seed == 0 else "", extra))
     summary = combine_seeds(runs) if seeds > 1 else runs[0]
     summary.update(ablations_run=ablations, smoke=smoke, seeds=seeds, total_wall_s=round(time.time() - start, 1),
                    commit=git_commit(), machine={"platform": platform.platform(),
@@ -329,13 +331,13 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
 
 
 def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokenizer: str, ablations: bool,
-                   smoke: bool, assets: str) -> dict:
+                   smoke: bool, assets: str, extra: tuple[str, ...] = ()) -> dict:
     """Every stage of one seed, each followed by its evals; the seed's summary (without the run's
     commit and machine, which reproduce() adds)."""
     data_dir = os.path.join(out, "data")
     summary = {"first_stage_length": None, "seed": seed, "stages": [], "evals": {}}
     main_wall = 0.0
-    for name in MAIN_STAGES + (ABLATION_STAGES if ablations else ()):
+    for name in MAIN_STAGES + (ABLATION_STAGES if ablations else ()) + tuple(extra):
         stage = load_stage(name, smoke)
         data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir, seed, smoke)
         wall = train_stage(stage, data_path, tokenizer, out, seed)
@@ -364,7 +366,7 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
             summary["stages"].append(record)
             main_wall += wall + record["evals_wall_s"]
         else:
-            summary.setdefault("ablation_stages", []).append(record)
+            summary.setdefault("ablation_stages" if name in ABLATION_STAGES else "extra_stages", []).append(record)
     summary["first_stage_length"] = summary["stages"][0]["length"]
     for key in ACCURACY_KEYS:
         summary[key] = summary["evals"].get(key, {}).get("accuracy")
@@ -382,7 +384,8 @@ def combine_seeds(runs: list[dict]) -> dict:
 
     summary = json.loads(json.dumps(runs[0]))
     summary.pop("seed")
-    summary["seed_stages"] = [run["stages"] + run.get("ablation_stages", []) for run in runs]
+    summary["seed_stages"] = [run["stages"] + run.get("ablation_stages", []) + run.get("extra_stages", [])
+                              for run in runs]
     for key, entry in summary["evals"].items():
         per_seed = [run["evals"][key] for run in runs if key in run["evals"]]
         values = [e["accuracy"] for e in per_seed]
@@ -398,7 +401,8 @@ def combine_seeds(runs: list[dict]) -> dict:
 def summary_table(summary: dict) -> str:
     rows = ["stage            length   theta      steps   tokens      wall s  evals s",
             *(f"{s['name']:16} {s['length']:6d}   {s['theta']:<9g}  {s['steps']:5d}   {s['tokens']:<10d}  "
-              f"{s['wall_s']:7.0f}  {s['evals_wall_s']:7.0f}" for s in summary["stages"] + summary.get("ablation_stages", [])),
+              f"{s['wall_s']:7.0f}  {s['evals_wall_s']:7.0f}"
+              for s in summary["stages"] + summary.get("ablation_stages", []) + summary.get("extra_stages", [])),
             "", "eval (strict score)                                  accuracy  95% interval" +
             ("  per seed" if summary.get("seeds", 1) > 1 else "")]
     for key, e in summary["evals"].items():
@@ -530,12 +534,15 @@ def main(argv=None) -> int:
                         help="also copy the summary, heatmaps and per-case results into docs/ (tracked files: only "
                              "when asked)")
     parser.add_argument("--ablations", action="store_true", help="also run the ablations at 4x")
+    parser.add_argument("--extra", default="", help="comma-separated names of more stage configs to run after the "
+                        "study (configs/reproduce/tiny_<name>.json: a variant of a stage, with its own evals)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="run the study (and ablations) this many times, with other data and init seeds")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
-                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke, args.seeds)
+                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke, args.seeds,
+                        tuple(name for name in args.extra.split(",") if name))
     if args.publish:
         publish(summary)
     return 0
