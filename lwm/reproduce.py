@@ -509,7 +509,7 @@ def publish(summary: dict, results: str = PUBLISHED["results"], assets: str = PU
     for key, entry in published["evals"].items():
         source = os.path.join(ROOT, entry["results"])
         target = os.path.join(cases, f"{key}.json")
-        shutil.copy(source, target)
+        publish_results(source, target)
         entry["results"] = project_path(target)
         heatmap = os.path.splitext(source)[0] + ".png"
         if os.path.exists(heatmap):
@@ -517,11 +517,25 @@ def publish(summary: dict, results: str = PUBLISHED["results"], assets: str = PU
         for seed, path in enumerate(entry.get("results_seeds", [])):
             target = os.path.join(cases, f"{key}.json" if seed == 0 else f"{key}.seed{seed}.json")
             if seed:
-                shutil.copy(os.path.join(ROOT, path), target)
+                publish_results(os.path.join(ROOT, path), target)
             entry["results_seeds"][seed] = project_path(target)
     write_lines(results, [json.dumps(published, indent=2)])
     log(f"published {project_path(results)}, {project_path(assets)}/ and {project_path(cases)}/")
     return published
+
+
+def publish_results(source: str, target: str) -> None:
+    """Copy a per-case results file, naming each scored checkpoint by its path in the project
+    (its sha256, step and run unchanged) rather than by this machine's absolute path."""
+    from lwm.needle import load_results, save_results
+
+    results = load_results(source)
+    for r in results:
+        scored = r.get("checkpoint", {})
+        path = scored.get("load_checkpoint", "").partition("::")[2]
+        if os.path.isabs(path) and not os.path.relpath(path, ROOT).startswith(".."):
+            scored["load_checkpoint"] = scored["load_checkpoint"].replace(path, project_path(path))
+    save_results(target, results)
 
 
 def main(argv=None) -> int:

@@ -93,7 +93,9 @@ def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_th
     monkeypatch.setattr(study, "ROOT", str(tmp_path))
     evals = tmp_path / "outputs" / "evals"
     evals.mkdir(parents=True)
-    save_results(str(evals / "k.json"), [dict(context_length=256, depth_percent=0.0, seed=0, correct=True)])
+    scored = dict(scored, load_checkpoint=f"params::{tmp_path}/outputs/runs/stage1/streaming_params")
+    save_results(str(evals / "k.json"), [dict(context_length=256, depth_percent=0.0, seed=0, correct=True,
+                                              checkpoint=scored)])
     (evals / "k.png").write_bytes(b"\x89PNG")
     summary = {"evals": {"k": {"accuracy": 1.0, "results": "outputs/evals/k.json"}}, "k": 1.0}
     docs = tmp_path / "docs"
@@ -101,5 +103,8 @@ def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_th
     assert published["evals"]["k"]["results"] == "docs/cases/k.json" and summary["evals"]["k"]["results"] == \
         "outputs/evals/k.json"
     assert json.loads((docs / "reproduction.json").read_text()) == published
-    assert load_results(str(docs / "cases" / "k.json")) == load_results(str(evals / "k.json"))
+    copied = load_results(str(docs / "cases" / "k.json"))  # the same results, the checkpoint named in the project
+    assert copied[0]["checkpoint"] == dict(scored, load_checkpoint="params::outputs/runs/stage1/streaming_params")
+    assert {k: v for k, v in copied[0].items() if k != "checkpoint"} == \
+        {k: v for k, v in load_results(str(evals / "k.json"))[0].items() if k != "checkpoint"}
     assert (docs / "assets" / "k.png").read_bytes() == b"\x89PNG"
