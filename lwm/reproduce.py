@@ -66,9 +66,10 @@ def load_stage(name: str, smoke: bool) -> dict:
         stage.update(steps=3, warmup_steps=1, seq_length=length, needles=[1, 2],
                      curriculum=[{"length": length // 2, "share": 0.5, "needles": [1, 2]},
                                  {"length": length, "share": 0.5, "needles": [1, 2]}])
+        # one length per eval, and no eval that only repeats another's kind on the same weights
+        stage["evals"] = [e for e in stage["evals"] if e.get("smoke", True)]
         for e in stage["evals"]:
-            e.update(min=max(e["min"] // scale, PROMPT_BUFFER + 16), max=e["max"] // scale,
-                     lengths=min(e["lengths"], 2), rounds=1)
+            e.update(min=max(e["min"] // scale, PROMPT_BUFFER + 16), max=e["max"] // scale, lengths=1, rounds=1)
             if e["kind"] == "multi":
                 e["rounds"] = 2
     return stage

@@ -31,10 +31,9 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     assert [s["init_from"] for s in summary["stages"]] == [None, "stage1", "stage2"]
     assert summary["stages"][0]["theta"] < summary["stages"][1]["theta"] < summary["stages"][2]["theta"]
     assert summary["seeds"] == 2 and len(summary["seed_stages"]) == 2
-    for key in ("single_needle_up_to_first_stage", "single_needle_up_to_4x_after_extension",
-                "single_needle_up_to_first_stage_after_extension", "multi_needle_4_2_at_first_stage",
-                "single_needle_up_to_16x_after_stage3", "single_needle_up_to_4x_after_stage3",
-                "multi_needle_4_2_at_4x", "multi_needle_4_2_at_16x"):
+    for key in ("single_needle_up_to_first_stage", "multi_needle_4_2_at_first_stage",
+                "single_needle_up_to_4x_after_extension", "multi_needle_4_2_at_4x_after_extension",
+                "single_needle_up_to_16x_after_stage3", "multi_needle_4_2_at_4x", "multi_needle_4_2_at_16x"):
         per_seed = summary[f"{key}_seeds"]  # one value per seed, each from that seed's own results
         assert len(per_seed) == 2 and summary[key] == pytest.approx(sum(per_seed) / 2), key
         low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over seeds and cases
@@ -65,8 +64,8 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     assert summary["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
                                                              capture_output=True).stdout.strip()
     rerun = reproduce(tmp_path)  # everything is done: skipped, evals resumed with nothing left
-    # 3 stages and 9 evals per seed
-    assert rerun.returncode == 0 and rerun.stdout.count("done already") == 24, rerun.stdout[-3000:]
+    # 3 stages and 7 evals per seed (the smoke run leaves out the two that repeat a kind on the same weights)
+    assert rerun.returncode == 0 and rerun.stdout.count("done already") == 20, rerun.stdout[-3000:]
 
 
 def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):

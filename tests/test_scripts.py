@@ -89,14 +89,21 @@ def test_paper_stage_scripts_parse_to_their_stage(tmp_path, name, length, theta,
 def test_reproduction_configs_are_complete(path):
     import json
 
-    with open(path) as f:
-        stage = json.load(f)
+    from lwm.reproduce import load_stage, stage_tokens
+
     if os.path.basename(path) == "tiny_model.json":
         assert load_config(f"json::{path}").vocab_size == 2048
         return
-    assert {"name", "seq_length", "theta", "init_from", "steps", "batch_size", "mesh_dim", "lr", "evals"} <= set(stage)
+    name = os.path.basename(path)[len("tiny_"):-len(".json")]
+    stage = load_stage(name, smoke=False)  # steps computed for the ablations with "steps_for_tokens_of"
+    assert stage["name"] == name
+    assert {"seq_length", "theta", "init_from", "steps", "batch_size", "mesh_dim", "lr", "evals"} <= set(stage)
     for spec in stage["evals"]:
         assert spec["kind"] in ("single", "multi") and spec["min"] <= spec["max"]
+        assert spec["min"] >= 320  # the haystack at least 3/4 of every context evaluated
+    if "steps_for_tokens_of" in stage:  # equal tokens, as close as whole steps allow
+        others = sum(stage_tokens(load_stage(other, smoke=False)) for other in stage["steps_for_tokens_of"])
+        assert 0 <= others - stage_tokens(stage) < stage["batch_size"] * stage["seq_length"]
 
 
 # ---- the staged training chains: run_lwm_text_stage*.sh and run_lwm_vision_stage*.sh ----------------
