@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def reproduce(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
+    # The second seed's steps and evals have the first's shapes: a compilation cache spares their compiles.
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", WANDB_MODE="disabled",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.run([sys.executable, "-m", "lwm.reproduce", "--smoke", "--seeds=2", f"--out={tmp_path / 'out'}",
                            f"--results={tmp_path / 'reproduction.json'}", f"--assets={tmp_path / 'assets'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
