@@ -66,10 +66,10 @@ def load_stage(name: str, smoke: bool) -> dict:
         stage.update(steps=3, warmup_steps=1, seq_length=length, needles=[1, 2],
                      curriculum=[{"length": length // 2, "share": 0.5, "needles": [1, 2]},
                                  {"length": length, "share": 0.5, "needles": [1, 2]}])
-        # one length per eval, and no eval that only repeats another's kind on the same weights
+        # one length per eval (its longest), and no eval that only repeats another's kind on the same weights
         stage["evals"] = [e for e in stage["evals"] if e.get("smoke", True)]
         for e in stage["evals"]:
-            e.update(min=max(e["min"] // scale, PROMPT_BUFFER + 16), max=e["max"] // scale, lengths=1, rounds=1)
+            e.update(min=e["max"] // scale, max=e["max"] // scale, lengths=1, rounds=1)
             if e["kind"] == "multi":
                 e["rounds"] = 2
     return stage
@@ -164,6 +164,9 @@ def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, da
 
 def concatenated_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str, seed: int,
                       smoke: bool) -> str:
+    path = os.path.join(data_dir, f"retrieval_{stage['name']}_{'+'.join(stage['data_of'])}.jsonl")
+    if os.path.exists(path):
+        return path
     lines, surplus = [], []
     for name in stage["data_of"]:
         source = load_stage(name, smoke)
@@ -174,9 +177,7 @@ def concatenated_data(stage: dict, train_path: str, tokenizer_path: str, data_di
             lines += examples[start:start + phase["used"]]
             surplus = examples[start + phase["used"]:start + phase["examples"]]
             start += phase["examples"]
-    path = os.path.join(data_dir, f"retrieval_{stage['name']}_{'+'.join(stage['data_of'])}.jsonl")
-    if not os.path.exists(path):
-        write_lines(path, (line.rstrip("\n") for line in lines + surplus))
+    write_lines(path, (line.rstrip("\n") for line in lines + surplus))
     return path
 
 
@@ -282,19 +283,25 @@ def set_aside_if_stale(results_file: str, checkpoint: str) -> int:
     return len(results)
 
 
-def case_scores(results_file: str) -> list[float]:
+def case_scores(results: list[dict]) -> list[float]:
     """Each case's strict score (the fraction of its asked needles found, for the multi-needle eval)."""
-    from lwm.needle import load_results, needle_accuracy
+    from lwm.needle import needle_accuracy
 
-    return [needle_accuracy(r, "strict") for r in load_results(results_file)]
+    return [needle_accuracy(r, "strict") for r in results]
 
 
-def accuracy(results_file: str) -> tuple[float, tuple[float, float] | None]:
-    """(mean strict accuracy over every case, its 95% bootstrap interval over the cases)."""
+def eval_entry(results_file: str, kind: str) -> dict:
+    """An eval's summary: mean strict accuracy over its cases, the 95% bootstrap interval over
+    them, and for the multi-needle eval what came back instead of a missed needle."""
+    from lwm.needle import load_results, multi_needle_errors
     from lwm.stats import bootstrap_interval
 
-    scores = case_scores(results_file)
-    return float(sum(scores) / max(len(scores), 1)), bootstrap_interval(scores)
+    results = load_results(results_file)
+    scores = case_scores(results)
+    entry = {"accuracy": float(sum(scores) / max(len(scores), 1)), "ci95": bootstrap_interval(scores)}
+    if kind == "multi":
+        entry["errors"] = multi_needle_errors(results)
+    return entry
 
 
 # ---- the study -----------------------------------------------------------------------------------
@@ -352,13 +359,8 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
                 continue
             results_file, eval_wall = run_eval(stage, spec, tokenizer, out, eval_path)
             record["evals_wall_s"] += round(eval_wall, 1)
-            mean, interval = accuracy(results_file)
-            summary["evals"][spec["key"]] = {"accuracy": mean, "ci95": interval, "results": project_path(results_file),
-                                             "stage": name, "lengths": [spec["min"], spec["max"]]}
-            if spec["kind"] == "multi":  # what came back instead of a missed needle
-                from lwm.needle import load_results, multi_needle_errors
-
-                summary["evals"][spec["key"]]["errors"] = multi_needle_errors(load_results(results_file))
+            summary["evals"][spec["key"]] = {**eval_entry(results_file, spec["kind"]), "stage": name,
+                                             "results": project_path(results_file), "lengths": [spec["min"], spec["max"]]}
             heatmap = os.path.splitext(results_file)[0] + ".png"
             if os.path.exists(heatmap) and assets:
                 os.makedirs(assets, exist_ok=True)
@@ -381,6 +383,7 @@ def combine_seeds(runs: list[dict]) -> dict:
     stand for the study; every accuracy becomes the mean over seeds, with `<key>_seeds` (one
     value per seed) and `<key>_ci95` over seeds and cases (lwm.stats.seeds_bootstrap_interval);
     `main_study_wall_s` stays one seed's (seed 0's)."""
+    from lwm.needle import load_results
     from lwm.stats import seeds_bootstrap_interval
 
     summary = json.loads(json.dumps(runs[0]))
@@ -391,7 +394,8 @@ def combine_seeds(runs: list[dict]) -> dict:
         per_seed = [run["evals"][key] for run in runs if key in run["evals"]]
         values = [e["accuracy"] for e in per_seed]
         entry.update(accuracy=sum(values) / len(values), seeds=values, results_seeds=[e["results"] for e in per_seed],
-                     ci95=seeds_bootstrap_interval([case_scores(os.path.join(ROOT, e["results"])) for e in per_seed]))
+                     ci95=seeds_bootstrap_interval([case_scores(load_results(os.path.join(ROOT, e["results"])))
+                                                    for e in per_seed]))
     for key in ACCURACY_KEYS:
         entry = summary["evals"].get(key, {})
         summary[key], summary[f"{key}_ci95"] = entry.get("accuracy"), entry.get("ci95")
