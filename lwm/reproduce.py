@@ -312,22 +312,28 @@ def seed_folder(out: str, seed: int) -> str:
 
 
 def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool, seeds: int = 1,
-              extra: tuple[str, ...] = ()) -> dict:
-    """The study (its ablations, and any `extra` stage configs) once per seed; writes and returns
-    the summary."""
+              extra: tuple[str, ...] = (), ablation_seeds: int | None = None) -> dict:
+    """The study once per seed, its ablations and any `extra` stage configs for the first
+    `ablation_seeds` of them (default: every seed); writes and returns the summary."""
     start = time.time()
+    ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
     if seeds < 1:
         raise SystemExit(f"reproduce: --seeds must be at least 1, got {seeds}")
+    if not 1 <= ablation_seeds <= seeds:
+        raise SystemExit(f"reproduce: --ablation_seeds must be between 1 and --seeds={seeds}, got {ablation_seeds}")
     train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
     tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
     runs = []
     for seed in range(seeds):
         if seeds > 1:
             log(f"seed {seed} of {seeds}: {project_path(seed_folder(out, seed))}")
-        runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer, ablations, smoke,
-                                   assets if seed == 0 else "", extra))
+        variants = seed < ablation_seeds
+        runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer,
+                                   ablations and variants, smoke, assets if seed == 0 else "",
+                                   extra if variants else ()))
     summary = combine_seeds(runs) if seeds > 1 else runs[0]
-    summary.update(ablations_run=ablations, smoke=smoke, seeds=seeds, total_wall_s=round(time.time() - start, 1),
+    summary.update(ablations_run=ablations, smoke=smoke, seeds=seeds, ablation_seeds=ablation_seeds,
+                   total_wall_s=round(time.time() - start, 1),
                    commit=git_commit(), machine={"platform": platform.platform(),
                                                  "processor": platform.processor() or platform.machine(),
                                                  "cpu_count": os.cpu_count()})
@@ -557,11 +563,14 @@ def main(argv=None) -> int:
                         "study (configs/reproduce/tiny_<name>.json: a variant of a stage, with its own evals)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="run the study (and ablations) this many times, with other data and init seeds")
+    parser.add_argument("--ablation_seeds", type=int, default=None,
+                        help="run the ablations and --extra stages for the first this many seeds only (default: all "
+                             "of --seeds); their accuracies then average over fewer seeds, as `<key>_seeds` shows")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
                         args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke, args.seeds,
-                        tuple(name for name in args.extra.split(",") if name))
+                        tuple(name for name in args.extra.split(",") if name), args.ablation_seeds)
     if args.publish:
         publish(summary)
     return 0

@@ -109,3 +109,30 @@ def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_th
     assert {k: v for k, v in copied[0].items() if k != "checkpoint"} == \
         {k: v for k, v in load_results(str(evals / "k.json"))[0].items() if k != "checkpoint"}
     assert (docs / "assets" / "k.png").read_bytes() == b"\x89PNG"
+
+
+def test_an_eval_run_by_fewer_seeds_averages_over_those_it_has(tmp_path, monkeypatch):
+    # --ablation_seeds 1: the main study's accuracy is the mean of both seeds, the ablation's is seed 0's alone.
+    from lwm import reproduce as study
+    from lwm.needle import save_results
+    from lwm.stats import bootstrap_interval
+
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+
+    def run(seed, found):
+        evals = {}
+        for key, hits in found.items():
+            path = tmp_path / f"seed{seed}" / f"{key}.json"
+            path.parent.mkdir(exist_ok=True)
+            save_results(str(path), [dict(context_length=256, depth_percent=0.0, seed=i, correct=i < hits,
+                                          correct_strict=i < hits) for i in range(10)])
+            evals[key] = dict(accuracy=hits / 10, results=f"seed{seed}/{key}.json")
+        return dict(seed=seed, stages=[], evals=evals)
+
+    main, ablation = "single_needle_up_to_first_stage", "ablation_no_staging_at_4x"
+    summary = study.combine_seeds([run(0, {main: 10, ablation: 3}), run(1, {main: 6})])
+    assert summary[main] == pytest.approx(0.8) and summary[f"{main}_seeds"] == [1.0, 0.6]
+    assert summary[ablation] == pytest.approx(0.3) and summary[f"{ablation}_seeds"] == [0.3]
+    assert summary[f"{ablation}_ci95"] == bootstrap_interval([1.0] * 3 + [0.0] * 7)
+    with pytest.raises(SystemExit, match="--ablation_seeds must be between 1 and --seeds=2, got 3"):
+        study.reproduce(str(tmp_path / "out"), "", "", True, True, seeds=2, ablation_seeds=3)
