@@ -2,6 +2,7 @@
 
     python -m lwm.reproduce                         # the main study: 1K -> 4K -> 16K (make reproduce)
     python -m lwm.reproduce --ablations             # and the ablations at 4x
+    python -m lwm.reproduce --ablations=no_staging  # and only the ones named
     python -m lwm.reproduce --seeds 3               # each of them three times (other data and init seeds)
     python -m lwm.reproduce --smoke --out /tmp/r    # a few steps per stage, a tiny grid (tests)
 
@@ -40,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "reproduce")
 MAIN_STAGES = ("stage1", "stage2", "stage3")
 ABLATION_STAGES = ("ablation_extension_without_theta", "ablation_no_staging", "ablation_long_from_start")
+# (a) is stage 1's weights evaluated at 4x (an eval of stage 1); the others train their own stage.
+ABLATIONS = ("no_extension",) + tuple(name.removeprefix("ablation_") for name in ABLATION_STAGES)
 ACCURACY_KEYS = ("single_needle_up_to_first_stage", "multi_needle_4_2_at_first_stage",
                  "single_needle_up_to_4x_after_extension", "single_needle_up_to_first_stage_after_extension",
                  "multi_needle_4_2_at_4x_after_extension", "single_needle_up_to_16x_after_stage3",
@@ -311,14 +314,17 @@ def seed_folder(out: str, seed: int) -> str:
     return out if seed == 0 else os.path.join(out, f"seed{seed}")
 
 
-def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: bool, seeds: int = 1,
+def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ...], smoke: bool, seeds: int = 1,
               extra: tuple[str, ...] = (), ablation_seeds: int | None = None) -> dict:
-    """The study once per seed, its ablations and any `extra` stage configs for the first
-    `ablation_seeds` of them (default: every seed); writes and returns the summary."""
+    """The study once per seed, the named `ablations` (of ABLATIONS) and any `extra` stage configs
+    for the first `ablation_seeds` of them (default: every seed); writes and returns the summary."""
     start = time.time()
     ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
     if seeds < 1:
         raise SystemExit(f"reproduce: --seeds must be at least 1, got {seeds}")
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"reproduce: no ablation named {', '.join(unknown)}; expected some of {', '.join(ABLATIONS)}")
     if not 1 <= ablation_seeds <= seeds:
         raise SystemExit(f"reproduce: --ablation_seeds must be between 1 and --seeds={seeds}, got {ablation_seeds}")
     train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
@@ -329,10 +335,10 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
             log(f"seed {seed} of {seeds}: {project_path(seed_folder(out, seed))}")
         variants = seed < ablation_seeds
         runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer,
-                                   ablations and variants, smoke, assets if seed == 0 else "",
+                                   ablations if variants else (), smoke, assets if seed == 0 else "",
                                    extra if variants else ()))
     summary = combine_seeds(runs) if seeds > 1 else runs[0]
-    summary.update(ablations_run=ablations, smoke=smoke, seeds=seeds, ablation_seeds=ablation_seeds,
+    summary.update(ablations_run=list(ablations), smoke=smoke, seeds=seeds, ablation_seeds=ablation_seeds,
                    total_wall_s=round(time.time() - start, 1),
                    commit=git_commit(), machine={"platform": platform.platform(),
                                                  "processor": platform.processor() or platform.machine(),
@@ -344,14 +350,15 @@ def reproduce(out: str, results_path: str, assets: str, ablations: bool, smoke: 
     return summary
 
 
-def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokenizer: str, ablations: bool,
+def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokenizer: str, ablations: tuple[str, ...],
                    smoke: bool, assets: str, extra: tuple[str, ...] = ()) -> dict:
     """Every stage of one seed, each followed by its evals; the seed's summary (without the run's
     commit and machine, which reproduce() adds)."""
     data_dir = os.path.join(out, "data")
     summary = {"first_stage_length": None, "seed": seed, "stages": [], "evals": {}}
     main_wall = 0.0
-    for name in MAIN_STAGES + (ABLATION_STAGES if ablations else ()) + tuple(extra):
+    asked = tuple(f"ablation_{name}" for name in ablations)
+    for name in MAIN_STAGES + tuple(stage for stage in ABLATION_STAGES if stage in asked) + tuple(extra):
         stage = load_stage(name, smoke)
         data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir, seed, smoke)
         wall = train_stage(stage, data_path, tokenizer, out, seed)
@@ -361,8 +368,9 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
                   "checkpoint": project_path(os.path.join(run_folder(out, name), "streaming_params")),
                   "evals_wall_s": 0.0}
         for spec in stage["evals"]:
-            if spec["key"].startswith("ablation") and not ablations and name in MAIN_STAGES:
-                continue
+            if spec["key"].startswith("ablation") and name in MAIN_STAGES and \
+                    not spec["key"].startswith(tuple(f"{a}_" for a in asked)):
+                continue  # an ablation that evaluates a main stage, not asked for
             results_file, eval_wall = run_eval(stage, spec, tokenizer, out, eval_path)
             record["evals_wall_s"] += round(eval_wall, 1)
             summary["evals"][spec["key"]] = {**eval_entry(results_file, spec["kind"]), "stage": name,
@@ -558,7 +566,9 @@ def main(argv=None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="also copy the summary, heatmaps and per-case results into docs/ (tracked files: only "
                              "when asked)")
-    parser.add_argument("--ablations", action="store_true", help="also run the ablations at 4x")
+    parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                        help=f"also run the ablations at 4x: all of them, or those named (comma-separated, of "
+                             f"{', '.join(ABLATIONS)})")
     parser.add_argument("--extra", default="", help="comma-separated names of more stage configs to run after the "
                         "study (configs/reproduce/tiny_<name>.json: a variant of a stage, with its own evals)")
     parser.add_argument("--seeds", type=int, default=1,
@@ -569,7 +579,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
-                        args.assets or os.path.join(args.out, "assets"), args.ablations, args.smoke, args.seeds,
+                        args.assets or os.path.join(args.out, "assets"),
+                        tuple(name for name in args.ablations.split(",") if name), args.smoke, args.seeds,
                         tuple(name for name in args.extra.split(",") if name), args.ablation_seeds)
     if args.publish:
         publish(summary)

@@ -135,4 +135,7 @@ def test_an_eval_run_by_fewer_seeds_averages_over_those_it_has(tmp_path, monkeyp
     assert summary[ablation] == pytest.approx(0.3) and summary[f"{ablation}_seeds"] == [0.3]
     assert summary[f"{ablation}_ci95"] == bootstrap_interval([1.0] * 3 + [0.0] * 7)
     with pytest.raises(SystemExit, match="--ablation_seeds must be between 1 and --seeds=2, got 3"):
-        study.reproduce(str(tmp_path / "out"), "", "", True, True, seeds=2, ablation_seeds=3)
+        study.reproduce(str(tmp_path / "out"), "", "", ("no_staging",), True, seeds=2, ablation_seeds=3)
+    with pytest.raises(SystemExit, match="no ablation named staging; expected some of no_extension, extension_wi"):
+        study.reproduce(str(tmp_path / "out"), "", "", ("staging", "no_staging"), True)
+    assert not (tmp_path / "out").exists()  # refused before any work
