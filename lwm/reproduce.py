@@ -160,7 +160,8 @@ def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, da
     if os.path.exists(path):
         return path
     examples = curriculum_examples(load_tokenizer(tokenizer_path), read_texts(train_path), phases,
-                                   seed=stage["seq_length"] + 1_000_000 * seed, multi_fraction=stage["multi_fraction"])
+                                   seed=stage["seq_length"] + 1_000_000 * seed, multi_fraction=stage["multi_fraction"],
+                                   answer_style=stage.get("answer_style", "number"))
     write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['name']}"))
     return path
 
@@ -249,7 +250,8 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str, haystack: str) -
     args = [script, f"--haystack_file={haystack}", f"--output_file={output}",
             f"--context_lengths_min={spec['min']}", f"--context_lengths_max={spec['max']}",
             f"--n_context_length_intervals={spec['lengths']}", f"--n_document_depth_intervals={spec['depths']}",
-            f"--n_rounds={spec['rounds']}", f"--prompt_buffer_tokens={PROMPT_BUFFER}", "--max_new_tokens=24",
+            f"--n_rounds={spec['rounds']}", f"--prompt_buffer_tokens={PROMPT_BUFFER}",
+            f"--max_new_tokens={spec.get('max_new_tokens', 24)}",  # longer answers (sentences) need more
             "--max_tokens_per_batch=65536", "--mesh_dim=1,8,1,1", "--dtype=fp32",
             f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
             f"--update_llama_config={model_updates(max(spec['max'], stage['seq_length']) + 64, stage['theta'], 64)}",

@@ -44,6 +44,12 @@ from lwm.needle import (CITIES, MULTI_PROMPT, NEEDLE, PROMPT, QUESTION, insert_n
                         period_token_ids, random_number)
 
 FOLLOW_UP = " USER: {question} ASSISTANT: "
+# How an answer is written: the numbers alone ("4829173, 3302981.") or each in the needle's own
+# sentence ("The special magic Oslo number is: 4829173. The special magic ..."), which puts the
+# asked city right before the digits in the answer as in the needle (a symmetric, induction-like
+# lookup). Both score the same under the eval's strict score (the first numbers of the response).
+ANSWER_STYLES = ("number", "sentence")
+ANSWER_SENTENCE = "The special magic {city} number is: {number}."
 
 
 def read_texts(path: str) -> list[str]:
@@ -79,7 +85,7 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 
 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
-                      multi_fraction: float, period_ids) -> dict:
+                      multi_fraction: float, period_ids, answer_style: str = "number") -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
@@ -89,6 +95,8 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
         return QUESTION.format(city=asked[0]) if len(asked) == 1 else multi_question(asked)
 
     def answer(asked):
+        if answer_style == "sentence":
+            return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
         return ", ".join(numbers[c] for c in asked) + "."
 
     template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT
@@ -116,21 +124,25 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
 
 
 def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
-                       needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2) -> Iterator[dict]:
+                       needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
+                       answer_style: str = "number") -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
     pool = haystack_stream(texts, tokenizer)
     if len(pool) < seq_length:
         raise ValueError(f"the haystack text holds {len(pool)} tokens, fewer than seq_length={seq_length}")
     period_ids = period_token_ids(tokenizer)
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
-        yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids)
+        yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
+                                answer_style)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
-                        multi_fraction: float = 0.2) -> Iterator[dict]:
+                        multi_fraction: float = 0.2, answer_style: str = "number") -> Iterator[dict]:
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many) and `needles` ((low, high) per example).
 
@@ -138,7 +150,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     several whole examples in a row; read in file order, they are a length curriculum."""
     for phase in phases:
         yield from retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
-                                      tuple(phase["needles"]), multi_fraction)
+                                      tuple(phase["needles"]), multi_fraction, answer_style)
 
 
 def write_retrieval_jsonl(path: str, examples) -> str:
@@ -165,11 +177,14 @@ def main(argv=None) -> int:
     parser.add_argument("--min_needles", type=int, default=2)
     parser.add_argument("--max_needles", type=int, default=8)
     parser.add_argument("--multi_fraction", type=float, default=0.2)
+    parser.add_argument("--answer_style", choices=ANSWER_STYLES, default="number",
+                        help="answers as the numbers alone, or each in the needle's sentence")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
-                                      args.seed, (args.min_needles, args.max_needles), args.multi_fraction)
+                                      args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
+                                      args.answer_style)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

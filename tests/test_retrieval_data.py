@@ -52,6 +52,23 @@ def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
         assert 129 < example_tokens(example, tokenizer) <= 385 and 3 <= len(needles_in(example["prompt"])) <= 5
 
 
+def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
+    from lwm.needle import score_strict
+
+    for example in retrieval_examples(tokenizer, TEXTS, 512, 10, seed=1, needles=(2, 6), multi_fraction=0.5,
+                                      answer_style="sentence"):
+        needles = needles_in(example["prompt"])
+        spec = example["fields"].split(",")
+        for answer in (example[f] for f in spec[1::2]):
+            stated = re.findall(r"The special magic (.+?) number is: (\d{7})\.", answer)
+            assert stated and " ".join(f"The special magic {c} number is: {n}." for c, n in stated) == answer
+            assert all(needles[c] == n for c, n in stated)  # each the asked city's own number
+            assert all(score_strict(answer, [n for _, n in stated]))
+        assert example_tokens(example, tokenizer) <= 512 + 1
+    with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence"):
+        next(retrieval_examples(tokenizer, TEXTS, 256, 1, answer_style="words"))
+
+
 def test_bad_needle_range_is_refused(tokenizer):
     with pytest.raises(ValueError, match="needles must satisfy"):
         next(retrieval_examples(tokenizer, TEXTS, 256, 1, needles=(0, 2)))

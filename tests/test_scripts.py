@@ -101,6 +101,9 @@ def test_reproduction_configs_are_complete(path):
     for spec in stage["evals"]:
         assert spec["kind"] in ("single", "multi") and spec["min"] <= spec["max"]
         assert spec["min"] >= 320  # the haystack at least 3/4 of every context evaluated
+    from lwm.retrieval_data import ANSWER_STYLES
+
+    assert stage.get("answer_style", "number") in ANSWER_STYLES
     if "steps_for_tokens_of" in stage:  # equal tokens, as close as whole steps allow
         others = sum(stage_tokens(load_stage(other, smoke=False)) for other in stage["steps_for_tokens_of"])
         assert 0 <= others - stage_tokens(stage) < stage["batch_size"] * stage["seq_length"]
