@@ -109,6 +109,11 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     after = 2 + sum(len(tokenizer.encode(v)) for v in fields.values())  # bos, eos, answers, later turns
     # The prompt is tokenized as a whole, which can differ from its parts by a token at the seams.
     room = seq_length + 1 - after - len(tokenizer.encode(template.format(context="", question=first))) - 4
+    needle_tokens = sum(len(tokens) for tokens, _ in needles)
+    if room < needle_tokens:
+        raise ValueError(f"a {seq_length}-token example cannot hold {n_needles} needles ({needle_tokens} tokens) with "
+                         f"its prompt, questions and answers ({seq_length + 1 - room} tokens): raise its length or "
+                         "lower its needle count")
     while True:
         start = rng.randrange(0, max(1, len(pool) - room))
         context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)

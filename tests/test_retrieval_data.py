@@ -65,6 +65,8 @@ def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
             assert all(needles[c] == n for c, n in stated)  # each the asked city's own number
             assert all(score_strict(answer, [n for _, n in stated]))
         assert example_tokens(example, tokenizer) <= 512 + 1
+    with pytest.raises(ValueError, match="a 128-token example cannot hold 3 needles .* raise its length or lower"):
+        next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(3, 3), answer_style="sentence"))
     with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence"):
         next(retrieval_examples(tokenizer, TEXTS, 256, 1, answer_style="words"))
 
