@@ -137,18 +137,18 @@ def needle_spans(tokenizer, ids: Sequence[int], needles_info: dict) -> list[Need
 # ---- the probe ---------------------------------------------------------------------------------
 
 
-def answer_prefix(tokenizer, prompt: str, number: str) -> list[int]:
-    """The tokens an answer puts before its first digit (the '▁' after 'ASSISTANT:' when the
-    tokenizer drops the prompt's trailing space): the probe reads the position that predicts the
-    digit itself."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)
-    full = tokenizer.encode(prompt + number, add_bos=True)
-    if full[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("the prompt's tokens change when the answer follows it; this probe needs them unchanged")
-    return full[len(prompt_ids):-len(number)]
+def answer_prefix(tokenizer, number: str, lead: str = "") -> list[int]:
+    """The tokens an answer puts before its first digit, tokenized on its own as training data
+    tokenizes an answer field: `lead` (the start of a sentence answer, 'The special magic Oslo
+    number is: ') and the '▁' that starts a field. The probe reads the position that predicts
+    the first digit itself."""
+    ids = tokenizer.encode(lead + number)
+    if [tokenizer.sp.id_to_piece(t).lstrip("\u2581") for t in ids[-len(number):]] != list(number):
+        raise ValueError(f"{lead + number!r} does not end in one token per digit; this probe needs digit pieces")
+    return ids[:-len(number)]
 
 
-def probe_cases(settings: NeedleSettings, loaded, progress: bool = True) -> list[dict]:
+def probe_cases(settings: NeedleSettings, loaded, progress: bool = True, answer_style: str = "number") -> list[dict]:
     """One record per eval case: per layer and head, the attention from the answer position on
     each needle and on the asked city in the question, and from each needle's pre-digit position
     on its own city; each needle's first-digit probability (the answer's tokens before its first digit given, as
@@ -157,6 +157,8 @@ def probe_cases(settings: NeedleSettings, loaded, progress: bool = True) -> list
 
     from lwm.generation import padded_prompt_length
 
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
     tokenizer, config, mesh = loaded.tokenizer, loaded.config, loaded.mesh
     period_ids = break_token_ids(tokenizer, settings.needle_placement)
     haystacks = read_haystacks(settings.haystack_file, tokenizer, settings.n_rounds, max(settings.context_lengths))
@@ -165,8 +167,10 @@ def probe_cases(settings: NeedleSettings, loaded, progress: bool = True) -> list
     bar = tqdm(total=len(settings.context_lengths) * settings.n_rounds, desc="probe cases", disable=not progress)
     for length in settings.context_lengths:
         cases = [multi_case(tokenizer, haystacks[i], length, i, settings, period_ids) for i in range(settings.n_rounds)]
-        encoded = [tokenizer.encode(c.prompt, add_bos=True) + answer_prefix(tokenizer, c.prompt, c.answers[0])
-                   for c in cases]
+        leads = [ANSWER_SENTENCE.format(city=c.record["cities_to_retrieve"][0], number="")[:-1]
+                 if answer_style == "sentence" else "" for c in cases]
+        encoded = [tokenizer.encode(c.prompt, add_bos=True) + answer_prefix(tokenizer, c.answers[0], lead)
+                   for c, lead in zip(cases, leads)]
         prompt_length = padded_prompt_length(max(len(e) for e in encoded), config, mesh)
         for start in range(0, len(cases), data_dim):
             batch_cases, batch = cases[start:start + data_dim], encoded[start:start + data_dim]

@@ -10,7 +10,8 @@ builds from the same flags, where each layer and head looks when the model start
         --n_context_length_intervals=1 --n_document_depth_intervals=5 --n_rounds=60 --prompt_buffer_tokens=56 \\
         --n_needles_total=4 --n_needles_retrieve=2 --output_file=probe.json
 
---output_file gets {"summary": ..., "cases": [...]} (per case and per layer and head); the
+--answer_style=sentence probes a model taught to answer in the needle's sentence (the answer's
+'The special magic <city> number is: ' is given before the first digit). --output_file gets {"summary": ..., "cases": [...]} (per case and per layer and head); the
 summary table is printed.
 """
 import json
@@ -21,7 +22,10 @@ from lwm import cli
 from lwm.flags import define_flags_with_default
 from lwm.needle import flag_defaults
 
-FLAGS, FLAGS_DEF = define_flags_with_default(**flag_defaults(multi=True))
+FLAGS, FLAGS_DEF = define_flags_with_default(
+    **flag_defaults(multi=True),
+    answer_style="number",  # how the model was taught to answer: number | sentence (lwm.retrieval_data)
+)
 
 
 def main(argv):
@@ -43,7 +47,7 @@ def main(argv):
     check_output_file("--output_file", settings.output_file)
     check_model_files(FLAGS)
     loaded = load_model_from_flags(FLAGS)
-    records = probe_cases(settings, loaded)
+    records = probe_cases(settings, loaded, answer_style=FLAGS.answer_style)
     summary = summarize(records)
     storage.write_text(settings.output_file, json.dumps({"summary": summary, "cases": records}))
     print(summary_table(summary), flush=True)

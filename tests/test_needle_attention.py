@@ -9,7 +9,7 @@ import torch
 from lwm.hf_conversion import convert_hf_to_lwm
 from lwm.checkpoint import load_streaming
 from lwm.llama import LLaMAForCausalLM
-from lwm.needle_attention import attention_probabilities, find_last, needle_spans, summarize
+from lwm.needle_attention import answer_prefix, attention_probabilities, find_last, needle_spans, summarize
 from tests.test_llama import hf_model
 
 
@@ -51,6 +51,12 @@ def test_needles_are_found_in_a_prompt_and_shares_are_counted_by_hand(tmp_path):
         assert tok.decode(ids[span.city_position:span.city_position + 1]).strip() in city
         assert tok.decode(ids[span.before_digits + 1:span.end]) == number
     assert spans[0].end <= spans[1].start and find_last(ids, tok.encode("Lima")) > spans[1].end
+    # The probe reads the position before the first digit: the answer's lead (a sentence answer's
+    # 'The special magic Lima number is: ') tokenized as a training answer field is.
+    lead = answer_prefix(tok, "7654321", "The special magic Lima number is: ")
+    assert lead + tok.encode("7654321")[-7:] == tok.encode("The special magic Lima number is: 7654321")
+    assert [tok.sp.id_to_piece(t) for t in answer_prefix(tok, "7654321")] == ["\u2581"]
+    assert tok.decode(lead).strip() == "The special magic Lima number is:"
 
     # Two cases, two needles, 1 layer x 2 heads. Head 0 puts 0.6 / 0.2 on the needles, head 1 0.1 / 0.3.
     def case(asked, first_digit_p):
