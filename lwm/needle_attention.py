@@ -151,11 +151,13 @@ def answer_prefix(tokenizer, number: str, lead: str = "") -> list[int]:
 def probe_cases(settings: NeedleSettings, loaded, progress: bool = True, answer_style: str = "number") -> list[dict]:
     """One record per eval case: per layer and head, the attention from the answer position on
     each needle and on the asked city in the question, and from each needle's pre-digit position
-    on its own city; each needle's first-digit probability (the answer's tokens before its first digit given, as
-    in training)."""
+    on its own city; each needle's first-digit probability (the answer's tokens before its first
+    digit given, as in training: with `answer_style` "sentence", 'The special magic <asked city>
+    number is: ')."""
     from tqdm import tqdm
 
     from lwm.generation import padded_prompt_length
+    from lwm.retrieval_data import ANSWER_SENTENCE, ANSWER_STYLES
 
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")

@@ -76,3 +76,32 @@ def test_needles_are_found_in_a_prompt_and_shares_are_counted_by_hand(tmp_path):
     assert summary["first_digit_binding"] == pytest.approx((0.75 + 0.25) / 2)
     assert summary["first_digit_picks_asked"] == pytest.approx(0.5)
     assert summary["needle_to_own_city_best"] == 0.5 and summary["needle_to_other_city_same_head"] == 0.1
+
+
+def test_probe_runs_on_the_evals_prompts(tmp_path, answer_style="sentence"):
+    # A tiny random model on the eval's own prompts: a record per case, every needle found, the
+    # attention from each probed position a distribution, the summary complete.
+    import json
+
+    from lwm.loading import load_model
+    from lwm.needle import NeedleSettings
+    from lwm.needle_attention import probe_cases
+    from tests.helpers import tiny_config
+
+    haystack = tmp_path / "haystack.jsonl"
+    haystack.write_text("\n".join(json.dumps({"text": " ".join(f"Line {i} of essay {p} is short." for i in range(60))})
+                                  for p in range(4)))
+    tiny_config(max_sequence_length=512).save_json(str(tmp_path / "config.json"))
+    loaded = load_model(mesh_dim="1,-1,1,1", load_llama_config=f"json::{tmp_path}/config.json", tokenizer="builtin")
+    settings = NeedleSettings(haystack_file=str(haystack), context_lengths_min=300, context_lengths_max=300,
+                              n_context_length_intervals=1, n_document_depth_intervals=4, n_rounds=3, multi=True,
+                              n_needles_total=3, n_needles_retrieve=2, prompt_buffer_tokens=56)
+    records = probe_cases(settings, loaded, progress=False, answer_style=answer_style)
+    assert [r["seed"] for r in records] == [0, 1, 2] and all(len(r["needles"]) == 3 for r in records)
+    for r in records:
+        on_needles = np.sum([r["attention_on_needle"][c] for c in r["needles"]], axis=0)  # [layers, heads]
+        assert np.all(on_needles > 0) and np.all(on_needles <= 1 + 1e-6)
+        assert sum(r["first_digit_p"].values()) <= 1 + 1e-6
+    summary = summarize(records)
+    assert summary["cases"] == 3 and summary["chance"] == pytest.approx(1 / 3)
+    assert np.shape(summary["per_head"]["first_digit_asked_share"]) == (2, 4)
