@@ -145,7 +145,8 @@ def data_phases(stage: dict) -> list[dict]:
 
 def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str, seed: int = 0,
                            smoke: bool = False) -> str:
-    """The stage's JSONL of retrieval examples (written once; `seed` > 0 draws other examples).
+    """The stage's JSONL of retrieval examples (written once; `seed` > 0 draws other examples, as
+    does a stage config's `data_seed`, which defaults to its length).
     A stage with `data_of` trains on those stages' own examples instead, in their order: each
     phase's share of them (its surplus left out), then the last phase's surplus."""
     from lwm.retrieval_data import curriculum_examples, read_texts, write_retrieval_jsonl
@@ -160,7 +161,8 @@ def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, da
     if os.path.exists(path):
         return path
     examples = curriculum_examples(load_tokenizer(tokenizer_path), read_texts(train_path), phases,
-                                   seed=stage["seq_length"] + 1_000_000 * seed, multi_fraction=stage["multi_fraction"],
+                                   seed=stage.get("data_seed", stage["seq_length"]) + 1_000_000 * seed,
+                                   multi_fraction=stage["multi_fraction"],
                                    answer_style=stage.get("answer_style", "number"))
     write_retrieval_jsonl(path, _progress(examples, n, f"retrieval data {stage['name']}"))
     return path
