@@ -249,6 +249,18 @@ def summarize(records: list[dict]) -> dict:
                         f"{name}_best_asked_share": float(np.max(share.mean(0)))})
         summary["per_head"].update({f"{name}_mass": total.mean(0).tolist(), f"{name}_asked_share": share.mean(0).tolist(),
                                     f"{name}_chosen_share": np.asarray(chosen_share).tolist()})
+    # The heads that read the needles' first digits (most of their attention there), each with its
+    # asked-needle share and a 95% bootstrap interval over the cases.
+    from lwm.stats import bootstrap_interval
+
+    mass = np.array([[r["attention_on_first_digit"][c] for c in r["needles"]] for r in records])
+    total = mass.sum(1)
+    share = mass[np.arange(len(records)), asked] / np.maximum(total, 1e-12)  # [case, layers, heads]
+    summary["first_digit_readers"] = [
+        dict(layer=int(l), head=int(h), mass=float(total[:, l, h].mean()), asked_share=float(share[:, l, h].mean()),
+             asked_share_ci95=bootstrap_interval(share[:, l, h].tolist()),
+             chosen_share=float(np.asarray(summary["per_head"]["first_digit_chosen_share"])[l, h]))
+        for l, h in np.argwhere(total.mean(0) > 0.5)]
     binding = [records[i]["first_digit_p"][records[i]["asked"][0]] / sum(records[i]["first_digit_p"].values())
                for i in distinct]
     own = np.mean([r["needle_to_own_city"] for r in records], 0)
@@ -272,6 +284,10 @@ def summary_table(summary: dict) -> str:
                      f"its attention there; share on the asked needle {summary[f'{name}_reader_asked_share']:.2f}, on "
                      f"the needle the model starts to write {summary[f'{name}_reader_chosen_share']:.2f} (best asked "
                      f"share of any head {summary[f'{name}_best_asked_share']:.2f})")
+    lines += [f"heads reading the first digits (> 0.5 of their attention there): " + ("; ".join(
+        f"layer {r['layer']} head {r['head']}: {r['mass']:.2f} there, asked share {r['asked_share']:.2f} "
+        f"({r['asked_share_ci95'][0]:.2f}-{r['asked_share_ci95'][1]:.2f})" for r in summary["first_digit_readers"])
+        or "none")]
     lines += [f"first digit: p(asked) / p(any needle's) = {summary['first_digit_binding']:.2f}; the top needle is the "
               f"asked one in {summary['first_digit_picks_asked']:.2f} of {summary['cases_with_distinct_first_digits']} "
               "cases",

@@ -62,7 +62,7 @@ def test_needles_are_found_in_a_prompt_and_shares_are_counted_by_hand(tmp_path):
     def case(asked, first_digit_p):
         return dict(needles=["A", "B"], asked=[asked], distinct_first_digits=True, first_digit_p=first_digit_p,
                     attention_on_needle={"A": [[0.6, 0.1]], "B": [[0.2, 0.3]]}, attention_on_question_city=[[0, 0]],
-                    attention_on_first_digit={"A": [[0.1, 0.0]], "B": [[0.3, 0.2]]},
+                    attention_on_first_digit={"A": [[0.2, 0.0]], "B": [[0.4, 0.2]]},
                     needle_to_own_city=[[0.5, 0.1]], needle_to_other_cities=[[0.1, 0.2]])
 
     summary = summarize([case("A", {"A": 0.3, "B": 0.1}), case("B", {"A": 0.6, "B": 0.2})])
@@ -70,8 +70,12 @@ def test_needles_are_found_in_a_prompt_and_shares_are_counted_by_hand(tmp_path):
     assert summary["needle_reader_asked_share"] == pytest.approx((0.75 + 0.25) / 2)
     assert summary["needle_reader_chosen_share"] == pytest.approx(0.75)  # A's digit is the top one both times
     assert summary["needle_best_asked_share"] == pytest.approx(0.5)
-    assert summary["first_digit_reader_head"] == [0, 0] and summary["first_digit_reader_mass"] == pytest.approx(0.4)
-    assert summary["first_digit_reader_chosen_share"] == pytest.approx(0.25)
+    assert summary["first_digit_reader_head"] == [0, 0] and summary["first_digit_reader_mass"] == pytest.approx(0.6)
+    assert summary["first_digit_reader_chosen_share"] == pytest.approx(1 / 3)
+    (reader,) = summary["first_digit_readers"]  # head 1 puts 0.2 < 0.5 on the digits: not a reader
+    assert (reader["layer"], reader["head"], reader["mass"], reader["asked_share"]) == \
+        (0, 0, pytest.approx(0.6), pytest.approx(0.5))
+    assert list(reader["asked_share_ci95"]) == [pytest.approx(1 / 3, abs=1e-3), pytest.approx(2 / 3, abs=1e-3)]
     assert summary["per_head"]["first_digit_asked_share"] == [[pytest.approx(0.5), pytest.approx(0.5)]]
     assert summary["first_digit_binding"] == pytest.approx((0.75 + 0.25) / 2)
     assert summary["first_digit_picks_asked"] == pytest.approx(0.5)
