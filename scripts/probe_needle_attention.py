@@ -49,6 +49,11 @@ def main(argv):
     loaded = load_model_from_flags(FLAGS)
     records = probe_cases(settings, loaded, answer_style=FLAGS.answer_style)
     summary = summarize(records)
+    if FLAGS.load_checkpoint:  # which weights were probed (content hash, step), as the eval's results record
+        from lwm.checkpoint import checkpoint_identity
+
+        summary["checkpoint"] = checkpoint_identity(FLAGS.load_checkpoint)
+    summary["answer_style"] = FLAGS.answer_style
     storage.write_text(settings.output_file, json.dumps({"summary": summary, "cases": records}))
     print(summary_table(summary), flush=True)
 
