@@ -376,7 +376,10 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
                     not spec["key"].startswith(tuple(f"{a}_" for a in asked)):
                 continue  # an ablation that evaluates a main stage, not asked for
             results_file, eval_wall = run_eval(stage, spec, tokenizer, out, eval_path)
-            record["evals_wall_s"] += round(eval_wall, 1)
+            # An ablation's eval of a main stage is the ablation's time, not the main study's.
+            wall_key = "ablation_evals_wall_s" if spec["key"].startswith("ablation") and name in MAIN_STAGES \
+                else "evals_wall_s"
+            record[wall_key] = round(record.get(wall_key, 0.0) + eval_wall, 1)
             summary["evals"][spec["key"]] = {**eval_entry(results_file, spec["kind"]), "stage": name,
                                              "results": project_path(results_file), "lengths": [spec["min"], spec["max"]]}
             heatmap = os.path.splitext(results_file)[0] + ".png"
