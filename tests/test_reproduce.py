@@ -63,6 +63,8 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     train = set((out / "data" / "train.jsonl").read_text().splitlines())
     assert not train & set((out / "data" / "eval.jsonl").read_text().splitlines())
     assert "main study wall time" in proc.stdout
+    # The study's compute is what its stages and evals took, not how long this rerun-able command ran.
+    assert summary["total_wall_s"] >= sum(s["wall_s"] for run in summary["seed_stages"] for s in run) > 0
     assert summary["commit"].split("+")[0] == subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
                                                              capture_output=True).stdout.strip()
     rerun = reproduce(tmp_path)  # everything is done: skipped, evals resumed with nothing left
