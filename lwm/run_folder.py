@@ -117,6 +117,7 @@ class RunLock:
         self._thread = None
         self._stop = threading.Event()
         self._lost = None  # the lease that replaced ours, once seen
+        self._taken_from = None  # the id of a live holder we took the lock over from
 
     # ---- acquire / verify / release ----------------------------------------------------------
 
@@ -144,8 +145,10 @@ class RunLock:
         """Raise CheckpointWriteError if another copy of the run has taken the lock over."""
         if self._fd is not None or not storage.is_remote(self.folder):
             return  # an flock cannot be taken from a live process
-        current = self._lost or self._read()
+        current = self._lost or self._reclaimed(self._read())
         if current is None or current.get("id") != self.owner["id"]:
+            self._lost = current or {"id": "?"}  # never renew or delete a lease that is not ours again
+            self._stop.set()
             raise CheckpointWriteError(f"the run lock {self.path} was taken over by another copy of this run "
                                        f"({_describe(json.dumps(current or {}))}); this copy stops without committing")
 
@@ -204,6 +207,8 @@ class RunLock:
         self._write()
         maybe_alive = lease is not None and not self._dead(lease) and time.time() - float(lease.get("time", 0)) < self.ttl
         self._confirm(lease if self.take_over and maybe_alive else None)
+        if self.take_over and maybe_alive:
+            self._taken_from = lease.get("id")
         self._thread = threading.Thread(target=self._renew, name="lwm-run-lease", daemon=True)
         self._thread.start()
         return note
@@ -233,6 +238,17 @@ class RunLock:
             if time.time() >= deadline:
                 return
 
+    def _reclaimed(self, current: dict | None) -> dict | None:
+        """The lease as it stands, after rewriting ours over a late renewal of the holder we took
+        over from: a renewal it began before it saw our lease can land at any time after (a slow
+        bucket write); that copy stops renewing once it has read ours, so ours must win."""
+        if current is not None and self._taken_from and current.get("id") == self._taken_from:
+            log.warning("the run lock %s: a late renewal of the copy it was taken over from; rewriting ours",
+                        self.path)
+            self._write()
+            return dict(self.owner)
+        return current
+
     def _wait_for_expiry(self, lease: dict, age: float) -> None:
         log.warning("run folder %s: waiting up to %.0f s to see whether the run lock's holder (%s, renewed %.0f s "
                     "ago) is alive", self.folder, self.ttl - age, _describe(json.dumps(lease)), age)
@@ -250,7 +266,7 @@ class RunLock:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
-                current = self._read()
+                current = self._reclaimed(self._read())
                 if current is not None and current.get("id") != self.owner["id"]:
                     self._lost = current
                     log.error("the run lock %s was taken over by %s", self.path, _describe(json.dumps(current)))

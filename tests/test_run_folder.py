@@ -56,10 +56,12 @@ def test_a_live_holder_is_refused_and_can_be_taken_over_on_request(bucket_dir):
     assert "--checkpointer.take_over_lock=True" in second.acquire()
     with pytest.raises(CheckpointWriteError, match="taken over by another copy"):
         first.verify()
-    time.sleep(1.0)  # the first copy's renewal thread sees the new holder and stops renewing
-    assert json.loads(storage.read_text(storage.join(bucket_dir, LOCK_NAME)))["id"] == second.owner["id"]
-    first.release()  # leaves the new holder's lease alone
+    time.sleep(1.0)
+    # The first copy stops renewing (a renewal in flight lands before release returns) and leaves
+    # the new holder's lease alone; a late renewal of the first copy is overwritten by the second.
+    first.release()
     second.verify()
+    assert json.loads(storage.read_text(storage.join(bucket_dir, LOCK_NAME)))["id"] == second.owner["id"]
     second.release()
 
 
@@ -84,3 +86,23 @@ def test_a_take_over_outlasts_a_renewal_of_the_old_holder_in_flight(bucket_dir):
     with pytest.raises(CheckpointWriteError, match="taken over by another copy"):
         first.verify()
     second.release()
+
+
+def test_a_late_renewal_of_the_copy_taken_over_is_overwritten_and_never_deleted(bucket_dir):
+    # A renewal the old holder began before it saw the new lease can land after the new holder's
+    # confirmation window (a slow bucket write): the new holder's next check writes its lease back
+    # instead of stopping, and the old copy, once it knows it lost, neither renews nor deletes.
+    first = RunLock(bucket_dir, ttl_seconds=2)
+    first.acquire()
+    second = RunLock(bucket_dir, ttl_seconds=2, take_over=True)
+    second.acquire()
+    first._write()  # the late renewal lands
+    second.verify()
+    path = storage.join(bucket_dir, LOCK_NAME)
+    assert json.loads(storage.read_text(path))["id"] == second.owner["id"]
+    with pytest.raises(CheckpointWriteError, match="taken over by another copy"):
+        first.verify()
+    first.release()
+    assert json.loads(storage.read_text(path))["id"] == second.owner["id"]
+    second.release()
+    assert not storage.exists(path)
