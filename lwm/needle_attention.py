@@ -41,19 +41,22 @@ def layer_params(params, config, layer: int):
     return stack[str(layer)]
 
 
-def attention_probabilities(model, params, ids, mask, query_positions):
-    """(probabilities [batch, layers, heads, queries, seq], last-position logits [batch, vocab]):
-    the attention of every layer and head from `query_positions` [batch, queries] over the keys
-    of left-padded `ids` with `mask` (1 = real token), as the model computes it in its forward
-    pass (positions count real tokens, as the needle eval's prompts do)."""
+def attention_probe(model):
+    """A function (params, ids, mask, query_positions) -> (probabilities [batch, layers, heads,
+    queries, seq], last-position logits [batch, vocab]) as float64 numpy: the attention of every
+    layer and head from `query_positions` [batch, queries] over the keys of left-padded `ids` with
+    `mask` (1 = real token), as the model computes it in its forward pass (positions count real
+    tokens, as the needle eval's prompts do). Compiled once per model: build it once and call it
+    for every batch."""
     import jax
     import jax.numpy as jnp
 
-    from lwm.llama import apply_rotary, default_positions, rotary_sin_cos
+    from lwm.llama import RMSNorm, apply_rotary, default_positions, rotary_sin_cos
 
     config = model.config
     hd, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     hi = jax.lax.Precision.HIGHEST
+    norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=jnp.float32)
 
     @jax.jit
     def probe(params, ids, mask, query_positions):
@@ -65,9 +68,7 @@ def attention_probabilities(model, params, ids, mask, query_positions):
         layers = []
         for i in range(config.num_hidden_layers):
             p = layer_params(params, config, i)
-            x = out.all_hidden_states[i].astype(jnp.float32)
-            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + config.rms_norm_eps)
-            x = x * p["attention_norm"]["kernel"].astype(jnp.float32)
+            x = norm.apply({"params": p["attention_norm"]}, out.all_hidden_states[i])
             q = jnp.dot(x, p["attention"]["wq"]["kernel"].astype(jnp.float32), precision=hi).reshape(b, s, heads, hd)
             k = jnp.dot(x, p["attention"]["wk"]["kernel"].astype(jnp.float32), precision=hi).reshape(b, s, kv_heads, hd)
             q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
@@ -78,8 +79,16 @@ def attention_probabilities(model, params, ids, mask, query_positions):
             layers.append(jax.nn.softmax(scores, axis=-1))
         return jnp.stack(layers, 1), out.logits[:, -1].astype(jnp.float32)
 
-    probs, logits = probe(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(query_positions, jnp.int32))
-    return np.asarray(probs, np.float64), np.asarray(logits, np.float64)
+    def run(params, ids, mask, query_positions):
+        probs, logits = probe(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(query_positions, jnp.int32))
+        return np.asarray(probs, np.float64), np.asarray(logits, np.float64)
+
+    return run
+
+
+def attention_probabilities(model, params, ids, mask, query_positions):
+    """attention_probe(model) applied once (for a single batch)."""
+    return attention_probe(model)(params, ids, mask, query_positions)
 
 
 # ---- the needles in a prompt ------------------------------------------------------------------
@@ -165,6 +174,7 @@ def probe_cases(settings: NeedleSettings, loaded, progress: bool = True, answer_
     period_ids = break_token_ids(tokenizer, settings.needle_placement)
     haystacks = read_haystacks(settings.haystack_file, tokenizer, settings.n_rounds, max(settings.context_lengths))
     data_dim = mesh.shape["dp"] * mesh.shape["fsdp"]
+    probe = attention_probe(loaded.model)
     records = []
     bar = tqdm(total=len(settings.context_lengths) * settings.n_rounds, desc="probe cases", disable=not progress)
     for length in settings.context_lengths:
@@ -183,7 +193,7 @@ def probe_cases(settings: NeedleSettings, loaded, progress: bool = True, answer_
             spans += [spans[-1]] * (data_dim - len(spans))
             queries = np.array([[prompt_length - 1] + [s.before_digits + sh for s in row]
                                 for row, sh in zip(spans, shift)], np.int32)
-            probs, logits = attention_probabilities(loaded.model, loaded.params, ids, mask, queries)
+            probs, logits = probe(loaded.params, ids, mask, queries)
             for row, case in enumerate(batch_cases):
                 records.append(case_record(case.record, spans[row], shift[row], probs[row], logits[row], tokenizer,
                                            batch[row]))
@@ -235,12 +245,14 @@ def summarize(records: list[dict]) -> dict:
     chosen = {i: int(np.argmax([records[i]["first_digit_p"][c] for c in records[i]["needles"]])) for i in distinct}
     summary = dict(cases=len(records), needles=n_needles, chance=1.0 / n_needles,
                    cases_with_distinct_first_digits=len(distinct), per_head={})
+    shares = {}
     for name, field in (("needle", "attention_on_needle"), ("first_digit", "attention_on_first_digit")):
         mass = np.array([[r[field][c] for c in r["needles"]] for r in records])  # [case, needle, layers, heads]
         total = mass.sum(1)
         share = mass[np.arange(len(records)), asked] / np.maximum(total, 1e-12)
         chosen_share = np.mean([mass[i, chosen[i]] / np.maximum(total[i], 1e-12) for i in distinct], axis=0) \
             if distinct else np.full(total.shape[1:], np.nan)
+        shares[name] = total, share, chosen_share
         reader = np.unravel_index(np.argmax(total.mean(0)), total.shape[1:])
         summary.update({f"{name}_reader_head": [int(reader[0]), int(reader[1])],
                         f"{name}_reader_mass": float(total.mean(0)[reader]),
@@ -253,13 +265,10 @@ def summarize(records: list[dict]) -> dict:
     # asked-needle share and a 95% bootstrap interval over the cases.
     from lwm.stats import bootstrap_interval
 
-    mass = np.array([[r["attention_on_first_digit"][c] for c in r["needles"]] for r in records])
-    total = mass.sum(1)
-    share = mass[np.arange(len(records)), asked] / np.maximum(total, 1e-12)  # [case, layers, heads]
+    total, share, chosen_share = shares["first_digit"]  # total, share: [case, layers, heads]
     summary["first_digit_readers"] = [
         dict(layer=int(l), head=int(h), mass=float(total[:, l, h].mean()), asked_share=float(share[:, l, h].mean()),
-             asked_share_ci95=bootstrap_interval(share[:, l, h].tolist()),
-             chosen_share=float(np.asarray(summary["per_head"]["first_digit_chosen_share"])[l, h]))
+             asked_share_ci95=bootstrap_interval(share[:, l, h].tolist()), chosen_share=float(chosen_share[l, h]))
         for l, h in np.argwhere(total.mean(0) > 0.5)]
     binding = [records[i]["first_digit_p"][records[i]["asked"][0]] / sum(records[i]["first_digit_p"].values())
                for i in distinct]

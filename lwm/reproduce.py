@@ -344,7 +344,7 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
     summary = combine_seeds(runs) if seeds > 1 else runs[0]
     # The study's compute: every stage and eval of every seed, over all their attempts (a rerun
     # that finds them done takes seconds, which is not what they cost).
-    records = [r for run in runs for r in run["stages"] + run.get("ablation_stages", []) + run.get("extra_stages", [])]
+    records = [r for run in runs for r in all_stages(run)]
     recorded = sum(r["wall_s"] + r["evals_wall_s"] + r.get("ablation_evals_wall_s", 0.0) for r in records)
     summary.update(ablations_run=list(ablations), smoke=smoke, seeds=seeds, ablation_seeds=ablation_seeds,
                    total_wall_s=round(recorded, 1), this_run_wall_s=round(time.time() - start, 1),
@@ -403,6 +403,11 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
     return summary
 
 
+def all_stages(summary: dict) -> list[dict]:
+    """A (seed's) summary's stage records: the main stages, then the ablations' and the extras'."""
+    return summary["stages"] + summary.get("ablation_stages", []) + summary.get("extra_stages", [])
+
+
 def combine_seeds(runs: list[dict]) -> dict:
     """One summary of several seeds' summaries: seed 0's stages, heatmaps and per-case results
     stand for the study; every accuracy becomes the mean over seeds, with `<key>_seeds` (one
@@ -413,8 +418,7 @@ def combine_seeds(runs: list[dict]) -> dict:
 
     summary = json.loads(json.dumps(runs[0]))
     summary.pop("seed")
-    summary["seed_stages"] = [run["stages"] + run.get("ablation_stages", []) + run.get("extra_stages", [])
-                              for run in runs]
+    summary["seed_stages"] = [all_stages(run) for run in runs]
     for key, entry in summary["evals"].items():
         per_seed = [run["evals"][key] for run in runs if key in run["evals"]]
         values = [e["accuracy"] for e in per_seed]
@@ -429,7 +433,7 @@ def combine_seeds(runs: list[dict]) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    stages = summary["stages"] + summary.get("ablation_stages", []) + summary.get("extra_stages", [])
+    stages = all_stages(summary)
     width = max(16, *(len(s["name"]) for s in stages))
     rows = [f"{'stage':{width}} length   theta      steps   tokens      wall s  evals s",
             *(f"{s['name']:{width}} {s['length']:6d}   {s['theta']:<9g}  {s['steps']:5d}   {s['tokens']:<10d}  "
