@@ -513,6 +513,18 @@ def project_path(path: str) -> str:
     return os.path.relpath(os.path.abspath(path), ROOT)
 
 
+def project_relative(path: str) -> str | None:
+    """An absolute path inside the project, relative to it; also one written by another checkout
+    whose `outputs` is the same folder (a link to this one's, or this one's a link to it): the
+    path below `outputs/` names the same file. None for a path outside the project."""
+    real = os.path.realpath(path)
+    for base in (ROOT, os.path.join(ROOT, "outputs")):
+        below = os.path.relpath(real, os.path.realpath(base))
+        if not below.startswith(".."):
+            return os.path.normpath(os.path.join(os.path.relpath(base, ROOT), below))
+    return None
+
+
 def write_lines(path: str, lines) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -568,8 +580,9 @@ def publish_results(source: str, target: str) -> None:
     for r in results:
         scored = r.get("checkpoint", {})
         path = scored.get("load_checkpoint", "").partition("::")[2]
-        if os.path.isabs(path) and not os.path.relpath(path, ROOT).startswith(".."):
-            scored["load_checkpoint"] = scored["load_checkpoint"].replace(path, project_path(path))
+        inside = project_relative(path) if os.path.isabs(path) else None
+        if inside is not None:
+            scored["load_checkpoint"] = scored["load_checkpoint"].replace(path, inside)
     save_results(target, results)
 
 

@@ -113,6 +113,24 @@ def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_th
     assert (docs / "assets" / "k.png").read_bytes() == b"\x89PNG"
 
 
+def test_published_paths_name_checkpoints_in_the_project_also_through_a_linked_outputs(tmp_path, monkeypatch):
+    # Two checkouts sharing one outputs folder (each `outputs` a link to it): a result written by
+    # the other checkout names the same file as this one's outputs/ does.
+    from lwm import reproduce as study
+
+    shared = tmp_path / "shared_outputs"
+    (shared / "runs" / "stage1").mkdir(parents=True)
+    for checkout in ("this", "other"):
+        (tmp_path / checkout).mkdir()
+        (tmp_path / checkout / "outputs").symlink_to(shared)
+    monkeypatch.setattr(study, "ROOT", str(tmp_path / "this"))
+    assert study.project_relative(f"{tmp_path}/other/outputs/runs/stage1/streaming_params") == \
+        "outputs/runs/stage1/streaming_params"
+    assert study.project_relative(f"{shared}/runs/stage1/streaming_params") == "outputs/runs/stage1/streaming_params"
+    assert study.project_relative(f"{tmp_path}/this/configs/x.json") == "configs/x.json"
+    assert study.project_relative(f"{tmp_path}/other/configs/x.json") is None  # not this project's file
+
+
 def test_an_eval_run_by_fewer_seeds_averages_over_those_it_has(tmp_path, monkeypatch):
     # --ablation_seeds 1: the main study's accuracy is the mean of both seeds, the ablation's is seed 0's alone.
     from lwm import reproduce as study
