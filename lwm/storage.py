@@ -205,13 +205,20 @@ def rmtree(folder: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    with open_file(path, "rb") as f:
-        return f.read()
+    """A whole file or object. In a bucket one GET of the object, so the bytes are one version of
+    it: an open file takes the size from the object's metadata and then reads ranges, and an
+    object replaced in between (a lease renewed by another host) comes back cut or mixed."""
+    if not is_remote(path):
+        with open(_local(path), "rb") as f:
+            return f.read()
+    fs, inner = _filesystem(path)
+    with _remote_errors(path):
+        return fs.cat_file(inner)
 
 
 def read_text(path: str) -> str:
     """UTF-8 text as `open(path, encoding="utf-8").read()` gives it (universal newlines)."""
-    with open_file(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+    with io.TextIOWrapper(io.BytesIO(read_bytes(path)), encoding="utf-8") as f:
         return f.read()
 
 

@@ -112,3 +112,31 @@ def test_missing_credentials_are_one_line_naming_the_url(monkeypatch):
     with pytest.raises(PermissionError, match=r"^gs://b/run/x: no usable credentials \(DefaultCredentialsError: "
                                               r"Your default credentials were not found\.\); run gcloud auth"):
         storage.exists("gs://b/run/x")
+
+
+def test_a_read_gets_one_version_of_an_object_being_replaced(bucket_dir):
+    # A lease renewed by another host while this one reads it: every read is the old object or the
+    # new one whole (an open file sizes itself from the metadata, then reads ranges of whichever
+    # version is there by then: a longer version came back cut, a JSON lease unparseable).
+    import threading
+
+    path = storage.join(bucket_dir, "lease.json")
+    versions = ['{"id": "a"}', '{"id": "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}']
+    storage.write_text(path, versions[0])
+    done = threading.Event()
+
+    def renew():
+        i = 0
+        while not done.is_set():
+            i += 1
+            storage.write_text(path, versions[i % 2])
+
+    writer = threading.Thread(target=renew)
+    writer.start()
+    try:
+        seen = [storage.read_text(path) for _ in range(300)]
+    finally:
+        done.set()
+        writer.join()
+    assert set(seen) <= set(versions), [s for s in seen if s not in versions][:3]
+    assert set(seen) == set(versions)  # the writer did race the reads
