@@ -15,7 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_smoke_study_runs_every_step_and_eval(tmp_path):
     out = tmp_path / "study"
-    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, WANDB_MODE="disabled")
+    # Its stages and evals repeat shapes (the ablation stage, chat and generation per stage): a
+    # compilation cache spares the repeated compiles.
+    env = dict(os.environ, XLA_FLAGS=cpu_xla_flags(8), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, WANDB_MODE="disabled",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run([sys.executable, "-m", "lwm.reproduce_vision", "--smoke", f"--out={out}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -1,10 +1,13 @@
 """`python -m lwm.train` end to end: smoke runs, SIGKILL + autoresume, two processes, NaN stop."""
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -21,9 +24,17 @@ UPDATE = ("dict(vocab_size=32000,hidden_size=64,intermediate_size=128,num_hidden
           "scan_mlp_chunk_size=32,scan_loss_chunk_size=32)")
 
 
+# Compiled programs kept between this worker's training commands: a restarted run (these tests
+# restart many) loads its step instead of compiling it again. The same program gives the same
+# bits from the cache, so the exact-resume checks are unchanged.
+COMPILE_CACHE = tempfile.mkdtemp(prefix="lwm-test-jax-cache-")
+atexit.register(shutil.rmtree, COMPILE_CACHE, True)
+
+
 def env(devices=8, wandb="disabled"):
     e = dict(os.environ, XLA_FLAGS=cpu_xla_flags(devices), JAX_PLATFORMS="cpu",
-             WANDB_MODE=wandb, PYTHONPATH=ROOT)
+             WANDB_MODE=wandb, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return e
 
 
@@ -63,7 +74,6 @@ def run(args, devices=8, check=True, timeout=600, wandb="disabled", fresh_folder
         try:
             return run(args, devices, check, 120, wandb)
         except subprocess.TimeoutExpired:
-            import shutil
 
             print(f"retrying after a hang (XLA CPU collective rendezvous): {' '.join(map(str, args[:4]))}")
             shutil.rmtree(fresh_folder, ignore_errors=True)
