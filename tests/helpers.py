@@ -62,3 +62,10 @@ def run_script_with_fake_python(tmp_path, script: str, all_calls: bool = False, 
     assert result.returncode == 0, result.stderr
     calls = [call.split("\0")[:-1] for call in args_out.read_text().split("\036")[:-1]]
     return calls if all_calls else calls[-1]
+
+
+def survivor_stop_message(stderr: str) -> bool:
+    """Whether a process that lost its peer said why it stopped: our line (its next collective
+    failed) or jax's coordination service's (it reported the dead peer first; jax then aborts)."""
+    ours = "another process has probably stopped" in stderr and "--autoresume=True" in stderr
+    return ours or "another task died" in stderr

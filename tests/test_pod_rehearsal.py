@@ -24,8 +24,9 @@ import pytest
 
 from lwm import storage
 from lwm.logger import read_metrics
-from lwm.mesh import cpu_xla_flags
 from lwm.gcs_emulator import free_port
+from lwm.mesh import cpu_xla_flags
+from tests.helpers import survivor_stop_message
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,14 +113,17 @@ def test_the_stage_chain_on_two_processes_in_a_bucket(bucket_dir, tmp_path):
                     break
             first_log.append(procs[0].communicate(timeout=300)[1])
             procs[1].communicate(timeout=300)
-            assert procs[0].returncode == 1 and procs[1].returncode == -signal.SIGKILL
+            # The survivor stops at once either way: our line and exit 1 when its next collective fails
+            # first, or jax's abort (134) when the coordination service reports the dead peer first (a
+            # race: it won once when process 0 was inside a long bucket save).
+            assert procs[0].returncode in (1, 128 + signal.SIGABRT) and procs[1].returncode == -signal.SIGKILL
             assert final_step(f"{root}/lwm-text-128k") == 4  # the last exact save (milestone 3 holds params only)
             assert "metadata_3.pkl" in storage.listdir(f"{root}/lwm-text-128k")
             killed = losses(f"{root}/lwm-text-128k")  # steps 1-6: each row is flushed before its step's saves
             procs = start_stage(f"run_lwm_text_stage_{stage}.sh", env)  # the same command on both
             resumed_log = finish(procs)
             assert f"resumed from trainstate::{root}/lwm-text-128k/streaming_train_state at step 4" in resumed_log
-            assert "another process has probably stopped" in first_log[-1]
+            assert survivor_stop_message(first_log[-1]), first_log[-1][-3000:]
             log = "".join(first_log)  # the stage's first start loaded the previous stage's weights
         else:
             log = finish(procs)
