@@ -86,11 +86,6 @@ def attention_probe(model):
     return run
 
 
-def attention_probabilities(model, params, ids, mask, query_positions):
-    """attention_probe(model) applied once (for a single batch)."""
-    return attention_probe(model)(params, ids, mask, query_positions)
-
-
 # ---- the needles in a prompt ------------------------------------------------------------------
 
 

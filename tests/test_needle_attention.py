@@ -9,7 +9,7 @@ import torch
 from lwm.hf_conversion import convert_hf_to_lwm
 from lwm.checkpoint import load_streaming
 from lwm.llama import LLaMAForCausalLM
-from lwm.needle_attention import answer_prefix, attention_probabilities, find_last, needle_spans, summarize
+from lwm.needle_attention import answer_prefix, attention_probe, find_last, needle_spans, summarize
 from tests.test_llama import hf_model
 
 
@@ -24,7 +24,7 @@ def test_probabilities_are_hugging_faces_output_attentions(tmp_path, kv_heads, s
     mask = np.ones((2, 32), np.int32)
     mask[1, :11] = 0  # left padding, as the eval pads its prompts
     queries = np.array([[31, 5, 20], [31, 12, 25]], np.int32)
-    probs, logits = attention_probabilities(LLaMAForCausalLM(config), params, ids, mask, queries)
+    probs, logits = attention_probe(LLaMAForCausalLM(config))(params, ids, mask, queries)
     with torch.no_grad():
         ref = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(np.maximum(mask.cumsum(-1) - 1, 0)), output_attentions=True)

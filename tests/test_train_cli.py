@@ -75,7 +75,6 @@ def run(args, devices=8, check=True, timeout=600, wandb="disabled", fresh_folder
         try:
             return run(args, devices, check, 120, wandb)
         except subprocess.TimeoutExpired:
-
             print(f"retrying after a hang (XLA CPU collective rendezvous): {' '.join(map(str, args[:4]))}")
             shutil.rmtree(fresh_folder, ignore_errors=True)
     proc = subprocess.run(args, env=env(devices, wandb), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
