@@ -409,6 +409,47 @@ def score_videos(results: list[dict], folder: str) -> list[bool]:
             == r["direction"] for r in results]
 
 
+def tokenizer_ceiling(world: str, vqgan: tuple[str, str], out: str) -> dict:
+    """What the scorers read back from the tokenizer's own reconstructions of the held-out
+    captions' true images and clips (encoded, decoded, written as lwm.vision_generation writes
+    its outputs): the most a generated image or clip can score when every code is right."""
+    from lwm.vision_generation import VIDEO_FPS
+    from lwm.vision_io import read_vision, write_image, write_video
+    from lwm.vqgan import VQGAN, VQGANConfig
+
+    folder = os.path.join(out, "evals", "tokenizer_ceiling")
+    summary_file = os.path.join(folder, "summary.json")
+    if os.path.exists(summary_file):
+        with open(summary_file) as f:
+            return json.load(f)
+    os.makedirs(folder, exist_ok=True)
+    model = VQGAN(vqgan[0], VQGANConfig.from_json(vqgan[1]))
+    with open(os.path.join(world, "heldout.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    images, clips = [], []
+    for x in lines:
+        if x["kind"] not in ("image_gen", "video_gen"):
+            continue
+        frames = read_vision(os.path.join(world, x["path"]), max_n_frames=0, size=model.config.resolution)
+        reconstruction = np.asarray(model.decode(model.encode(frames, progress=False)[1], progress=False))
+        name = x["id"].replace(":", "_") + (".png" if x["kind"] == "image_gen" else ".mp4")
+        record = dict(output_file=name, truth=x["path"], **{k: x[k] for k in ("colour", "shape", "position",
+                                                                                "direction") if k in x})
+        if x["kind"] == "image_gen":
+            write_image(os.path.join(folder, name), reconstruction[0])
+            images.append(record)
+        else:
+            write_video(os.path.join(folder, name), reconstruction, fps=VIDEO_FPS)
+            clips.append(record)
+    per_image = score_images(images, folder, world, vqgan)
+    summary = {f"text_to_image_{key}": mean(values) for key, values in per_image.items()}
+    summary["text_to_video_motion"] = mean(score_videos(clips, folder))
+    with open(summary_file, "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"tokenizer ceiling (scores of the true images' and clips' reconstructions): {summary}")
+    return summary
+
+
 # ---- the study --------------------------------------------------------------------------------------
 
 
@@ -542,6 +583,8 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
         params2, wall2 = train_stage(stage2, data2, tokenizer, out, start_from=params1)
     with timed(out, "evals stage2"):
         evals = evaluate(stage2, params2, world, tokenizer, vqgan, out)
+    with timed(out, "tokenizer ceiling"):
+        ceiling = tokenizer_ceiling(world, vqgan, out)
 
     # The ablation: stage 1 again on the same lines in the same order, masked packing off.
     unmasked = load_stage("stage1_unmasked", smoke)
@@ -566,6 +609,7 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     summary = dict(total_wall_s=study_wall(out), commit=git_commit(), stages=stages,
                    after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
+                   tokenizer_ceiling=ceiling,
                    vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
                                   final=vqgan_report["history"][-1]),
                    machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
@@ -597,6 +641,8 @@ def summary_table(summary: dict) -> str:
         rows.append(f"| video_needle at {n} frames | {value:.3f} | | |")
     for attribute, value in summary["tokenizer_attribute_code_agreement"].items():
         rows.append(f"| VQGAN code agreement, frames differing in {attribute} | {value:.3f} | | low |")
+    for key, value in summary["tokenizer_ceiling"].items():
+        rows.append(f"| {key} of the VQGAN's reconstructions of the true media (ceiling) | {value:.3f} | | |")
     ablation = summary.get("ablation") or {}
     if ablation.get("results") and ablation["compared_with"].get("results"):
         main, off = ablation["compared_with"]["results"], ablation["results"]

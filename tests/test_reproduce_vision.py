@@ -30,6 +30,12 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
         assert 0.0 <= low <= summary[key] <= high <= 1.0, key
     assert summary["video_needle_lengths"] == [8]
     assert set(summary["tokenizer_attribute_code_agreement"]) == {"colour", "shape", "position"}
+    ceiling = summary["tokenizer_ceiling"]  # the scorers on the VQGAN's reconstructions of the true media
+    assert set(ceiling) == {"text_to_image_attributes", "text_to_image_exact", "text_to_image_code_agreement",
+                            "text_to_video_motion"}
+    assert all(0.0 <= value <= 1.0 for value in ceiling.values()), ceiling
+    reconstructions = out / "evals" / "tokenizer_ceiling"
+    assert len(list(reconstructions.glob("*.png"))) == 4 and len(list(reconstructions.glob("*.mp4"))) == 4
     assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert summary["stages"][1]["mesh_dim"] == "1,2,1,4"  # the long stage runs ring attention over sp = 4
     assert [s["frames_per_example"] for s in summary["stages"]] == ["1-8", "12-16 (and 1-8 replayed)"]
