@@ -11,7 +11,8 @@ Steps, each resumable (a finished step is skipped; a stage in progress autoresum
   tokens     scripts/tokenize_vision.py: the lists -> json_vision lines
   stages     python -m lwm.train --modality=vision,text on them (configs/reproduce_vision/)
   evals      python -m lwm.vision_chat and python -m lwm.vision_generation on held-out examples
-  ablation   stage 1 again with naive packing (configs/reproduce_vision/stage1_unmasked.json), its questions
+  ablation   stage 1 again with naive packing (configs/reproduce_vision/stage1_unmasked.json), its questions,
+             then stage 2 from it (stage2_after_unmasked.json) and every eval
 
 Outputs go under --out (default outputs/reproduce_vision, git-ignored); the summary is
 <out>/reproduction_vision.json, printed as a table with the study's targets.
@@ -592,6 +593,12 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
         params_u, wall_u = train_stage(unmasked, data1, tokenizer, out)
     with timed(out, "evals stage1_unmasked"):
         evals_u = None if smoke else evaluate(unmasked, params_u, world, tokenizer, vqgan, out, generation=False)
+    # and stage 2 from it, on stage 2's lines in stage 2's order
+    unmasked2 = load_stage("stage2_after_unmasked", smoke)
+    with timed(out, "train stage2_after_unmasked"):
+        params_u2, wall_u2 = train_stage(unmasked2, data2, tokenizer, out, start_from=params_u)
+    with timed(out, "evals stage2_after_unmasked"):
+        evals_u2 = evaluate(unmasked2, params_u2, world, tokenizer, vqgan, out)
 
     def stage_row(s, params, wall, frames):
         return dict(name=s["name"], mode=s["mode"], frames_per_example=frames, seq_length=s["seq_length"],
@@ -605,7 +612,10 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     ablation = dict(name="masked_packing_off", what=unmasked["what"],
                     stage=stage_row(unmasked, params_u, wall_u, first_frames),
                     results=evals_u and {k: evals_u[k] for k in UNDERSTANDING},
-                    compared_with=dict(stage=stage1["name"], results=evals1 and {k: evals1[k] for k in UNDERSTANDING}))
+                    compared_with=dict(stage=stage1["name"], results=evals1 and {k: evals1[k] for k in UNDERSTANDING}),
+                    then_stage2=dict(what=unmasked2["what"],
+                                     stage=stage_row(unmasked2, params_u2, wall_u2, stages[1]["frames_per_example"]),
+                                     results=evals_u2))
     summary = dict(total_wall_s=study_wall(out), commit=git_commit(), stages=stages,
                    after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
@@ -650,6 +660,13 @@ def summary_table(summary: dict) -> str:
             interval = off.get(f"{key}_ci95")
             rows.append(f"| ablation {ablation['name']}: {key} ({ablation['compared_with']['stage']}: {main[key]:.3f}) "
                         f"| {off[key]:.3f} | {f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | |")
+    then = ablation.get("then_stage2") or {}
+    if then.get("results"):
+        for key in ("image_qa", "video_needle", "text_to_image_attributes_cfg", "text_to_video_motion"):
+            interval = then["results"].get(f"{key}_ci95")
+            rows.append(f"| ablation {ablation['name']}, then stage 2: {key} ({summary['stages'][1]['name']}: "
+                        f"{summary[key]:.3f}) | {then['results'][key]:.3f} | "
+                        f"{f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | |")
     rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | | <= 90 min |")
     return "\n".join(rows)
 

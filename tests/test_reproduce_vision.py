@@ -42,7 +42,11 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     ablation = summary["ablation"]
     assert ablation["name"] == "masked_packing_off" and ablation["stage"]["mode"] == "no_pad"
     assert ablation["stage"]["tokens"] == summary["stages"][0]["tokens"]  # equal compute
-    for stage in summary["stages"] + [ablation["stage"]]:
+    then = ablation["then_stage2"]  # stage 2 from the naive-packed stage 1, every eval
+    assert then["stage"]["name"] == "stage2_after_unmasked" and then["stage"]["mode"] == "packed"
+    assert then["stage"]["tokens"] == summary["stages"][1]["tokens"]
+    assert 0.0 <= then["results"]["image_qa"] <= 1.0 and 0.0 <= then["results"]["text_to_video_motion"] <= 1.0
+    for stage in summary["stages"] + [ablation["stage"], then["stage"]]:
         assert os.path.exists(os.path.join(ROOT, stage["checkpoint"]))  # recorded relative to the project
     for stage in summary["stages"]:  # every eval folder names the weights it scored
         recorded = json.loads((out / "evals" / stage["name"] / "checkpoint.json").read_text()) \
