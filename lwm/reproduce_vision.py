@@ -1,6 +1,6 @@
 """Evidence that the vision half learns: a tiny video-language world trained and evaluated on a CPU.
 
-    python -m lwm.reproduce_vision                       # the study and its ablation (make reproduce-vision), ~72 min
+    python -m lwm.reproduce_vision                       # the study and its ablation (make reproduce-vision), ~77 min
     python -m lwm.reproduce_vision --publish             # and docs/reproduction_vision.json + pictures
     python -m lwm.reproduce_vision --smoke --out /tmp/v  # every step in minutes (tests)
 
