@@ -414,8 +414,9 @@ def tokenizer_ceiling(world: str, vqgan: tuple[str, str], out: str) -> dict:
     """What the scorers read back from the tokenizer's own reconstructions of the held-out
     captions' true images and clips (encoded, decoded, written as lwm.vision_generation writes
     its outputs): the most a generated image or clip can score when every code is right."""
+    from lwm.tiny_vqgan import reconstruction
     from lwm.vision_generation import VIDEO_FPS
-    from lwm.vision_io import read_vision, write_image, write_video
+    from lwm.vision_io import read_vision, to_uint8, write_image, write_video
     from lwm.vqgan import VQGAN, VQGANConfig
 
     folder = os.path.join(out, "evals", "tokenizer_ceiling")
@@ -431,16 +432,16 @@ def tokenizer_ceiling(world: str, vqgan: tuple[str, str], out: str) -> dict:
     for x in lines:
         if x["kind"] not in ("image_gen", "video_gen"):
             continue
-        frames = read_vision(os.path.join(world, x["path"]), max_n_frames=0, size=model.config.resolution)
-        reconstruction = np.asarray(model.decode(model.encode(frames, progress=False)[1], progress=False))
+        frames = to_uint8(read_vision(os.path.join(world, x["path"]), max_n_frames=0, size=model.config.resolution))
+        rebuilt = reconstruction(model, frames)
         name = x["id"].replace(":", "_") + (".png" if x["kind"] == "image_gen" else ".mp4")
         record = dict(output_file=name, truth=x["path"], **{k: x[k] for k in ("colour", "shape", "position",
                                                                                 "direction") if k in x})
         if x["kind"] == "image_gen":
-            write_image(os.path.join(folder, name), reconstruction[0])
+            write_image(os.path.join(folder, name), rebuilt[0])
             images.append(record)
         else:
-            write_video(os.path.join(folder, name), reconstruction, fps=VIDEO_FPS)
+            write_video(os.path.join(folder, name), rebuilt, fps=VIDEO_FPS)
             clips.append(record)
     per_image = score_images(images, folder, world, vqgan)
     summary = {f"text_to_image_{key}": mean(values) for key, values in per_image.items()}
