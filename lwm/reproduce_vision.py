@@ -269,6 +269,7 @@ def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: st
            "--train_dataset.vision_text_processor.n_tokens_per_frame=16",
            "--train_dataset.vision_text_processor.add_bos_token=False",
            f"--train_dataset.json_vision_dataset.mode={stage['mode']}",
+           f"--train_dataset.json_vision_dataset.packed_loss_weighting={stage.get('packed_loss_weighting', 'example')}",
            f"--train_dataset.json_vision_dataset.path={data}",
            f"--train_dataset.json_vision_dataset.seq_length={seq}",
            f"--train_dataset.json_vision_dataset.batch_size={stage['batch_size']}",

@@ -250,6 +250,31 @@ def test_vision_resume(tokenizer, tmp_path, mode):
     _assert_same(head + _take(resumed, 4), full)
 
 
+def test_vision_packed_loss_weighting_per_token(tokenizer, tmp_path):
+    """json_vision mode=packed with packed_loss_weighting="token": the same rows, every
+    loss-bearing target (text and vision codes) weighs 1; an unknown value is one line."""
+    rng = np.random.default_rng(1)
+    rows = [json.dumps({"fields": "[t],vision" if i % 2 else "[vision],t", "t": t,
+                        "vision": rng.integers(0, 8192, 4 * int(rng.integers(1, 4))).tolist()})
+            for i, t in enumerate(_texts(8, 9))]
+    path = _write_lines(tmp_path / "v.jsonl", rows)
+    cfg = DatasetFactory.get_default_config({"type": "json_vision"})
+    cfg.vision_text_processor.update(fields_from_example="fields", n_tokens_per_frame=4)
+    cfg.json_vision_dataset.update(path=path, seq_length=24, batch_size=2, mode="packed")
+    per_example = _take(DatasetFactory.load_dataset(cfg, tokenizer), 3)
+    cfg.json_vision_dataset.packed_loss_weighting = "token"
+    per_token = _take(DatasetFactory.load_dataset(cfg, tokenizer), 3)
+    for (a, _), (b, _) in zip(per_example, per_token):
+        for key in a:
+            if key != "loss_masks":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        np.testing.assert_array_equal(b["loss_masks"], (a["loss_masks"] > 0).astype(np.float32))
+    assert any((a["loss_masks"] != b["loss_masks"]).any() for (a, _), (b, _) in zip(per_example, per_token))
+    cfg.json_vision_dataset.packed_loss_weighting = "tokens"
+    with pytest.raises(ValueError, match="json_vision_dataset.packed_loss_weighting='tokens'; expected one of"):
+        DatasetFactory.load_dataset(cfg, tokenizer)
+
+
 def test_original_lwm_state_loads(tokenizer, tmp_path, caplog):
     path, pairs = _qa_file(tmp_path, n=10)
     ref = _qa_reference(pairs)

@@ -198,10 +198,15 @@ class JsonVisionDataset(JsonDataset):
         config.use_data_sharded_loader = True  # each data-reading process reads its own lines
         config.return_local_batch = False  # read by the trainer: keep batches host-local
         config.mode = "pad"  # pad | no_pad | packed
+        config.packed_loss_weighting = "example"  # mode=packed: "example" (as LWM packs) or "token", as json_dataset
         return _update_config(config, updates)
 
     def _set_layout(self) -> None:
         modes = {"pad": "pad", "no_pad": "stream", "packed": "packed"}
         if self.config.mode not in modes:
             raise ValueError(f"json_vision_dataset.mode must be one of {sorted(modes)}, got {self.config.mode!r}")
-        self._layout_name = modes[self.config.mode]
+        if self.config.packed_loss_weighting not in PACKED_WEIGHTINGS:
+            raise ValueError(f"json_vision_dataset.packed_loss_weighting={self.config.packed_loss_weighting!r}; "
+                             f"expected one of {', '.join(PACKED_WEIGHTINGS)}")
+        packed = PACKED_WEIGHTINGS[self.config.packed_loss_weighting]
+        self._layout_name = packed if self.config.mode == "packed" else modes[self.config.mode]
