@@ -11,6 +11,8 @@ are sharded `PS(('dp','fsdp'), 'sp')`, activations `PS(('dp','fsdp'), 'sp', None
 """
 from __future__ import annotations
 
+import os
+
 import re
 from typing import Any, Iterable, Mapping
 
@@ -40,11 +42,16 @@ def cpu_xla_flags(devices: int, collective_timeout_s: int = 300) -> str:
     Virtual devices share a few cores, so one of them can reach a collective long after the
     others (a long fused op, or another process on the machine); XLA's CPU runtime aborts the
     process when that takes more than 40 s. Tests raise it to 5 minutes; the long benchmarks,
-    whose single ring steps take minutes, to an hour.
+    whose single ring steps take minutes, to an hour. Other flags already in XLA_FLAGS are kept
+    (the caller's own choices, such as the test suite's quicker compiles), so a subprocess given
+    these flags compiles as its parent does.
     """
-    return (f"--xla_force_host_platform_device_count={devices} "
+    ours = (f"--xla_force_host_platform_device_count={devices} "
             f"--xla_cpu_collective_call_warn_stuck_timeout_seconds={min(600, collective_timeout_s)} "
             f"--xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout_s}")
+    names = {flag.split("=")[0] for flag in ours.split()}
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag.split("=")[0] not in names]
+    return " ".join([ours, *kept])
 
 
 def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[tuple[int, ...], bool]:

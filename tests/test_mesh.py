@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from lwm.mesh import (BATCH_SPEC, batch_to_global, build_mesh, data_rank_and_world, gather_tree,
+from lwm.mesh import (BATCH_SPEC, batch_to_global, build_mesh, cpu_xla_flags, data_rank_and_world, gather_tree,
                       match_partition_rules, parse_mesh_dim, partition_rules, shard_tree, sharding_table,
                       with_sharding_constraint)
 
@@ -111,3 +111,15 @@ def test_data_placement():
     out = batch_to_global(batch, mesh)
     assert out["input_tokens"].sharding == NamedSharding(mesh, BATCH_SPEC)
     np.testing.assert_array_equal(np.asarray(out["input_tokens"]), batch["input_tokens"])
+
+
+def test_cpu_xla_flags_set_devices_and_keep_the_callers_other_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x "
+                                    "--xla_cpu_collective_call_terminate_timeout_seconds=5")
+    flags = cpu_xla_flags(2, collective_timeout_s=60).split()
+    assert flags == ["--xla_force_host_platform_device_count=2",
+                     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60",
+                     "--xla_cpu_collective_call_terminate_timeout_seconds=60", "--xla_dump_to=/tmp/x"]
+    monkeypatch.delenv("XLA_FLAGS")
+    flags = cpu_xla_flags(1).split()
+    assert flags[0] == "--xla_force_host_platform_device_count=1" and len(flags) == 3
