@@ -13,6 +13,8 @@ Steps, each resumable (a finished step is skipped; a stage in progress autoresum
   evals      python -m lwm.vision_chat and python -m lwm.vision_generation on held-out examples
   ablation   stage 1 again with naive packing (configs/reproduce_vision/stage1_unmasked.json), its questions,
              then stage 2 from it (stage2_after_unmasked.json) and every eval
+  --extra    variants named on the command line (a config with `ablation_of` and `start_from`), each
+             trained after the study and given every eval
 
 Outputs go under --out (default outputs/reproduce_vision, git-ignored); the summary is
 <out>/reproduction_vision.json, printed as a table with the study's targets.
@@ -212,9 +214,8 @@ def load_stage(name: str, smoke: bool) -> dict:
     """configs/reproduce_vision/<name>.json; an ablation (`ablation_of`) is its stage with the keys it changes."""
     with open(os.path.join(CONFIGS, f"{name}.json")) as f:
         stage = json.load(f)
-    if "ablation_of" in stage:
-        with open(os.path.join(CONFIGS, f"{stage['ablation_of']}.json")) as f:
-            stage = {**json.load(f), **stage}
+    if "ablation_of" in stage:  # which may itself be a variant of another
+        stage = {**load_stage(stage.pop("ablation_of"), smoke=False), **stage}
     if smoke:
         stage.update(steps=3, warmup_steps=1, batch_size=8)
     return stage
@@ -552,11 +553,12 @@ def frames_per_example(world: str) -> str:
     return f"{min(frames)}-{max(frames)}"
 
 
+STUDY_STAGES = ("stage1", "stage2", "stage1_unmasked", "stage2_after_unmasked")  # what an --extra can start from
 UNDERSTANDING = ("image_qa", "image_qa_ci95", "image_qa_by_attribute", "motion_qa", "motion_qa_ci95", "video_needle",
                  "video_needle_ci95", "video_needle_by_length")
 
 
-def reproduce(out: str, results: str, smoke: bool) -> dict:
+def reproduce(out: str, results: str, smoke: bool, extra: tuple[str, ...] = ()) -> dict:
     from lwm.reproduce import git_commit, project_path
     from lwm.storage import content_sha256
 
@@ -608,6 +610,27 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
                     mesh_dim=s["mesh_dim"], wall_s=wall, checkpoint=project_path(params),
                     checkpoint_sha256=content_sha256(params))
 
+    extra_stages = []
+    trained = dict(zip(STUDY_STAGES, (params1, params2, params_u, params_u2)))
+    for name in extra:
+        variant = load_stage(name, smoke)
+        long = "replay_fraction" in variant  # a stage-2 variant: long videos and replayed stage-1 lines
+        data = stage_data(tokens, variant, out, epochs=1 if smoke else variant["epochs"],
+                          long_tokens=long_tokens if long else "")
+        start_from = variant.get("start_from", "")
+        with timed(out, f"train {name}"):
+            trained[name], wall = train_stage(variant, data, tokenizer, out,
+                                              start_from=trained[start_from] if start_from else "")
+        with timed(out, f"evals {name}"):
+            results_x = evaluate(variant, trained[name], world, tokenizer, vqgan, out)
+        frames = (f"{frames_per_example(long_world)} (and {frames_per_example(world)} replayed)" if long
+                  else frames_per_example(world))
+        extra_stages.append(dict(what=variant["what"], start_from=start_from or None,
+                                 stage=dict(stage_row(variant, trained[name], wall, frames),
+                                            packed_loss_weighting=variant.get("packed_loss_weighting", "example"),
+                                            lr=variant["lr"], replay_fraction=variant.get("replay_fraction")),
+                                 results=results_x))
+
     first_frames = frames_per_example(world)
     stages = [stage_row(stage1, params1, wall1, first_frames),
               stage_row(stage2, params2, wall2, f"{frames_per_example(long_world)} (and {first_frames} replayed)")]
@@ -621,7 +644,7 @@ def reproduce(out: str, results: str, smoke: bool) -> dict:
     summary = dict(total_wall_s=study_wall(out), commit=git_commit(), stages=stages,
                    after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
-                   tokenizer_ceiling=ceiling,
+                   tokenizer_ceiling=ceiling, extra_stages=extra_stages,
                    vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
                                   final=vqgan_report["history"][-1]),
                    machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
@@ -741,10 +764,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "reproduce_vision"),
                         help="working folder (data, runs, evals); a rerun resumes there")
     parser.add_argument("--smoke", action="store_true", help="a few steps and a tiny world (tests)")
+    parser.add_argument("--extra", default="", help="comma-separated variants to train after the study and evaluate "
+                        "(configs/reproduce_vision/<name>.json with `ablation_of`, `start_from` and `what`)")
     parser.add_argument("--publish", action="store_true", help="also write docs/reproduction_vision.json and the "
                         "pictures in docs/assets/reproduction_vision (tracked files: only when asked)")
     args = parser.parse_args(argv)
-    summary = reproduce(args.out, os.path.join(args.out, "reproduction_vision.json"), args.smoke)
+    extra = tuple(name for name in args.extra.split(",") if name)
+    for i, name in enumerate(extra):  # before any heavy work: a typo stops here
+        if not os.path.exists(os.path.join(CONFIGS, f"{name}.json")):
+            parser.error(f"--extra {name}: no configs/reproduce_vision/{name}.json")
+        start_from = load_stage(name, args.smoke).get("start_from", "")
+        if start_from and start_from not in STUDY_STAGES + extra[:i]:
+            parser.error(f"--extra {name}: its start_from {start_from!r} is not trained before it; name one of "
+                         f"{', '.join(STUDY_STAGES + extra[:i])}")
+    summary = reproduce(args.out, os.path.join(args.out, "reproduction_vision.json"), args.smoke, extra)
     if args.publish:
         publish(os.path.abspath(args.out), summary, os.path.join(ROOT, "docs", "reproduction_vision.json"),
                 os.path.join(ROOT, "docs", "assets", "reproduction_vision"))

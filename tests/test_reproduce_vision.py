@@ -96,3 +96,29 @@ def test_an_eval_folder_holds_one_checkpoints_answers(tmp_path):
     assert not (folder / "qa").exists()  # a fresh folder for the new weights; the old answers set aside
     assert (tmp_path / "evals" / f"stage1.stale-{first[:12]}" / "qa" / "answers.jsonl").exists()
     assert json.loads((folder / "checkpoint.json").read_text())["sha256"] != first
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-5] for p in os.listdir(os.path.join(ROOT, "configs",
+                                                                                               "reproduce_vision"))
+                                        if p not in ("world.json", "tiny_model.json")))
+def test_every_stage_config_is_complete(name):
+    from lwm.reproduce_vision import STUDY_STAGES, load_stage
+
+    stage = load_stage(name, smoke=False)
+    assert stage["name"] == name and "ablation_of" not in stage  # variants resolved through every base
+    assert {"seq_length", "batch_size", "steps", "lr", "end_lr", "theta", "mesh_dim", "mode", "epochs"} <= set(stage)
+    if name not in STUDY_STAGES:
+        assert stage["what"]  # a variant says what it asks
+        assert stage.get("start_from") in (None, *STUDY_STAGES, "stage1_per_token")
+
+
+def test_an_unknown_extra_or_its_start_stops_before_any_work(tmp_path, capsys):
+    from lwm.reproduce_vision import main
+
+    with pytest.raises(SystemExit):
+        main([f"--out={tmp_path}", "--extra=stage2_gentle,stage2_nope"])
+    assert "--extra stage2_nope: no configs/reproduce_vision/stage2_nope.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([f"--out={tmp_path}", "--extra=stage2_after_per_token"])  # its stage 1 variant is not asked for
+    assert "its start_from 'stage1_per_token' is not trained before it" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
