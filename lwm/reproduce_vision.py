@@ -539,11 +539,15 @@ def timed(out: str, step: str):
     add_wall(out, f"vision:{step}", time.time() - start)
 
 
-def study_wall(out: str) -> float:
-    """Seconds of every step of the study so far, over all its attempts."""
+def study_wall(out: str, extra: tuple[str, ...] = ()) -> tuple[float, float]:
+    """(seconds of every step of the study and its ablation, seconds of the --extra variants'
+    steps), each over all attempts."""
     from lwm.reproduce import recorded_walls
 
-    return round(sum(v for k, v in recorded_walls(out).items() if k.startswith("vision:")), 1)
+    variant_steps = {f"vision:{kind} {name}" for name in extra for kind in ("train", "evals")}
+    walls = {k: v for k, v in recorded_walls(out).items() if k.startswith("vision:")}
+    return (round(sum(v for k, v in walls.items() if k not in variant_steps), 1),
+            round(sum(v for k, v in walls.items() if k in variant_steps), 1))
 
 
 def frames_per_example(world: str) -> str:
@@ -641,7 +645,8 @@ def reproduce(out: str, results: str, smoke: bool, extra: tuple[str, ...] = ()) 
                     then_stage2=dict(what=unmasked2["what"],
                                      stage=stage_row(unmasked2, params_u2, wall_u2, stages[1]["frames_per_example"]),
                                      results=evals_u2))
-    summary = dict(total_wall_s=study_wall(out), commit=git_commit(), stages=stages,
+    total_wall, extra_wall = study_wall(out, extra)
+    summary = dict(total_wall_s=total_wall, extra_stages_wall_s=extra_wall, commit=git_commit(), stages=stages,
                    after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
                    tokenizer_ceiling=ceiling, extra_stages=extra_stages,
@@ -692,7 +697,15 @@ def summary_table(summary: dict) -> str:
             rows.append(f"| ablation {ablation['name']}, then stage 2: {key} ({summary['stages'][1]['name']}: "
                         f"{summary[key]:.3f}) | {then['results'][key]:.3f} | "
                         f"{f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | |")
-    rows.append(f"| total wall time | {summary['total_wall_s'] / 60:.1f} min | | <= 90 min |")
+    rows.append(f"| wall time, study and ablation | {summary['total_wall_s'] / 60:.1f} min | | main study <= 90 min |")
+    for variant in summary.get("extra_stages", []):
+        r = variant["results"]
+        rows.append(f"| --extra {variant['stage']['name']}: image QA / text to image (guided) / text to video / "
+                    f"needle | {r['image_qa']:.3f} / {r['text_to_image_attributes_cfg']:.3f} / "
+                    f"{r['text_to_video_motion']:.3f} / {r['video_needle']:.3f} | | |")
+    if summary.get("extra_stages"):
+        rows.append(f"| wall time, --extra variants (this run's steps) | {summary['extra_stages_wall_s'] / 60:.1f} min "
+                    "| | |")
     return "\n".join(rows)
 
 

@@ -55,6 +55,7 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     assert json.loads((out / "evals" / "stage2" / "checkpoint.json").read_text())["step"] == 3
     walls = json.loads((out / "runs" / "wall_seconds.json").read_text())
     assert summary["total_wall_s"] == pytest.approx(sum(walls.values()), abs=0.1) and summary["total_wall_s"] > 0
+    assert summary["extra_stages"] == [] and summary["extra_stages_wall_s"] == 0.0  # no --extra asked
     generated = out / "evals" / "stage2" / "generated"
     listed = [json.loads(line) for line in (generated / "generated.jsonl").read_text().splitlines()]
     assert {x["setting"] for x in listed} == {"cfg", "no_cfg", "video"}
