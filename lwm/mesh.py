@@ -12,7 +12,6 @@ are sharded `PS(('dp','fsdp'), 'sp')`, activations `PS(('dp','fsdp'), 'sp', None
 from __future__ import annotations
 
 import os
-
 import re
 from typing import Any, Iterable, Mapping
 
