@@ -225,13 +225,16 @@ def stage_data(tokens: str, stage: dict, out: str, epochs: int, long_tokens: str
     """The stage's training lines, `epochs` passes each in a new random order (the loader reads
     a file front to back, and the world lists its examples kind by kind). With `long_tokens`
     (stage 2), every pass holds all of them plus `replay_fraction` as many of the first
-    stage's lines, so the longer stage does not forget the short tasks."""
-    path = os.path.join(out, "tokens", f"{stage['name']}_shuffled.jsonl")
+    stage's lines, so the longer stage does not forget the short tasks. The file is named by what
+    decides its lines, so stages (and --extra variants) that read the same lines share one file."""
+    seed = stage.get("seed", 0)
+    kind = f"long_replay{stage['replay_fraction']}" if long_tokens else "first"
+    path = os.path.join(out, "tokens", f"shuffled_{kind}_{epochs}x_seed{seed}.jsonl")
     if os.path.exists(path):
         return path
     with open(tokens) as f:
         lines = [line for line in f if line.strip()]
-    rng = np.random.default_rng(stage.get("seed", 0))
+    rng = np.random.default_rng(seed)
     long_lines = []
     if long_tokens:
         with open(long_tokens) as f:
