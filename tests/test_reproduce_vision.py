@@ -24,7 +24,8 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     summary = json.loads((out / "reproduction_vision.json").read_text())
     for key in ("image_qa", "video_needle", "motion_qa", "text_to_image_attributes_cfg",
-                "text_to_image_attributes_no_cfg", "text_to_image_code_agreement_cfg", "text_to_video_motion"):
+                "text_to_image_attributes_light_cfg", "text_to_image_attributes_no_cfg",
+                "text_to_image_code_agreement_cfg", "text_to_video_motion"):
         assert 0.0 <= summary[key] <= 1.0, key
         low, high = summary[f"{key}_ci95"]  # a 95% bootstrap interval over the eval's cases
         assert 0.0 <= low <= summary[key] <= high <= 1.0, key
@@ -58,7 +59,7 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     assert summary["extra_stages"] == [] and summary["extra_stages_wall_s"] == 0.0  # no --extra asked
     generated = out / "evals" / "stage2" / "generated"
     listed = [json.loads(line) for line in (generated / "generated.jsonl").read_text().splitlines()]
-    assert {x["setting"] for x in listed} == {"cfg", "no_cfg", "video"}
+    assert {x["setting"] for x in listed} == {"cfg", "light_cfg", "no_cfg", "video"}
     assert all((generated / x["output_file"]).exists() for x in listed)
     answers = [json.loads(line) for line in (out / "evals" / "stage2" / "qa" / "answers.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in answers} == {"image_qa", "motion_qa", "needle_qa"}
