@@ -139,8 +139,21 @@ def data_phases(stage: dict) -> list[dict]:
     examples than its share needs, so packing losses never run the loader into a second pass."""
     tokens = stage_tokens(stage)
     phases = stage.get("curriculum") or [{"length": stage["seq_length"], "share": 1.0, "needles": stage["needles"]}]
-    return [{"length": p["length"], "needles": p["needles"], "used": int(p["share"] * tokens / p["length"]),
+    rows = [{"length": p["length"], "needles": p["needles"], "used": int(p["share"] * tokens / p["length"]),
              "examples": int(1.1 * p["share"] * tokens / p["length"]) + 1} for p in phases]
+    # A `spread` phase (a rehearsal of a shorter length) comes back in whole rows (its examples
+    # rounded up to them, no surplus) through the examples the stage reads: the other phases'
+    # used tokens, the earlier phases' surplus included as the loader reads it.
+    remaining, read = sum(r["used"] * r["length"] for p, r in zip(phases, rows) if not p.get("spread")), 0
+    for p, r in zip(phases, rows):
+        if not p.get("spread") and remaining > 0:
+            taken = min(r["examples"], -(-remaining // r["length"]))
+            read, remaining = read + taken, remaining - taken * r["length"]
+    for p, r in zip(phases, rows):
+        if p.get("spread"):
+            group = stage["seq_length"] // p["length"]
+            r.update(examples=-(-r["used"] // group) * group, spread=group, spread_over=read)
+    return rows
 
 
 def prepare_retrieval_data(stage: dict, train_path: str, tokenizer_path: str, data_dir: str, seed: int = 0,
@@ -176,6 +189,9 @@ def concatenated_data(stage: dict, train_path: str, tokenizer_path: str, data_di
     lines, surplus = [], []
     for name in stage["data_of"]:
         source = load_stage(name, smoke)
+        if any(p.get("spread") for p in source.get("curriculum", [])):
+            raise ValueError(f"{stage['name']}: data_of takes each of {name}'s phases in turn, but {name} spreads a "
+                             f"phase through the others; list a stage without `spread` phases")
         with open(prepare_retrieval_data(source, train_path, tokenizer_path, data_dir, seed, smoke)) as f:
             examples = f.readlines()
         start = 0

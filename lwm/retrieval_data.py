@@ -152,10 +152,37 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     fills), `examples` (how many) and `needles` ((low, high) per example).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
-    several whole examples in a row; read in file order, they are a length curriculum."""
-    for phase in phases:
-        yield from retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
-                                      tuple(phase["needles"]), multi_fraction, answer_style)
+    several whole examples in a row; read in file order, they are a length curriculum.
+
+    A phase with `spread` (its value: how many of its examples make one row) is not read in
+    turn: its examples go in groups of that many, evenly spaced through the first `spread_over`
+    examples of the other phases (all of them by default), so short rows keep coming back while
+    the long ones are learnt (a rehearsal of the shorter lengths, not a step of the curriculum)."""
+    def examples_of(phase):
+        return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
+                                  tuple(phase["needles"]), multi_fraction, answer_style)
+
+    spread = [p for p in phases if p.get("spread")]
+    if not spread:
+        for phase in phases:
+            yield from examples_of(phase)
+        return
+    ordered = [x for phase in phases if not phase.get("spread") for x in examples_of(phase)]
+    groups = []
+    for phase in spread:
+        examples = list(examples_of(phase))
+        groups += [examples[i:i + phase["spread"]] for i in range(0, len(examples), phase["spread"])]
+    span = min(len(ordered), spread[0].get("spread_over") or len(ordered))
+    # group k goes before ordered example round((k + 1/2) * span / len(groups)): the middle of its share
+    at = [round((k + 0.5) * span / len(groups)) for k in range(len(groups))]
+    g = 0
+    for i, example in enumerate(ordered):
+        while g < len(groups) and at[g] <= i:
+            yield from groups[g]
+            g += 1
+        yield example
+    for group in groups[g:]:
+        yield from group
 
 
 def write_retrieval_jsonl(path: str, examples) -> str:

@@ -75,6 +75,26 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     assert rerun.returncode == 0 and rerun.stdout.count("done already") == 20, rerun.stdout[-3000:]
 
 
+def test_a_spread_phase_is_whole_rows_through_the_tokens_the_stage_reads(tmp_path, monkeypatch):
+    from lwm import reproduce as study
+
+    stage = dict(name="s", steps=10, batch_size=1, seq_length=1024, curriculum=[
+        {"length": 256, "share": 0.5, "needles": [1, 2]}, {"length": 1024, "share": 0.25, "needles": [2, 4]},
+        {"length": 128, "share": 0.25, "needles": [1, 1], "spread": True}])
+    # 10,240 tokens: 20 + 2 examples used of the ordered phases (7,168 tokens), each phase 10% more; the
+    # loader reads the first phase's 23 (5,888 tokens) and 2 of the second's to reach 7,168: 25 examples
+    assert study.data_phases(stage) == [
+        dict(length=256, needles=[1, 2], used=20, examples=23), dict(length=1024, needles=[2, 4], used=2, examples=3),
+        dict(length=128, needles=[1, 1], used=20, examples=24, spread=8, spread_over=25)]  # 3 whole rows of 8
+    # an ablation that takes a stage's phases in turn refuses one whose phases are interleaved
+    (tmp_path / "tiny_s.json").write_text(json.dumps(stage))
+    monkeypatch.setattr(study, "CONFIGS", str(tmp_path))
+    with pytest.raises(ValueError, match="c: data_of takes each of s's phases in turn, but s spreads a phase"):
+        study.concatenated_data(dict(name="c", data_of=["s"]), "train.jsonl", "tok.model", str(tmp_path / "data"),
+                                seed=0, smoke=False)
+    assert not (tmp_path / "data").exists()
+
+
 def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):
     import hashlib
 

@@ -52,6 +52,23 @@ def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
         assert 129 < example_tokens(example, tokenizer) <= 385 and 3 <= len(needles_in(example["prompt"])) <= 5
 
 
+def test_a_spread_phase_comes_back_in_whole_rows_through_the_read_part_of_the_others(tokenizer):
+    """A rehearsal phase: groups of `spread` short examples, evenly spaced through the first
+    `spread_over` of the other phases' examples, which keep their own order."""
+    phases = [{"length": 384, "examples": 12, "needles": (3, 4)},
+              {"length": 128, "examples": 9, "needles": (1, 1), "spread": 3, "spread_over": 10}]
+    examples = list(curriculum_examples(tokenizer, TEXTS, phases, seed=0))
+    alone = list(curriculum_examples(tokenizer, TEXTS, [dict(phases[0])], seed=0))
+    short = [example_tokens(x, tokenizer) <= 129 for x in examples]
+    assert sum(short) == 9 and [x for x, s in zip(examples, short) if not s] == alone  # same long ones, same order
+    # groups of 3 before long examples round((k + 1/2) * 10 / 3) = 2, 5, 8 (0-based): the middle of each share
+    assert "".join("s" if s else "L" for s in short) == "LLsssLLLsssLLLsssLLLL"
+    # without spread_over a phase spreads through every other example
+    everywhere = list(curriculum_examples(tokenizer, TEXTS, [phases[0], {**phases[1], "spread_over": None}], seed=0))
+    short = [example_tokens(x, tokenizer) <= 129 for x in everywhere]
+    assert "".join("s" if s else "L" for s in short) == "LLsssLLLLsssLLLLsssLL"
+
+
 def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
     from lwm.needle import score_strict
 
