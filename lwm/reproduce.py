@@ -60,6 +60,9 @@ def log(message: str) -> None:
 def load_stage(name: str, smoke: bool) -> dict:
     with open(os.path.join(CONFIGS, f"tiny_{name}.json")) as f:
         stage = json.load(f)
+    if stage.get("init_from") and load_stage(stage["init_from"], smoke).get("model") != stage.get("model"):
+        raise ValueError(f"configs/reproduce/tiny_{name}.json: its model ({stage.get('model') or 'tiny_model.json'}) "
+                         f"is not {stage['init_from']}'s, whose weights it starts from; give both the same `model`")
     if "steps_for_tokens_of" in stage:  # an ablation with as many tokens as these stages together
         tokens = sum(stage_tokens(load_stage(other, smoke)) for other in stage["steps_for_tokens_of"])
         stage["steps"] = tokens // (stage["batch_size"] * stage["seq_length"])
@@ -206,11 +209,13 @@ def concatenated_data(stage: dict, train_path: str, tokenizer_path: str, data_di
 # ---- stages and evals ----------------------------------------------------------------------------
 
 
-def model_updates(seq_length: int, theta: float, chunk: int) -> str:
+def model_updates(seq_length: int, theta: float, chunk: int, model: dict | None = None) -> str:
     """--update_llama_config for a stage or eval (chunk sizes are run-time fields: set here, since
-    --load_llama_config takes them from --llama.*, whose defaults are 1024)."""
+    --load_llama_config takes them from --llama.*, whose defaults are 1024); `model`: a stage's
+    changes to tiny_model.json (its config's `model`, e.g. more heads)."""
+    changes = "".join(f",{key}={value!r}" for key, value in sorted((model or {}).items()))
     return (f"dict(max_sequence_length={seq_length},theta={theta},scan_query_chunk_size={chunk},"
-            f"scan_key_chunk_size={chunk},scan_mlp_chunk_size={max(chunk, 256)},scan_loss_chunk_size={chunk})")
+            f"scan_key_chunk_size={chunk},scan_mlp_chunk_size={max(chunk, 256)},scan_loss_chunk_size={chunk}{changes})")
 
 
 def run_folder(out: str, name: str) -> str:
@@ -229,11 +234,12 @@ def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int
     if stage_done(out, stage):
         log(f"{stage['name']}: done already")
         return recorded_wall(out, stage["name"])
+    chunk = min(256, stage["seq_length"] // 4)
     args = [
         "-m", "lwm.train", "--modality=text", f"--mesh_dim={stage['mesh_dim']}", "--dtype=fp32",
         f"--total_steps={stage['steps']}", "--log_freq=10", f"--save_model_freq={max(1, stage['steps'] // 5)}",
         f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
-        f"--update_llama_config={model_updates(stage['seq_length'], stage['theta'], min(256, stage['seq_length'] // 4))}",
+        f"--update_llama_config={model_updates(stage['seq_length'], stage['theta'], chunk, stage.get('model'))}",
         f"--tokenizer={tokenizer}", "--train_dataset.type=json",
         "--train_dataset.text_processor.fields_from_example=fields",
         f"--train_dataset.json_dataset.path={data_path}", "--train_dataset.json_dataset.packed=True",
@@ -262,6 +268,7 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str, haystack: str) -
     """One needle eval of a stage's checkpoint over the held-out `haystack`; returns (results file,
     wall seconds)."""
     multi = spec["kind"] == "multi"
+    length = max(spec["max"], stage["seq_length"]) + 64  # the model's positions for the longest prompt
     output = os.path.join(out, "evals", f"{spec['key']}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     script = os.path.join(ROOT, "scripts", "eval_needle_multi.py" if multi else "eval_needle.py")
@@ -272,7 +279,7 @@ def run_eval(stage: dict, spec: dict, tokenizer: str, out: str, haystack: str) -
             f"--max_new_tokens={spec.get('max_new_tokens', 24)}",  # longer answers (sentences) need more
             "--max_tokens_per_batch=65536", "--mesh_dim=1,8,1,1", "--dtype=fp32",
             f"--load_llama_config=json::{os.path.join(CONFIGS, 'tiny_model.json')}",
-            f"--update_llama_config={model_updates(max(spec['max'], stage['seq_length']) + 64, stage['theta'], 64)}",
+            f"--update_llama_config={model_updates(length, stage['theta'], 64, stage.get('model'))}",
             f"--load_checkpoint=params::{os.path.join(run_folder(out, stage['name']), 'streaming_params')}",
             f"--tokenizer={tokenizer}"]
     if multi:
@@ -335,9 +342,11 @@ def seed_folder(out: str, seed: int) -> str:
 
 
 def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ...], smoke: bool, seeds: int = 1,
-              extra: tuple[str, ...] = (), ablation_seeds: int | None = None) -> dict:
+              extra: tuple[str, ...] = (), ablation_seeds: int | None = None, only: tuple[str, ...] = ()) -> dict:
     """The study once per seed, the named `ablations` (of ABLATIONS) and any `extra` stage configs
-    for the first `ablation_seeds` of them (default: every seed); writes and returns the summary."""
+    for the first `ablation_seeds` of them (default: every seed); writes and returns the summary.
+    With `only`, just those stage configs (and their evals) per seed, each starting from a stage
+    named before it or trained in the seed's folder already."""
     start = time.time()
     ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
     if seeds < 1:
@@ -347,6 +356,8 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
         raise SystemExit(f"reproduce: no ablation named {', '.join(unknown)}; expected some of {', '.join(ABLATIONS)}")
     if not 1 <= ablation_seeds <= seeds:
         raise SystemExit(f"reproduce: --ablation_seeds must be between 1 and --seeds={seeds}, got {ablation_seeds}")
+    if only:
+        check_only(out, only, seeds, smoke)
     train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
     tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
     runs = []
@@ -356,7 +367,7 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
         variants = seed < ablation_seeds
         runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer,
                                    ablations if variants else (), smoke, assets if seed == 0 else "",
-                                   extra if variants else ()))
+                                   extra if variants else (), only))
     summary = combine_seeds(runs) if seeds > 1 else runs[0]
     # The study's compute: every stage and eval of every seed, over all their attempts (a rerun
     # that finds them done takes seconds, which is not what they cost).
@@ -375,14 +386,15 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
 
 
 def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokenizer: str, ablations: tuple[str, ...],
-                   smoke: bool, assets: str, extra: tuple[str, ...] = ()) -> dict:
-    """Every stage of one seed, each followed by its evals; the seed's summary (without the run's
-    commit and machine, which reproduce() adds)."""
+                   smoke: bool, assets: str, extra: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict:
+    """Every stage of one seed (or the `only` ones), each followed by its evals; the seed's summary
+    (without the run's commit and machine, which reproduce() adds)."""
     data_dir = os.path.join(out, "data")
     summary = {"first_stage_length": None, "seed": seed, "stages": [], "evals": {}}
     main_wall = 0.0
     asked = tuple(f"ablation_{name}" for name in ablations)
-    for name in MAIN_STAGES + tuple(stage for stage in ABLATION_STAGES if stage in asked) + tuple(extra):
+    names = only or MAIN_STAGES + tuple(stage for stage in ABLATION_STAGES if stage in asked) + tuple(extra)
+    for name in names:
         stage = load_stage(name, smoke)
         data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir, seed, smoke)
         wall = train_stage(stage, data_path, tokenizer, out, seed)
@@ -411,12 +423,26 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
             main_wall += wall + record["evals_wall_s"]
         else:
             summary.setdefault("ablation_stages" if name in ABLATION_STAGES else "extra_stages", []).append(record)
-    summary["first_stage_length"] = summary["stages"][0]["length"]
+    summary["first_stage_length"] = summary["stages"][0]["length"] if summary["stages"] else None
     for key in ACCURACY_KEYS:
         summary[key] = summary["evals"].get(key, {}).get("accuracy")
         summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
     return summary
+
+
+def check_only(out: str, only: tuple[str, ...], seeds: int, smoke: bool) -> None:
+    """Before any work: every `--only` stage exists and starts from random weights, from a stage
+    named before it, or from one trained (to its last step) in every seed's folder."""
+    for i, name in enumerate(only):
+        if not os.path.exists(os.path.join(CONFIGS, f"tiny_{name}.json")):
+            raise SystemExit(f"reproduce: --only {name}: no configs/reproduce/tiny_{name}.json")
+        start = load_stage(name, smoke)["init_from"]
+        if start and start not in only[:i]:
+            missing = [seed for seed in range(seeds) if not stage_done(seed_folder(out, seed), load_stage(start, smoke))]
+            if missing:
+                raise SystemExit(f"reproduce: --only {name} starts from {start}, which is not trained in "
+                                 f"{seed_folder(out, missing[0])}; name {start} before it, or run the study first")
 
 
 def all_stages(summary: dict) -> list[dict]:
@@ -621,12 +647,19 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation_seeds", type=int, default=None,
                         help="run the ablations and --extra stages for the first this many seeds only (default: all "
                              "of --seeds); their accuracies then average over fewer seeds, as `<key>_seeds` shows")
+    parser.add_argument("--only", default="", help="comma-separated stage configs to run (with their evals) "
+                        "instead of the study, each from random weights, from one named before it, or from one "
+                        "trained in --out already; the summary goes to <out>/only_<names>.json")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
-    summary = reproduce(args.out, args.results or os.path.join(args.out, "reproduction.json"),
+    only = tuple(name for name in args.only.split(",") if name)
+    if only and (args.publish or args.ablations or args.extra):
+        parser.error("--only runs the named stages alone: it takes no --publish, --ablations or --extra")
+    default_results = f"only_{'+'.join(only)}.json" if only else "reproduction.json"
+    summary = reproduce(args.out, args.results or os.path.join(args.out, default_results),
                         args.assets or os.path.join(args.out, "assets"),
                         tuple(name for name in args.ablations.split(",") if name), args.smoke, args.seeds,
-                        tuple(name for name in args.extra.split(",") if name), args.ablation_seeds)
+                        tuple(name for name in args.extra.split(",") if name), args.ablation_seeds, only)
     if args.publish:
         publish(summary)
     return 0

@@ -15,15 +15,15 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def reproduce(tmp_path):
+def reproduce(tmp_path, *args):
     # The second seed's steps and evals have the first's shapes: a compilation cache spares their compiles.
     # Its third stage runs 16K-token steps: bound by running, not compiling, so XLA's default code
     # generation instead of the suite's quick compiles (tests/conftest.py) saves time here.
     flags = cpu_xla_flags(8).replace("--xla_backend_optimization_level=0", "")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", WANDB_MODE="disabled",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    return subprocess.run([sys.executable, "-m", "lwm.reproduce", "--smoke", "--seeds=2", f"--out={tmp_path / 'out'}",
-                           f"--results={tmp_path / 'reproduction.json'}", f"--assets={tmp_path / 'assets'}"],
+    args = args or ("--seeds=2", f"--results={tmp_path / 'reproduction.json'}", f"--assets={tmp_path / 'assets'}")
+    return subprocess.run([sys.executable, "-m", "lwm.reproduce", "--smoke", f"--out={tmp_path / 'out'}", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -74,6 +74,22 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     # 3 stages and 7 evals per seed (the smoke run leaves out the two that repeat a kind on the same weights)
     assert rerun.returncode == 0 and rerun.stdout.count("done already") == 20, rerun.stdout[-3000:]
 
+    # --only: one variant stage (its own model) and its evals, nothing of the study again
+    study_summary = (tmp_path / "reproduction.json").read_text()
+    only = reproduce(tmp_path, "--seeds=1", "--only=stage1_more_heads")
+    assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
+    assert "stage1: done already" not in only.stdout and "stage1_more_heads: training 3 steps" in only.stdout
+    variant = json.loads((out / "only_stage1_more_heads.json").read_text())
+    assert [s["name"] for s in variant["extra_stages"]] == ["stage1_more_heads"] and variant["stages"] == []
+    assert set(variant["evals"]) == {"single_needle_up_to_first_stage_more_heads",
+                                     "multi_needle_4_2_at_first_stage_more_heads"}
+    assert (tmp_path / "reproduction.json").read_text() == study_summary  # the study's summary untouched
+    from lwm.checkpoint import load_pickle
+
+    heads = {name: load_pickle(str(out / "runs" / name / "metadata.pkl"))["llama_config"]["num_attention_heads"]
+             for name in ("stage1", "stage1_more_heads")}
+    assert heads == {"stage1": 4, "stage1_more_heads": 8}
+
 
 def test_a_spread_phase_is_whole_rows_through_the_tokens_the_stage_reads(tmp_path, monkeypatch):
     from lwm import reproduce as study
@@ -93,6 +109,32 @@ def test_a_spread_phase_is_whole_rows_through_the_tokens_the_stage_reads(tmp_pat
         study.concatenated_data(dict(name="c", data_of=["s"]), "train.jsonl", "tok.model", str(tmp_path / "data"),
                                 seed=0, smoke=False)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_stage_s_own_model_reaches_the_config_and_must_match_the_weights_it_starts_from(tmp_path, monkeypatch):
+    from lwm import reproduce as study
+    from lwm.config import parse_config_updates
+
+    updates = parse_config_updates(study.model_updates(1088, 10000.0, 64, {"num_attention_heads": 8}))
+    assert updates == dict(max_sequence_length=1088, theta=10000.0, scan_query_chunk_size=64, scan_key_chunk_size=64,
+                           scan_mlp_chunk_size=256, scan_loss_chunk_size=64, num_attention_heads=8)
+    assert "num_attention_heads" not in parse_config_updates(study.model_updates(1088, 10000.0, 64))
+    monkeypatch.setattr(study, "CONFIGS", str(tmp_path))
+    (tmp_path / "tiny_a.json").write_text(json.dumps(dict(name="a", init_from="")))
+    (tmp_path / "tiny_b.json").write_text(json.dumps(dict(name="b", init_from="a", model={"num_attention_heads": 8})))
+    with pytest.raises(ValueError, match=r"tiny_b.json: its model \({'num_attention_heads': 8}\) is not a's"):
+        study.load_stage("b", smoke=False)
+
+
+def test_only_refuses_a_stage_whose_start_is_not_trained_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage3_rehearsal", f"--out={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert f"--only stage3_rehearsal starts from stage2, which is not trained in {tmp_path}; name stage2 before it" \
+        in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--publish"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--only runs the named stages alone" in proc.stderr
 
 
 def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):
