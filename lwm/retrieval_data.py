@@ -25,6 +25,8 @@ Why this shape:
 * Every needle is asked about once, in a random order (K needles, K answers per row): many
   retrieval targets per sequence instead of one, as in associative-recall studies, at every
   depth of the context. A few turns ask for two numbers at once (the multi-needle eval).
+  Optionally (`reverse_fraction`) some needles are asked backwards instead, their number
+  given and their city answered.
 * Numbers are fresh random 7-digit numbers and cities are drawn from the eval's list, so no
   eval answer can be memorised; the haystack comes from the caller's (training) text only.
 * Loss is on the answers only: the task is retrieval, and the haystack's own language-model
@@ -50,6 +52,10 @@ FOLLOW_UP = " USER: {question} ASSISTANT: "
 # lookup). Both score the same under the eval's strict score (the first numbers of the response).
 ANSWER_STYLES = ("number", "sentence")
 ANSWER_SENTENCE = "The special magic {city} number is: {number}."
+# A needle asked backwards (its number given, its city the answer): the lookup then goes from the
+# digits to the key, which needs each needle's city tied to its digits, the tie the keyed
+# (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
+REVERSE_QUESTION = "Which city's special magic number is {number}?"
 
 
 def read_texts(path: str) -> list[str]:
@@ -85,16 +91,29 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 
 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
-                      multi_fraction: float, period_ids, answer_style: str = "number") -> dict:
-    """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions."""
+                      multi_fraction: float, period_ids, answer_style: str = "number",
+                      reverse_fraction: float = 0.0) -> dict:
+    """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
+    `reverse_fraction`, that share of its needles (never the first asked) is asked backwards
+    instead, in a later turn. Each needle is asked once, one way, so no turn's answer stands in
+    an earlier turn."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
-    turns = plan_turns(rng, cities, multi_fraction)
+    backwards = []
+    if reverse_fraction:  # (no draws without it: the examples of a config without it stay as they were)
+        backwards = [c for c in cities[1:] if rng.random() < reverse_fraction]
+    turns: list = plan_turns(rng, [c for c in cities if c not in backwards], multi_fraction)
+    for city in backwards:
+        turns.insert(rng.randint(1, len(turns)), city)  # a str: the city asked for by its number
 
     def question(asked):
+        if isinstance(asked, str):
+            return REVERSE_QUESTION.format(number=numbers[asked])
         return QUESTION.format(city=asked[0]) if len(asked) == 1 else multi_question(asked)
 
     def answer(asked):
+        if isinstance(asked, str):
+            return f"{asked}."
         if answer_style == "sentence":
             return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
         return ", ".join(numbers[c] for c in asked) + "."
@@ -130,12 +149,14 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
 
 def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
-                       answer_style: str = "number") -> Iterator[dict]:
+                       answer_style: str = "number", reverse_fraction: float = 0.0) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
+    if not 0.0 <= reverse_fraction <= 1.0:
+        raise ValueError(f"reverse_fraction must be in [0, 1], got {reverse_fraction}")
     pool = haystack_stream(texts, tokenizer)
     if len(pool) < seq_length:
         raise ValueError(f"the haystack text holds {len(pool)} tokens, fewer than seq_length={seq_length}")
@@ -143,13 +164,15 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style)
+                                answer_style, reverse_fraction)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
-                        multi_fraction: float = 0.2, answer_style: str = "number") -> Iterator[dict]:
+                        multi_fraction: float = 0.2, answer_style: str = "number",
+                        reverse_fraction: float = 0.0) -> Iterator[dict]:
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
-    fills), `examples` (how many) and `needles` ((low, high) per example).
+    fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
+    `reverse_fraction` (else the argument's).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -160,7 +183,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     the long ones are learnt (a rehearsal of the shorter lengths, not a step of the curriculum)."""
     def examples_of(phase):
         return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
-                                  tuple(phase["needles"]), multi_fraction, answer_style)
+                                  tuple(phase["needles"]), multi_fraction, answer_style,
+                                  phase.get("reverse_fraction", reverse_fraction))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:
@@ -211,12 +235,14 @@ def main(argv=None) -> int:
     parser.add_argument("--multi_fraction", type=float, default=0.2)
     parser.add_argument("--answer_style", choices=ANSWER_STYLES, default="number",
                         help="answers as the numbers alone, or each in the needle's sentence")
+    parser.add_argument("--reverse_fraction", type=float, default=0.0,
+                        help="share of needles also asked backwards (the number given, the city answered)")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
-                                      args.answer_style)
+                                      args.answer_style, args.reverse_fraction)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

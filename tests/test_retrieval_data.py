@@ -69,6 +69,31 @@ def test_a_spread_phase_comes_back_in_whole_rows_through_the_read_part_of_the_ot
     assert "".join("s" if s else "L" for s in short) == "LLsssLLLLsssLLLLsssLL"
 
 
+def test_reverse_turns_ask_some_needles_cities_by_their_numbers_after_the_eval_s_question(tokenizer):
+    reversed_turns = 0
+    for example in retrieval_examples(tokenizer, TEXTS, 512, 20, seed=3, needles=(2, 6), reverse_fraction=0.5):
+        needles = needles_in(example["prompt"])
+        spec = example["fields"].split(",")
+        assert "Which city" not in example["prompt"]  # the first turn stays the eval's question
+        forward = []
+        for turn, answer in zip(spec[2::2], spec[3::2]):
+            asked = re.fullmatch(r" USER: Which city's special magic number is (\d{7})\? ASSISTANT: ", example[turn[1:-1]])
+            if asked:
+                reversed_turns += 1
+                city = [c for c, n in needles.items() if n == asked.group(1)]
+                assert example[answer] == f"{city[0]}." and len(city) == 1
+            else:
+                forward.append(example[answer])
+        asked_back = re.findall(r"Which city's special magic number is (\d{7})", str(example))
+        numbers = re.findall(r"\d{7}", example["answer0"] + " ".join(forward))
+        assert sorted(numbers + asked_back) == sorted(needles.values())  # every needle asked once, one way
+        assert example_tokens(example, tokenizer) <= 512 + 1
+    assert 0.3 < reversed_turns / sum(len(needles_in(x["prompt"])) for x in retrieval_examples(
+        tokenizer, TEXTS, 512, 20, seed=3, needles=(2, 6), reverse_fraction=0.5)) < 0.7
+    with pytest.raises(ValueError, match=r"reverse_fraction must be in \[0, 1\], got 1.5"):
+        next(retrieval_examples(tokenizer, TEXTS, 512, 1, reverse_fraction=1.5))
+
+
 def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
     from lwm.needle import score_strict
 
