@@ -1,5 +1,6 @@
 """`python -m lwm.reproduce_vision --smoke`: every step and entry point of the vision study runs,
 every artifact appears and the summary parses (accuracy targets are for the real study)."""
+import collections
 import json
 import os
 import subprocess
@@ -11,6 +12,14 @@ from lwm.mesh import cpu_xla_flags
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_caption_s_score_is_the_mean_of_its_draws():
+    from lwm.reproduce_vision import per_caption
+
+    results = [dict(truth="a.png"), dict(truth="b.png"), dict(truth="a.png"), dict(truth="b.png"),
+               dict(truth="a.png")]
+    assert per_caption(results, [1, 0, 0, 0, 1]) == [2 / 3, 0.0]  # a: 1, 0, 1; b: 0, 0
 
 
 def test_smoke_study_runs_every_step_and_eval(tmp_path):
@@ -59,7 +68,12 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     assert summary["extra_stages"] == [] and summary["extra_stages_wall_s"] == 0.0  # no --extra asked
     generated = out / "evals" / "stage2" / "generated"
     listed = [json.loads(line) for line in (generated / "generated.jsonl").read_text().splitlines()]
-    assert {x["setting"] for x in listed} == {"cfg", "light_cfg", "no_cfg", "video"}
+    from lwm.reproduce_vision import GENERATION_DRAWS
+
+    draws = collections.Counter((x["setting"], x["truth"]) for x in listed)  # 4 held-out captions, 4 clips
+    assert {setting for setting, _ in draws} == {"cfg", "light_cfg", "no_cfg", "video"}
+    assert len(draws) == 16 and set(draws.values()) == {GENERATION_DRAWS} and GENERATION_DRAWS > 1
+    assert summary["generation_draws"] == GENERATION_DRAWS
     assert all((generated / x["output_file"]).exists() for x in listed)
     answers = [json.loads(line) for line in (out / "evals" / "stage2" / "qa" / "answers.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in answers} == {"image_qa", "motion_qa", "needle_qa"}
@@ -72,7 +86,7 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     import imageio.v2 as imageio
 
     gif = imageio.mimread(assets / "text_to_video.gif")
-    n_videos = sum(x["setting"] == "video" for x in listed)
+    n_videos = len({x["truth"] for x in listed if x["setting"] == "video"})  # each caption once
     assert len(gif) >= 2 and gif[0].shape[1] == 128 * n_videos + 8 * (n_videos - 1)  # clips side by side, 2x
     assert (assets / "text_to_image.png").stat().st_size > 0 and (assets / "video_needle.png").stat().st_size > 0
     # A second run, with a variant: every step of the study is found done; only the variant trains
