@@ -362,6 +362,9 @@ VIDEO_CFG = 3.0
 # noisy: redrawing the same weights' images moved guidance's attributes 0.78 -> 0.84 and text to
 # video 0.73 -> 0.70, more than most differences between settings or stages.
 GENERATION_DRAWS = 3
+# What an eval summary's generation scores were computed with: a summary of other draws or an
+# older scoring is scored again from the media it has (2: guidance gains, paired by caption).
+GENERATION_SCORING = dict(draws=GENERATION_DRAWS, version=2)
 
 
 def generate(world: str, stage: dict, params: str, tokenizer: str, vqgan: tuple[str, str], folder: str) -> list[dict]:
@@ -507,7 +510,7 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
             summary = json.load(f)
         # scored with as many draws per caption as now (a summary of fewer is scored again; the
         # answers and media it has are kept, only the missing draws are made)
-        if not generation or summary.get("generation_draws") == GENERATION_DRAWS:
+        if not generation or summary.get("generation_scoring") == GENERATION_SCORING:
             return summary
     # The entry points answer what is not answered yet; the scores are computed from their files.
     qa = ask(world, ("image_qa", "motion_qa", "needle_qa"), stage, params, tokenizer, vqgan, os.path.join(folder, "qa"))
@@ -525,7 +528,7 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
     if generation:
         generated_cases = generation_cases(stage, params, world, tokenizer, vqgan, folder)
         summary.update({key: mean(values) for key, values in generated_cases.items()},
-                       generation_draws=GENERATION_DRAWS)
+                       generation_scoring=GENERATION_SCORING)
         cases.update(generated_cases)
     summary = with_intervals(summary, cases)
     with open(summary_file, "w") as f:
@@ -536,14 +539,22 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
 
 def generation_cases(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[str, str],
                      folder: str) -> dict[str, list]:
-    """{result key: per-case scores} of the generated images (with and without guidance) and clips."""
+    """{result key: per-case scores} of the generated images (with and without guidance) and clips,
+    and each guidance's gain in attributes over none, caption by caption (`..._gain_<setting>`:
+    its interval is then a paired one)."""
     gen_folder = os.path.join(folder, "generated")
     generated = generate(world, stage, params, tokenizer, vqgan, gen_folder)
     cases = {}
     for key in IMAGE_CFG:
-        images = [r for r in generated if r["setting"] == key]
+        # every setting's captions in one order, for the gains below
+        images = sorted((r for r in generated if r["setting"] == key), key=lambda r: r["truth"])
         for measure, values in score_images(images, gen_folder, world, vqgan).items():
             cases[f"text_to_image_{measure}_{key}"] = per_caption(images, values)
+    unguided = cases["text_to_image_attributes_no_cfg"]
+    for key in IMAGE_CFG:
+        if key != "no_cfg":
+            cases[f"text_to_image_attributes_gain_{key}"] = [
+                a - b for a, b in zip(cases[f"text_to_image_attributes_{key}"], unguided)]
     videos = [r for r in generated if r["setting"] == "video"]
     cases["text_to_video_motion"] = per_caption(videos, score_videos(videos, gen_folder))
     return cases
@@ -701,8 +712,10 @@ def summary_table(summary: dict) -> str:
     """The results as a markdown table, with the targets of the study beside them."""
     rows = ["| result | value | 95% interval | target |", "|---|---|---|---|"]
     for key in ("image_qa", "motion_qa", "video_needle", "text_to_image_attributes_cfg",
-                "text_to_image_attributes_light_cfg", "text_to_image_attributes_no_cfg", "text_to_image_exact_cfg", "text_to_image_code_agreement_cfg",
-                "text_to_image_code_agreement_no_cfg", "text_to_video_motion"):
+                "text_to_image_attributes_light_cfg", "text_to_image_attributes_no_cfg",
+                "text_to_image_attributes_gain_light_cfg", "text_to_image_attributes_gain_cfg",
+                "text_to_image_exact_cfg", "text_to_image_code_agreement_cfg", "text_to_image_code_agreement_no_cfg",
+                "text_to_video_motion"):
         target = TARGETS.get(key)
         interval = summary.get(f"{key}_ci95")
         rows.append(f"| {key} | {summary[key]:.3f} | {f'{interval[0]:.2f}-{interval[1]:.2f}' if interval else ''} | "

@@ -73,7 +73,13 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     draws = collections.Counter((x["setting"], x["truth"]) for x in listed)  # 4 held-out captions, 4 clips
     assert {setting for setting, _ in draws} == {"cfg", "light_cfg", "no_cfg", "video"}
     assert len(draws) == 16 and set(draws.values()) == {GENERATION_DRAWS} and GENERATION_DRAWS > 1
-    assert summary["generation_draws"] == GENERATION_DRAWS
+    assert summary["generation_scoring"]["draws"] == GENERATION_DRAWS
+    for setting in ("light_cfg", "cfg"):  # each guidance's gain over none, caption by caption
+        gain = summary[f"text_to_image_attributes_gain_{setting}"]
+        assert gain == pytest.approx(summary[f"text_to_image_attributes_{setting}"]
+                                     - summary["text_to_image_attributes_no_cfg"], abs=2e-4)
+        low, high = summary[f"text_to_image_attributes_gain_{setting}_ci95"]
+        assert -1.0 <= low <= gain <= high <= 1.0
     assert all((generated / x["output_file"]).exists() for x in listed)
     answers = [json.loads(line) for line in (out / "evals" / "stage2" / "qa" / "answers.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in answers} == {"image_qa", "motion_qa", "needle_qa"}
