@@ -688,7 +688,7 @@ def reproduce(out: str, results: str, smoke: bool, extra: tuple[str, ...] = ()) 
                                      results=evals_u2))
     total_wall, extra_wall = study_wall(out, extra)
     summary = dict(total_wall_s=total_wall, extra_stages_wall_s=extra_wall, commit=git_commit(), stages=stages,
-                   after_stage1=evals1 and {k: evals1[k] for k in UNDERSTANDING}, ablation=ablation,
+                   after_stage1=evals1, ablation=ablation,
                    tokenizer_attribute_code_agreement=vqgan_report["attribute_code_agreement"],
                    tokenizer_ceiling=ceiling, extra_stages=extra_stages,
                    vqgan_fit=dict(steps=vqgan_report["steps"], wall_s=vqgan_report["wall_s"],
