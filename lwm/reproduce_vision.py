@@ -508,8 +508,8 @@ def evaluate(stage: dict, params: str, world: str, tokenizer: str, vqgan: tuple[
     if os.path.exists(summary_file):
         with open(summary_file) as f:
             summary = json.load(f)
-        # scored with as many draws per caption as now (a summary of fewer is scored again; the
-        # answers and media it has are kept, only the missing draws are made)
+        # scored as generation is scored now (GENERATION_SCORING); otherwise scored again, the
+        # answers and media it has kept and only missing draws made
         if not generation or summary.get("generation_scoring") == GENERATION_SCORING:
             return summary
     # The entry points answer what is not answered yet; the scores are computed from their files.
