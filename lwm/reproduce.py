@@ -343,11 +343,12 @@ def seed_folder(out: str, seed: int) -> str:
 
 
 def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ...], smoke: bool, seeds: int = 1,
-              extra: tuple[str, ...] = (), ablation_seeds: int | None = None, only: tuple[str, ...] = ()) -> dict:
+              extra: tuple[str, ...] = (), ablation_seeds: int | None = None, only: tuple[str, ...] = (),
+              first_seed: int = 0) -> dict:
     """The study once per seed, the named `ablations` (of ABLATIONS) and any `extra` stage configs
     for the first `ablation_seeds` of them (default: every seed); writes and returns the summary.
     With `only`, just those stage configs (and their evals) per seed, each starting from a stage
-    named before it or trained in the seed's folder already."""
+    named before it or trained in the seed's folder already, for seeds `first_seed`..`seeds`-1."""
     start = time.time()
     ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
     if seeds < 1:
@@ -357,24 +358,28 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
         raise SystemExit(f"reproduce: no ablation named {', '.join(unknown)}; expected some of {', '.join(ABLATIONS)}")
     if not 1 <= ablation_seeds <= seeds:
         raise SystemExit(f"reproduce: --ablation_seeds must be between 1 and --seeds={seeds}, got {ablation_seeds}")
+    if not 0 <= first_seed < seeds or (first_seed and not only):
+        raise SystemExit(f"reproduce: --first_seed must be below --seeds={seeds} and goes with --only (the study "
+                         f"and its summary need every seed from 0), got {first_seed}")
     if only:
-        check_only(out, only, seeds, smoke)
+        check_only(out, only, range(first_seed, seeds), smoke)
     train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
     tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
     runs = []
-    for seed in range(seeds):
+    for seed in range(first_seed, seeds):
         if seeds > 1:
             log(f"seed {seed} of {seeds}: {project_path(seed_folder(out, seed))}")
         variants = seed < ablation_seeds
         runs.append(study_one_seed(seed_folder(out, seed), seed, train_path, eval_path, tokenizer,
                                    ablations if variants else (), smoke, assets if seed == 0 else "",
                                    extra if variants else (), only))
-    summary = combine_seeds(runs) if seeds > 1 else runs[0]
+    summary = combine_seeds(runs) if len(runs) > 1 else runs[0]
     # The study's compute: every stage and eval of every seed, over all their attempts (a rerun
     # that finds them done takes seconds, which is not what they cost).
     records = [r for run in runs for r in all_stages(run)]
     recorded = sum(r["wall_s"] + r["evals_wall_s"] + r.get("ablation_evals_wall_s", 0.0) for r in records)
-    summary.update(ablations_run=list(ablations), smoke=smoke, seeds=seeds, ablation_seeds=ablation_seeds,
+    summary.update(ablations_run=list(ablations), smoke=smoke, seeds=seeds, first_seed=first_seed,
+                   ablation_seeds=ablation_seeds,
                    total_wall_s=round(recorded, 1), this_run_wall_s=round(time.time() - start, 1),
                    commit=git_commit(), machine={"platform": platform.platform(),
                                                  "processor": platform.processor() or platform.machine(),
@@ -432,15 +437,15 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
     return summary
 
 
-def check_only(out: str, only: tuple[str, ...], seeds: int, smoke: bool) -> None:
+def check_only(out: str, only: tuple[str, ...], seeds: range, smoke: bool) -> None:
     """Before any work: every `--only` stage exists and starts from random weights, from a stage
-    named before it, or from one trained (to its last step) in every seed's folder."""
+    named before it, or from one trained (to its last step) in the folder of every seed it runs for."""
     for i, name in enumerate(only):
         if not os.path.exists(os.path.join(CONFIGS, f"tiny_{name}.json")):
             raise SystemExit(f"reproduce: --only {name}: no configs/reproduce/tiny_{name}.json")
         start = load_stage(name, smoke)["init_from"]
         if start and start not in only[:i]:
-            missing = [seed for seed in range(seeds) if not stage_done(seed_folder(out, seed), load_stage(start, smoke))]
+            missing = [seed for seed in seeds if not stage_done(seed_folder(out, seed), load_stage(start, smoke))]
             if missing:
                 raise SystemExit(f"reproduce: --only {name} starts from {start}, which is not trained in "
                                  f"{seed_folder(out, missing[0])}; name {start} before it, or run the study first")
@@ -651,16 +656,21 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated stage configs to run (with their evals) "
                         "instead of the study, each from random weights, from one named before it, or from one "
                         "trained in --out already; the summary goes to <out>/only_<names>.json")
+    parser.add_argument("--first_seed", type=int, default=0,
+                        help="with --only: run the named stages for seeds first_seed..seeds-1 only (e.g. --seeds 3 "
+                             "--first_seed 2: seed 2 alone, in <out>/seed2)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     only = tuple(name for name in args.only.split(",") if name)
     if only and (args.publish or args.ablations or args.extra):
         parser.error("--only runs the named stages alone: it takes no --publish, --ablations or --extra")
-    default_results = f"only_{'+'.join(only)}.json" if only else "reproduction.json"
+    from_seed = f".from_seed{args.first_seed}" if args.first_seed else ""
+    default_results = f"only_{'+'.join(only)}{from_seed}.json" if only else "reproduction.json"
     summary = reproduce(args.out, args.results or os.path.join(args.out, default_results),
                         args.assets or os.path.join(args.out, "assets"),
                         tuple(name for name in args.ablations.split(",") if name), args.smoke, args.seeds,
-                        tuple(name for name in args.extra.split(",") if name), args.ablation_seeds, only)
+                        tuple(name for name in args.extra.split(",") if name), args.ablation_seeds, only,
+                        args.first_seed)
     if args.publish:
         publish(summary)
     return 0

@@ -251,12 +251,31 @@ def stage_data(tokens: str, stage: dict, out: str, epochs: int, long_tokens: str
     return path
 
 
+def check_trained(stage: dict, out: str) -> bool:
+    """Whether the stage is trained in `out`; stops with one line when it was trained with other
+    settings than its config holds now (a rerun would otherwise score the old weights as new)."""
+    done = os.path.join(out, "runs", stage["name"], "done.json")
+    if not os.path.exists(done):
+        return False
+    with open(done) as f:
+        record = json.load(f)
+    # records from before the whole stage was kept hold its steps only
+    trained = record.get("stage", {"steps": record["steps"]})
+    keys = (set(trained) | set(stage)) - {"what"} if "stage" in record else {"steps"}
+    changed = sorted(k for k in keys if trained.get(k) != stage.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {trained.get(k)!r} -> {stage.get(k)!r}" for k in changed)
+        raise SystemExit(f"{os.path.dirname(done)} was trained with other settings than configs/reproduce_vision/"
+                         f"{stage['name']}.json holds now ({diff}); move or delete that folder to train it again")
+    return True
+
+
 def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: str = "") -> tuple[str, float]:
     """(streaming_params path, wall seconds) of a `python -m lwm.train` run (autoresumes)."""
     run_dir = os.path.join(out, "runs", stage["name"])
     params = os.path.join(run_dir, "streaming_params")
     done = os.path.join(run_dir, "done.json")
-    if os.path.exists(done):
+    if check_trained(stage, out):
         with open(done) as f:
             return params, json.load(f)["wall_s"]
     steps, seq = stage["steps"], stage["seq_length"]
@@ -287,7 +306,7 @@ def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: st
     run(cmd, f"train {stage['name']}")
     wall = round(time.time() - start, 1)
     with open(done, "w") as f:
-        json.dump({"wall_s": wall, "steps": steps}, f)
+        json.dump({"wall_s": wall, "steps": steps, "stage": stage}, f)
     return params, wall
 
 
@@ -608,6 +627,8 @@ def reproduce(out: str, results: str, smoke: bool, extra: tuple[str, ...] = ()) 
     from lwm.storage import content_sha256
 
     out = os.path.abspath(out)  # job lists name media by absolute path
+    for name in STUDY_STAGES + tuple(extra):  # a stage trained with other settings stops the run here
+        check_trained(load_stage(name, smoke), out)
     with timed(out, "world"):
         world = prepare_world(out, smoke)
     with timed(out, "tokenizer"):

@@ -76,18 +76,21 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
 
     # --only: one variant stage (its own model) and its evals, nothing of the study again
     study_summary = (tmp_path / "reproduction.json").read_text()
-    only = reproduce(tmp_path, "--seeds=1", "--only=stage1_more_heads")
+    # (for seed 1 alone: --first_seed)
+    only = reproduce(tmp_path, "--seeds=2", "--first_seed=1", "--only=stage1_more_heads")
     assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
     assert "stage1: done already" not in only.stdout and "stage1_more_heads: training 3 steps" in only.stdout
-    variant = json.loads((out / "only_stage1_more_heads.json").read_text())
+    assert not (out / "runs" / "stage1_more_heads").exists()  # seed 0 is not run
+    variant = json.loads((out / "only_stage1_more_heads.from_seed1.json").read_text())
+    assert variant["seed"] == 1 and variant["first_seed"] == 1
     assert [s["name"] for s in variant["extra_stages"]] == ["stage1_more_heads"] and variant["stages"] == []
     assert set(variant["evals"]) == {"single_needle_up_to_first_stage_more_heads",
                                      "multi_needle_4_2_at_first_stage_more_heads"}
     assert (tmp_path / "reproduction.json").read_text() == study_summary  # the study's summary untouched
     from lwm.checkpoint import load_pickle
 
-    heads = {name: load_pickle(str(out / "runs" / name / "metadata.pkl"))["llama_config"]["num_attention_heads"]
-             for name in ("stage1", "stage1_more_heads")}
+    heads = {name: load_pickle(str(out / "seed1" / "runs" / name / "metadata.pkl"))["llama_config"]
+             ["num_attention_heads"] for name in ("stage1", "stage1_more_heads")}
     assert heads == {"stage1": 4, "stage1_more_heads": 8}
 
 
@@ -132,6 +135,14 @@ def test_only_refuses_a_stage_whose_start_is_not_trained_before_any_work(tmp_pat
     assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
     assert f"--only stage3_rehearsal starts from stage2, which is not trained in {tmp_path}; name stage2 before it" \
         in proc.stderr
+    # for one later seed alone: its own folder is the one that must hold stage 2
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage3_rehearsal", "--seeds=3",
+                           "--first_seed=2", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert f"which is not trained in {tmp_path / 'seed2'}; name stage2 before it" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--seeds=2", "--first_seed=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--first_seed must be below --seeds=2 and goes with --only" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--publish"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--only runs the named stages alone" in proc.stderr

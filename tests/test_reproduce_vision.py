@@ -159,3 +159,23 @@ def test_an_unknown_extra_or_its_start_stops_before_any_work(tmp_path, capsys):
         main([f"--out={tmp_path}", "--extra=stage2_after_per_token"])  # its stage 1 variant is not asked for
     assert "its start_from 'stage1_per_token' is not trained before it" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_a_stage_trained_with_other_settings_stops_before_any_work(tmp_path):
+    from lwm.reproduce_vision import check_trained, load_stage, reproduce
+
+    stage2 = load_stage("stage2", smoke=False)
+    run_dir = tmp_path / "runs" / "stage2"
+    run_dir.mkdir(parents=True)
+    # a record from before the whole stage was kept: its steps are compared
+    (run_dir / "done.json").write_text(json.dumps({"wall_s": 1.0, "steps": stage2["steps"] + 1}))
+    with pytest.raises(SystemExit, match=f"steps: {stage2['steps'] + 1} -> {stage2['steps']}"):
+        reproduce(str(tmp_path), str(tmp_path / "summary.json"), smoke=False)
+    (run_dir / "done.json").write_text(json.dumps({"wall_s": 1.0, "steps": stage2["steps"],
+                                                   "stage": dict(stage2, lr=stage2["lr"] * 2, what="old words")}))
+    with pytest.raises(SystemExit, match=r"stage2 was trained with other settings .* \(lr: .*; move or delete"):
+        reproduce(str(tmp_path), str(tmp_path / "summary.json"), smoke=False)
+    assert sorted(os.listdir(tmp_path)) == ["runs"]  # nothing made before the stop
+    (run_dir / "done.json").write_text(json.dumps({"wall_s": 1.0, "steps": stage2["steps"],
+                                                   "stage": dict(stage2, what="other words")}))
+    assert check_trained(stage2, str(tmp_path))  # the same settings (a variant's words aside): trained
