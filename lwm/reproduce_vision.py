@@ -601,13 +601,18 @@ def timed(out: str, step: str):
 
 def study_wall(out: str, extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """(seconds of every step of the study and its ablation, seconds of the --extra variants'
-    steps), each over all attempts."""
+    steps), each over all attempts. A variant trained in `out` by an earlier run and not asked
+    for now counts in neither."""
     from lwm.reproduce import recorded_walls
 
-    variant_steps = {f"vision:{kind} {name}" for name in extra for kind in ("train", "evals")}
+    def steps_of(names):
+        return {f"vision:{kind} {name}" for name in names for kind in ("train", "evals")}
+
     walls = {k: v for k, v in recorded_walls(out).items() if k.startswith("vision:")}
-    return (round(sum(v for k, v in walls.items() if k not in variant_steps), 1),
-            round(sum(v for k, v in walls.items() if k in variant_steps), 1))
+    of_a_stage = {k for k in walls if k.startswith(("vision:train ", "vision:evals "))}
+    study = {k for k in walls if k not in of_a_stage} | steps_of(STUDY_STAGES)
+    return (round(sum(v for k, v in walls.items() if k in study), 1),
+            round(sum(v for k, v in walls.items() if k in steps_of(extra)), 1))
 
 
 def frames_per_example(world: str) -> str:

@@ -179,3 +179,16 @@ def test_a_stage_trained_with_other_settings_stops_before_any_work(tmp_path):
     (run_dir / "done.json").write_text(json.dumps({"wall_s": 1.0, "steps": stage2["steps"],
                                                    "stage": dict(stage2, what="other words")}))
     assert check_trained(stage2, str(tmp_path))  # the same settings (a variant's words aside): trained
+
+
+def test_the_study_s_time_leaves_out_variants(tmp_path):
+    from lwm.reproduce_vision import study_wall
+
+    (tmp_path / "runs").mkdir()
+    walls = {"vision:world": 1.0, "vision:train stage1": 10.0, "vision:evals stage1": 2.0,
+             "vision:train stage2_after_unmasked": 5.0, "vision:train stage2_gentle": 100.0,
+             "vision:evals stage2_gentle": 20.0, "vision:train stage2_same_theta": 1000.0, "text:stage1": 7.0}
+    (tmp_path / "runs" / "wall_seconds.json").write_text(json.dumps(walls))
+    # stage2_same_theta was trained by an earlier run with --extra: in neither sum when not asked for
+    assert study_wall(str(tmp_path), extra=("stage2_gentle",)) == (18.0, 120.0)
+    assert study_wall(str(tmp_path)) == (18.0, 0.0)
