@@ -251,12 +251,13 @@ def stage_data(tokens: str, stage: dict, out: str, epochs: int, long_tokens: str
     return path
 
 
-def check_trained(stage: dict, out: str) -> bool:
-    """Whether the stage is trained in `out`; stops with one line when it was trained with other
-    settings than its config holds now (a rerun would otherwise score the old weights as new)."""
+def trained_record(stage: dict, out: str) -> dict | None:
+    """The stage's done.json record in `out` (None while it is not trained); stops with one line
+    when it was trained with other settings than its config holds now (a rerun would otherwise
+    score the old weights as new)."""
     done = os.path.join(out, "runs", stage["name"], "done.json")
     if not os.path.exists(done):
-        return False
+        return None
     with open(done) as f:
         record = json.load(f)
     # records from before the whole stage was kept hold its steps only
@@ -267,7 +268,7 @@ def check_trained(stage: dict, out: str) -> bool:
         diff = ", ".join(f"{k}: {trained.get(k)!r} -> {stage.get(k)!r}" for k in changed)
         raise SystemExit(f"{os.path.dirname(done)} was trained with other settings than configs/reproduce_vision/"
                          f"{stage['name']}.json holds now ({diff}); move or delete that folder to train it again")
-    return True
+    return record
 
 
 def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: str = "") -> tuple[str, float]:
@@ -275,9 +276,9 @@ def train_stage(stage: dict, data: str, tokenizer: str, out: str, start_from: st
     run_dir = os.path.join(out, "runs", stage["name"])
     params = os.path.join(run_dir, "streaming_params")
     done = os.path.join(run_dir, "done.json")
-    if check_trained(stage, out):
-        with open(done) as f:
-            return params, json.load(f)["wall_s"]
+    record = trained_record(stage, out)
+    if record:
+        return params, record["wall_s"]
     steps, seq = stage["steps"], stage["seq_length"]
     updates = f"dict(theta={stage['theta']},max_sequence_length={max(2048, seq)})"
     cmd = [sys.executable, "-m", "lwm.train", "--modality=vision,text", f"--mesh_dim={stage['mesh_dim']}",
@@ -633,7 +634,7 @@ def reproduce(out: str, results: str, smoke: bool, extra: tuple[str, ...] = ()) 
 
     out = os.path.abspath(out)  # job lists name media by absolute path
     for name in STUDY_STAGES + tuple(extra):  # a stage trained with other settings stops the run here
-        check_trained(load_stage(name, smoke), out)
+        trained_record(load_stage(name, smoke), out)
     with timed(out, "world"):
         world = prepare_world(out, smoke)
     with timed(out, "tokenizer"):

@@ -95,8 +95,8 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
                       reverse_fraction: float = 0.0) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
-    turn (one needle always stays forward, for the first turn: the eval's question). Each needle is asked once, one way, so no turn's answer stands in
-    an earlier turn."""
+    turn (one needle always stays forward, for the first turn: the eval's question). Each needle
+    is asked once, one way, so no turn's answer stands in an earlier turn."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     backwards = []
