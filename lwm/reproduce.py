@@ -230,11 +230,37 @@ def stage_done(out: str, stage: dict) -> bool:
     return os.path.exists(meta) and load_pickle(meta).get("step") == stage["steps"]
 
 
+def stage_settings(stage: dict, seed: int) -> dict:
+    """What a stage's weights depend on: its config but for the wording and the evals, and the seed."""
+    return {"seed": seed, **{k: v for k, v in stage.items() if k not in ("description", "evals")}}
+
+
+def check_stage_settings(out: str, stage: dict, seed: int) -> None:
+    """Stops with one line when the stage's run folder in `out` was started with other settings
+    than its config holds now: resuming (or calling it done) would pass the old weights off as new.
+    Folders from before settings were recorded are checked on their step count only (stage_done)."""
+    record = os.path.join(run_folder(out, stage["name"]), "settings.json")
+    if not os.path.exists(record):
+        return
+    with open(record) as f:
+        started = json.load(f)
+    now = json.loads(json.dumps(stage_settings(stage, seed)))  # as JSON gives it back: lists, not tuples
+    changed = sorted(k for k in set(started) | set(now) if started.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise SystemExit(f"reproduce: {os.path.dirname(record)} was started with other settings than configs/reproduce/"
+                         f"tiny_{stage['name']}.json holds now ({diff}); move or delete that folder to train it again")
+
+
 def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int = 0) -> float:
     """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds."""
+    check_stage_settings(out, stage, seed)
     if stage_done(out, stage):
         log(f"{stage['name']}: done already")
         return recorded_wall(out, stage["name"])
+    settings = os.path.join(run_folder(out, stage["name"]), "settings.json")
+    if not os.path.exists(settings):  # a resumed run keeps the record of its start (checked above)
+        write_lines(settings, [json.dumps(stage_settings(stage, seed), indent=2)])
     chunk = min(256, stage["seq_length"] // 4)
     args = [
         "-m", "lwm.train", "--modality=text", f"--mesh_dim={stage['mesh_dim']}", "--dtype=fp32",
@@ -363,6 +389,10 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
                          f"and its summary need every seed from 0), got {first_seed}")
     if only:
         check_only(out, only, range(first_seed, seeds), smoke)
+    for seed in range(first_seed, seeds):  # no stage resumes, or counts as done, with changed settings
+        variants = seed < ablation_seeds
+        for name in seed_stage_names(ablations if variants else (), extra if variants else (), only):
+            check_stage_settings(seed_folder(out, seed), load_stage(name, smoke), seed)
     train_path, eval_path = prepare_corpus(os.path.join(out, "data"))
     tokenizer = prepare_tokenizer(train_path, os.path.join(out, "tokenizer"))
     runs = []
@@ -399,8 +429,7 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
     summary = {"first_stage_length": None, "seed": seed, "stages": [], "evals": {}}
     main_wall = 0.0
     asked = tuple(f"ablation_{name}" for name in ablations)
-    names = only or MAIN_STAGES + tuple(stage for stage in ABLATION_STAGES if stage in asked) + tuple(extra)
-    for name in names:
+    for name in seed_stage_names(ablations, extra, only):
         stage = load_stage(name, smoke)
         data_path = prepare_retrieval_data(stage, train_path, tokenizer, data_dir, seed, smoke)
         wall = train_stage(stage, data_path, tokenizer, out, seed)
@@ -435,6 +464,12 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
         summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
     return summary
+
+
+def seed_stage_names(ablations: tuple[str, ...], extra: tuple[str, ...], only: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages one seed trains, in order: the `only` ones, or the study's, the asked ablations' and the extras."""
+    asked = tuple(f"ablation_{name}" for name in ablations)
+    return only or MAIN_STAGES + tuple(stage for stage in ABLATION_STAGES if stage in asked) + tuple(extra)
 
 
 def check_only(out: str, only: tuple[str, ...], seeds: range, smoke: bool) -> None:

@@ -148,6 +148,26 @@ def test_only_refuses_a_stage_whose_start_is_not_trained_before_any_work(tmp_pat
     assert proc.returncode == 2 and "--only runs the named stages alone" in proc.stderr
 
 
+def test_a_stage_started_with_other_settings_stops_the_run_before_any_work(tmp_path):
+    from lwm import reproduce as study
+
+    stage = study.load_stage("stage1", smoke=False)
+    runs = tmp_path / "runs" / "stage1"
+    runs.mkdir(parents=True)
+    (runs / "settings.json").write_text(json.dumps(study.stage_settings({**stage, "steps": 400}, seed=0)))
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", f"--out={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and sorted(os.listdir(tmp_path)) == ["runs"]  # no data, no tokenizer made
+    assert (f"{runs} was started with other settings than configs/reproduce/tiny_stage1.json holds now "
+            f"(steps: 400 -> {stage['steps']}); move or delete that folder") in proc.stderr
+    # the wording and the evals are not settings; the seed is
+    changed = dict(stage, description="reworded", evals=[])
+    (runs / "settings.json").write_text(json.dumps(study.stage_settings(changed, seed=0)))
+    study.check_stage_settings(str(tmp_path), stage, seed=0)
+    with pytest.raises(SystemExit, match="seed: 0 -> 1"):
+        study.check_stage_settings(str(tmp_path), stage, seed=1)
+
+
 def test_results_of_retrained_weights_are_set_aside_and_published_copies_name_themselves(tmp_path, monkeypatch):
     import hashlib
 
