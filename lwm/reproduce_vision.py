@@ -564,30 +564,40 @@ def generation_cases(stage: dict, params: str, world: str, tokenizer: str, vqgan
     its interval is then a paired one)."""
     gen_folder = os.path.join(folder, "generated")
     generated = generate(world, stage, params, tokenizer, vqgan, gen_folder)
-    cases = {}
+    by_caption = {}
     for key in IMAGE_CFG:
-        # every setting's captions in one order, for the gains below
         images = sorted((r for r in generated if r["setting"] == key), key=lambda r: r["truth"])
         for measure, values in score_images(images, gen_folder, world, vqgan).items():
-            cases[f"text_to_image_{measure}_{key}"] = per_caption(images, values)
-    unguided = cases["text_to_image_attributes_no_cfg"]
-    for key in IMAGE_CFG:
-        if key != "no_cfg":
-            cases[f"text_to_image_attributes_gain_{key}"] = [
-                a - b for a, b in zip(cases[f"text_to_image_attributes_{key}"], unguided)]
+            by_caption[f"text_to_image_{measure}_{key}"] = per_caption(images, values)
     videos = [r for r in generated if r["setting"] == "video"]
-    cases["text_to_video_motion"] = per_caption(videos, score_videos(videos, gen_folder))
-    return cases
+    by_caption["text_to_video_motion"] = per_caption(videos, score_videos(videos, gen_folder))
+    return {**{key: list(scores.values()) for key, scores in by_caption.items()}, **guidance_gains(by_caption)}
 
 
-def per_caption(results: list[dict], scores: list) -> list[float]:
-    """Each caption's mean score over its draws (a caption is its held-out example, named by its
-    true media's path), in the order captions first appear: the cases of an accuracy and its
-    interval are captions, not draws of one caption."""
+def per_caption(results: list[dict], scores: list) -> dict[str, float]:
+    """{caption: its mean score over its draws}, a caption named by its true media's path, in the
+    order captions first appear: the cases of an accuracy and its interval are captions, not
+    draws of one caption."""
     by_caption: dict[str, list[float]] = {}
     for r, score in zip(results, scores):
         by_caption.setdefault(r["truth"], []).append(float(score))
-    return [float(np.mean(v)) for v in by_caption.values()]
+    return {truth: float(np.mean(v)) for truth, v in by_caption.items()}
+
+
+def guidance_gains(by_caption: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Each guidance setting's gain in attributes over none, caption by caption, matched by the
+    caption's name (`text_to_image_attributes_gain_<setting>`: its interval is a paired one)."""
+    unguided = by_caption["text_to_image_attributes_no_cfg"]
+    gains = {}
+    for key in IMAGE_CFG:
+        if key == "no_cfg":
+            continue
+        guided = by_caption[f"text_to_image_attributes_{key}"]
+        if guided.keys() != unguided.keys():
+            raise ValueError(f"text to image with {key} and without guidance scored other captions "
+                             f"({sorted(guided.keys() ^ unguided.keys())[:3]} in one only): no gain can be paired")
+        gains[f"text_to_image_attributes_gain_{key}"] = [guided[truth] - unguided[truth] for truth in unguided]
+    return gains
 
 
 @contextlib.contextmanager

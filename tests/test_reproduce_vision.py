@@ -19,7 +19,24 @@ def test_a_caption_s_score_is_the_mean_of_its_draws():
 
     results = [dict(truth="a.png"), dict(truth="b.png"), dict(truth="a.png"), dict(truth="b.png"),
                dict(truth="a.png")]
-    assert per_caption(results, [1, 0, 0, 0, 1]) == [2 / 3, 0.0]  # a: 1, 0, 1; b: 0, 0
+    assert per_caption(results, [1, 0, 0, 0, 1]) == {"a.png": 2 / 3, "b.png": 0.0}  # a: 1, 0, 1; b: 0, 0
+
+
+def test_a_guidance_gain_pairs_each_caption_with_its_own_unguided_score():
+    from lwm.reproduce_vision import guidance_gains, per_caption
+
+    # the three settings' draws come in different orders; a gain is per caption, whatever the order
+    unguided = per_caption([dict(truth=t) for t in ("a", "b", "c", "a")], [0.0, 1.0, 0.5, 1.0])  # a 0.5, b 1, c 0.5
+    light = per_caption([dict(truth=t) for t in ("c", "b", "a")], [1.0, 0.5, 0.5])
+    strong = per_caption([dict(truth=t) for t in ("b", "a", "c")], [1.0, 1.0, 0.0])
+    gains = guidance_gains({"text_to_image_attributes_no_cfg": unguided,
+                            "text_to_image_attributes_light_cfg": light, "text_to_image_attributes_cfg": strong})
+    # in the unguided order a, b, c: light 0.5-0.5, 0.5-1, 1-0.5; strong 1-0.5, 1-1, 0-0.5
+    assert gains == {"text_to_image_attributes_gain_light_cfg": [0.0, -0.5, 0.5],
+                     "text_to_image_attributes_gain_cfg": [0.5, 0.0, -0.5]}
+    with pytest.raises(ValueError, match=r"with cfg and without guidance scored other captions \(\['d'\]"):
+        guidance_gains({"text_to_image_attributes_no_cfg": unguided, "text_to_image_attributes_light_cfg": light,
+                        "text_to_image_attributes_cfg": {**strong, "d": 1.0}})
 
 
 def test_smoke_study_runs_every_step_and_eval(tmp_path):
