@@ -56,6 +56,13 @@ ANSWER_SENTENCE = "The special magic {city} number is: {number}."
 # digits to the key, which needs each needle's city tied to its digits, the tie the keyed
 # (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
 REVERSE_QUESTION = "Which city's special magic number is {number}?"
+# Shorter needles (`short_needle_fraction`), the city 2, 3 and 4 tokens before the first digit
+# instead of the eval needle's 5: a head that ties each needle's digits to its city must reach
+# back over the filler between them, and with no head doing so yet nothing rewards one (the
+# lookup needs both it and a head matching the asked city). Close up, as in associative-recall
+# tasks, the tie is a step or two back; mixed with the eval's needle it has to find the city
+# at any of these distances, which is what the eval's needles then need.
+SHORT_NEEDLES = ("\n{city} {number}\n", "\n{city}: {number}\n", "\n{city} number: {number}\n")
 
 
 def read_texts(path: str) -> list[str]:
@@ -92,11 +99,12 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
                       multi_fraction: float, period_ids, answer_style: str = "number",
-                      reverse_fraction: float = 0.0) -> dict:
+                      reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
-    is asked once, one way, so no turn's answer stands in an earlier turn."""
+    is asked once, one way, so no turn's answer stands in an earlier turn. With
+    `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     backwards = []
@@ -119,7 +127,8 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
         return ", ".join(numbers[c] for c in asked) + "."
 
     template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT
-    needles = [(tokenizer.encode(NEEDLE.format(city=c, number=numbers[c])), rng.uniform(0, 100)) for c in cities]
+    needles = [(tokenizer.encode(needle_template(rng, short_needle_fraction).format(city=c, number=numbers[c])),
+                rng.uniform(0, 100)) for c in cities]
     fields = {"answer0": answer(turns[0])}
     for i, asked in enumerate(turns[1:], 1):
         fields[f"turn{i}"] = FOLLOW_UP.format(question=question(asked))
@@ -147,16 +156,25 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     return {"fields": ",".join(spec), **fields}
 
 
+def needle_template(rng: random.Random, short_needle_fraction: float) -> str:
+    """The eval's needle, or with probability `short_needle_fraction` one of SHORT_NEEDLES."""
+    if short_needle_fraction and rng.random() < short_needle_fraction:  # (no draw without it: data stays as was)
+        return rng.choice(SHORT_NEEDLES)
+    return NEEDLE
+
+
 def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
-                       answer_style: str = "number", reverse_fraction: float = 0.0) -> Iterator[dict]:
+                       answer_style: str = "number", reverse_fraction: float = 0.0,
+                       short_needle_fraction: float = 0.0) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
-    if not 0.0 <= reverse_fraction <= 1.0:
-        raise ValueError(f"reverse_fraction must be in [0, 1], got {reverse_fraction}")
+    for name, fraction in (("reverse_fraction", reverse_fraction), ("short_needle_fraction", short_needle_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     pool = haystack_stream(texts, tokenizer)
     if len(pool) < seq_length:
         raise ValueError(f"the haystack text holds {len(pool)} tokens, fewer than seq_length={seq_length}")
@@ -164,7 +182,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style, reverse_fraction)
+                                answer_style, reverse_fraction, short_needle_fraction)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -172,7 +190,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
                         reverse_fraction: float = 0.0) -> Iterator[dict]:
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
-    `reverse_fraction` (else the argument's).
+    `reverse_fraction` (else the argument's) and `short_needle_fraction` (else none).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -184,7 +202,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     def examples_of(phase):
         return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
                                   tuple(phase["needles"]), multi_fraction, answer_style,
-                                  phase.get("reverse_fraction", reverse_fraction))
+                                  phase.get("reverse_fraction", reverse_fraction),
+                                  phase.get("short_needle_fraction", 0.0))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:
@@ -237,12 +256,14 @@ def main(argv=None) -> int:
                         help="answers as the numbers alone, or each in the needle's sentence")
     parser.add_argument("--reverse_fraction", type=float, default=0.0,
                         help="share of needles also asked backwards (the number given, the city answered)")
+    parser.add_argument("--short_needle_fraction", type=float, default=0.0,
+                        help="share of needles written shorter, the city closer to the number than in the eval")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
-                                      args.answer_style, args.reverse_fraction)
+                                      args.answer_style, args.reverse_fraction, args.short_needle_fraction)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

@@ -94,6 +94,33 @@ def test_reverse_turns_ask_some_needles_cities_by_their_numbers_after_the_eval_s
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, reverse_fraction=1.5))
 
 
+def test_short_needles_write_the_city_closer_to_its_number_in_about_the_asked_share(tokenizer):
+    from lwm.needle import CITIES, NEEDLE
+    from lwm.retrieval_data import SHORT_NEEDLES
+
+    forms = [NEEDLE.strip()] + [form.strip() for form in SHORT_NEEDLES]
+    used = [0] * len(forms)
+    for example in retrieval_examples(tokenizer, TEXTS, 512, 30, seed=3, needles=(2, 6), short_needle_fraction=0.5):
+        prompt, spec = example["prompt"], example["fields"].split(",")
+        answered = {}  # city asked -> the number answered, turn by turn
+        for question, answer in zip([prompt] + [example[f.strip("[]")] for f in spec[2::2]], spec[1::2]):
+            several, one = re.findall(r"special magic (?:numbers for ([^?]+)|([^:?]+?) number)\?", question)[-1]
+            cities = re.split(r", (?:and )?", several or one)
+            answered.update(zip(cities, re.findall(r"\d{7}", example[answer])))
+        numbers = re.findall(r"\d{7}", prompt)
+        assert sorted(numbers) == sorted(answered.values())  # every needle asked, whatever its form
+        for number in numbers:
+            written = [(i, city) for i, form in enumerate(forms) for city in CITIES
+                       if re.search(rf"(?<!\w){re.escape(form.format(city=city, number=number))}", prompt)]
+            assert len(written) == 1, (number, written)
+            form, city = written[0]
+            used[form] += 1
+            assert answered[city] == number  # the city the needle names is the one whose number it is
+    assert 0.35 < sum(used[1:]) / sum(used) < 0.65 and min(used) > 0  # about half short, every form in use
+    with pytest.raises(ValueError, match=r"short_needle_fraction must be in \[0, 1\], got -0.1"):
+        next(retrieval_examples(tokenizer, TEXTS, 512, 1, short_needle_fraction=-0.1))
+
+
 def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
     from lwm.needle import score_strict
 
