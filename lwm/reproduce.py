@@ -253,8 +253,8 @@ def check_stage_settings(out: str, stage: dict, seed: int) -> None:
 
 
 def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int = 0) -> float:
-    """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds."""
-    check_stage_settings(out, stage, seed)
+    """Run (or finish) one stage through `python -m lwm.train`; returns its wall seconds. (Its
+    settings are checked against the folder's record up front, in reproduce().)"""
     if stage_done(out, stage):
         log(f"{stage['name']}: done already")
         return recorded_wall(out, stage["name"])

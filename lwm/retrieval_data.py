@@ -61,7 +61,8 @@ REVERSE_QUESTION = "Which city's special magic number is {number}?"
 # back over the filler between them, and with no head doing so yet nothing rewards one (the
 # lookup needs both it and a head matching the asked city). Close up, as in associative-recall
 # tasks, the tie is a step or two back; mixed with the eval's needle it has to find the city
-# at any of these distances, which is what the eval's needles then need.
+# at any of these distances, which is what the eval's needles then need. (Tried as
+# stage1_short_needles: the multi-needle eval got worse; docs/reproduction.md.)
 SHORT_NEEDLES = ("\n{city} {number}\n", "\n{city}: {number}\n", "\n{city} number: {number}\n")
 
 
