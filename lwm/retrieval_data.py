@@ -25,6 +25,10 @@ Why this shape:
 * Every needle is asked about once, in a random order (K needles, K answers per row): many
   retrieval targets per sequence instead of one, as in associative-recall studies, at every
   depth of the context. A few turns ask for two numbers at once (the multi-needle eval).
+  Optionally (`asked_fraction`) only that share of a row's needles is asked and the rest stay
+  distractors, as in the multi-needle eval: when every needle is asked, each later turn can be
+  answered in part without its city, by a needle whose number no turn has given yet (the last
+  turn always).
   Optionally (`reverse_fraction`) some needles are asked backwards instead, their number
   given and their city answered.
 * Numbers are fresh random 7-digit numbers and cities are drawn from the eval's list, so no
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -100,18 +105,22 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
                       multi_fraction: float, period_ids, answer_style: str = "number",
-                      reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0) -> dict:
+                      reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0,
+                      asked_fraction: float = 1.0) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
     is asked once, one way, so no turn's answer stands in an earlier turn. With
-    `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES."""
+    `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES;
+    with `asked_fraction`, only that share of them (rounded, at least one) is asked at all."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
+    # `cities` is in random order, so its head is a random subset (no draw: other configs' data stays as was)
+    asked_cities = cities[:max(1, math.floor(asked_fraction * n_needles + 0.5))]
     backwards = []
     if reverse_fraction:  # (no draws without it: the examples of a config without it stay as they were)
-        backwards = [c for c in cities[1:] if rng.random() < reverse_fraction]
-    turns: list = plan_turns(rng, [c for c in cities if c not in backwards], multi_fraction)
+        backwards = [c for c in asked_cities[1:] if rng.random() < reverse_fraction]
+    turns: list = plan_turns(rng, [c for c in asked_cities if c not in backwards], multi_fraction)
     for city in backwards:
         turns.insert(rng.randint(1, len(turns)), city)  # a str: the city asked for by its number
 
@@ -167,13 +176,14 @@ def needle_template(rng: random.Random, short_needle_fraction: float) -> str:
 def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
                        answer_style: str = "number", reverse_fraction: float = 0.0,
-                       short_needle_fraction: float = 0.0) -> Iterator[dict]:
+                       short_needle_fraction: float = 0.0, asked_fraction: float = 1.0) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
-    for name, fraction in (("reverse_fraction", reverse_fraction), ("short_needle_fraction", short_needle_fraction)):
+    for name, fraction in (("reverse_fraction", reverse_fraction), ("short_needle_fraction", short_needle_fraction),
+                           ("asked_fraction", asked_fraction)):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     pool = haystack_stream(texts, tokenizer)
@@ -183,7 +193,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style, reverse_fraction, short_needle_fraction)
+                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -191,7 +201,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
                         reverse_fraction: float = 0.0) -> Iterator[dict]:
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
-    `reverse_fraction` (else the argument's) and `short_needle_fraction` (else none).
+    `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
+    `asked_fraction` (else every needle is asked).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -204,7 +215,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
         return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
-                                  phase.get("short_needle_fraction", 0.0))
+                                  phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:
@@ -259,12 +270,15 @@ def main(argv=None) -> int:
                         help="share of needles also asked backwards (the number given, the city answered)")
     parser.add_argument("--short_needle_fraction", type=float, default=0.0,
                         help="share of needles written shorter, the city closer to the number than in the eval")
+    parser.add_argument("--asked_fraction", type=float, default=1.0,
+                        help="share of each example's needles asked about; the rest stay distractors")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
-                                      args.answer_style, args.reverse_fraction, args.short_needle_fraction)
+                                      args.answer_style, args.reverse_fraction, args.short_needle_fraction,
+                                      args.asked_fraction)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)
