@@ -42,6 +42,29 @@ def test_every_answer_is_its_needles_number_and_every_needle_is_asked(tokenizer)
         assert example_tokens(example, tokenizer) <= 512 + 1
 
 
+def test_asked_fraction_leaves_the_rest_of_a_row_s_needles_unasked_distractors(tokenizer):
+    """Through a curriculum phase: round(K / 2) of K needles asked (at least one), each once and
+    answered with its own number; the others never named in a question; which ones, at random."""
+    phase = {"length": 512, "examples": 40, "needles": (1, 7), "asked_fraction": 0.5}
+    first_in_text_asked, counts = 0, set()
+    for example in curriculum_examples(tokenizer, TEXTS, [phase], seed=5, multi_fraction=0.5):
+        needles = needles_in(example["prompt"])
+        spec = example["fields"].split(",")
+        questions = [example["prompt"]] + [example[f.strip("[]")] for f in spec[2::2]]
+        asked = []
+        for question, answer in zip(questions, [example[f] for f in spec[1::2]]):
+            asking = question.rsplit("special magic", 1)[-1]
+            cities = sorted((c for c in needles if re.search(rf"\b{re.escape(c)}\b", asking)), key=asking.index)
+            assert cities and answer == ", ".join(needles[c] for c in cities) + "."
+            asked += cities
+        assert len(asked) == len(set(asked)) == max(1, (len(needles) + 1) // 2), (len(needles), asked)
+        first_in_text_asked += next(iter(needles)) in asked
+        counts.add(len(needles))
+    assert counts >= {1, 2, 3, 6, 7} and 0.3 < first_in_text_asked / 40 < 0.9  # not simply the first needles
+    with pytest.raises(ValueError, match=r"asked_fraction must be in \[0, 1\], got 2"):
+        next(retrieval_examples(tokenizer, TEXTS, 512, 1, asked_fraction=2))
+
+
 def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
     phases = [{"length": 128, "examples": 6, "needles": (1, 2)}, {"length": 384, "examples": 4, "needles": (3, 5)}]
     examples = list(curriculum_examples(tokenizer, TEXTS, phases, seed=0))
