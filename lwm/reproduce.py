@@ -245,11 +245,18 @@ def check_stage_settings(out: str, stage: dict, seed: int) -> None:
     with open(record) as f:
         started = json.load(f)
     now = json.loads(json.dumps(stage_settings(stage, seed)))  # as JSON gives it back: lists, not tuples
-    changed = sorted(k for k in set(started) | set(now) if started.get(k) != now.get(k))
+    stop_if_settings_changed(started, now, set(started) | set(now), f"reproduce: {os.path.dirname(record)} was started",
+                             f"configs/reproduce/tiny_{stage['name']}.json")
+
+
+def stop_if_settings_changed(recorded: dict, now: dict, keys, run: str, config: str) -> None:
+    """Stops with one line naming each of `keys` whose value differs between a run folder's record
+    and its config now (`run`: the folder and what the record is of, e.g. "... was started")."""
+    changed = sorted(k for k in keys if recorded.get(k) != now.get(k))
     if changed:
-        diff = ", ".join(f"{k}: {started.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise SystemExit(f"reproduce: {os.path.dirname(record)} was started with other settings than configs/reproduce/"
-                         f"tiny_{stage['name']}.json holds now ({diff}); move or delete that folder to train it again")
+        diff = ", ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise SystemExit(f"{run} with other settings than {config} holds now ({diff}); move or delete that folder to "
+                         "train it again")
 
 
 def train_stage(stage: dict, data_path: str, tokenizer: str, out: str, seed: int = 0) -> float:

@@ -255,6 +255,8 @@ def trained_record(stage: dict, out: str) -> dict | None:
     """The stage's done.json record in `out` (None while it is not trained); stops with one line
     when it was trained with other settings than its config holds now (a rerun would otherwise
     score the old weights as new)."""
+    from lwm.reproduce import stop_if_settings_changed
+
     done = os.path.join(out, "runs", stage["name"], "done.json")
     if not os.path.exists(done):
         return None
@@ -263,11 +265,8 @@ def trained_record(stage: dict, out: str) -> dict | None:
     # records from before the whole stage was kept hold its steps only
     trained = record.get("stage", {"steps": record["steps"]})
     keys = (set(trained) | set(stage)) - {"what"} if "stage" in record else {"steps"}
-    changed = sorted(k for k in keys if trained.get(k) != stage.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {trained.get(k)!r} -> {stage.get(k)!r}" for k in changed)
-        raise SystemExit(f"{os.path.dirname(done)} was trained with other settings than configs/reproduce_vision/"
-                         f"{stage['name']}.json holds now ({diff}); move or delete that folder to train it again")
+    stop_if_settings_changed(trained, stage, keys, f"{os.path.dirname(done)} was trained",
+                             f"configs/reproduce_vision/{stage['name']}.json")
     return record
 
 
