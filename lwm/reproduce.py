@@ -396,6 +396,10 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
                          f"and its summary need every seed from 0), got {first_seed}")
     if only:
         check_only(out, only, range(first_seed, seeds), smoke)
+        own = sorted(a for a in ablations if f"ablation_{a}" in ABLATION_STAGES and f"ablation_{a}" not in only)
+        if own:  # with --only, --ablations picks the ablation evals of the named main stages
+            raise SystemExit(f"reproduce: --ablations {','.join(own)} trains its own stage: with --only, name it there "
+                             f"(--only ...,ablation_{own[0]})")
     for seed in range(first_seed, seeds):  # no stage resumes, or counts as done, with changed settings
         variants = seed < ablation_seeds
         for name in seed_stage_names(ablations if variants else (), extra if variants else (), only):
@@ -687,7 +691,8 @@ def main(argv=None) -> int:
                              "when asked)")
     parser.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                         help=f"also run the ablations at 4x: all of them, or those named (comma-separated, of "
-                             f"{', '.join(ABLATIONS)})")
+                             f"{', '.join(ABLATIONS)}); with --only, the ablation evals of the stages it names "
+                             "(no_extension: stage1's)")
     parser.add_argument("--extra", default="", help="comma-separated names of more stage configs to run after the "
                         "study (configs/reproduce/tiny_<name>.json: a variant of a stage, with its own evals)")
     parser.add_argument("--seeds", type=int, default=1,
@@ -704,8 +709,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a tiny grid")
     args = parser.parse_args(argv)
     only = tuple(name for name in args.only.split(",") if name)
-    if only and (args.publish or args.ablations or args.extra):
-        parser.error("--only runs the named stages alone: it takes no --publish, --ablations or --extra")
+    if only and (args.publish or args.extra):
+        parser.error("--only runs the named stages alone: it takes no --publish or --extra")
     from_seed = f".from_seed{args.first_seed}" if args.first_seed else ""
     default_results = f"only_{'+'.join(only)}{from_seed}.json" if only else "reproduction.json"
     summary = reproduce(args.out, args.results or os.path.join(args.out, default_results),

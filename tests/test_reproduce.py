@@ -92,6 +92,14 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     heads = {name: load_pickle(str(out / "seed1" / "runs" / name / "metadata.pkl"))["llama_config"]
              ["num_attention_heads"] for name in ("stage1", "stage1_more_heads")}
     assert heads == {"stage1": 4, "stage1_more_heads": 8}
+    # --only with --ablations: an ablation's eval of a stage trained already, for a later seed
+    only = reproduce(tmp_path, "--seeds=2", "--first_seed=1", "--only=stage1", "--ablations=no_extension")
+    assert only.returncode == 0, only.stdout[-3000:] + only.stderr[-3000:]
+    assert "stage1: done already" in only.stdout
+    ablation = json.loads((out / "only_stage1.from_seed1.json").read_text())["evals"]["ablation_no_extension_at_4x"]
+    assert "seed1" in ablation["results"] and ablation["stage"] == "stage1"
+    assert ablation["accuracy"] == pytest.approx(sum(needle_accuracy(r, "strict") for r in load_results(
+        os.path.join(ROOT, ablation["results"]))) / len(load_results(os.path.join(ROOT, ablation["results"]))))
 
 
 def test_a_spread_phase_is_whole_rows_through_the_tokens_the_stage_reads(tmp_path, monkeypatch):
@@ -146,6 +154,10 @@ def test_only_refuses_a_stage_whose_start_is_not_trained_before_any_work(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--publish"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--only runs the named stages alone" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--ablations=no_staging",
+                           f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert "--ablations no_staging trains its own stage: with --only, name it there" in proc.stderr
 
 
 def test_a_stage_started_with_other_settings_stops_the_run_before_any_work(tmp_path):
