@@ -55,8 +55,13 @@ FOLLOW_UP = " USER: {question} ASSISTANT: "
 # sentence ("The special magic Oslo number is: 4829173. The special magic ..."), which puts the
 # asked city right before the digits in the answer as in the needle (a symmetric, induction-like
 # lookup). Both score the same under the eval's strict score (the first numbers of the response).
-ANSWER_STYLES = ("number", "sentence")
+# Or keyed ("Oslo: 4829173, Doha: 3302981."): the answer names each city right before its number,
+# so the model writes the asked city (copied from the question, a directly supervised step) and
+# the digits then follow a city one or two tokens back, as in a needle written short: the lookup
+# becomes the associative recall small attention models learn, with no second head to find first.
+ANSWER_STYLES = ("number", "sentence", "keyed")
 ANSWER_SENTENCE = "The special magic {city} number is: {number}."
+ANSWER_KEYED = "{city}: {number}"
 # A needle asked backwards (its number given, its city the answer): the lookup then goes from the
 # digits to the key, which needs each needle's city tied to its digits, the tie the keyed
 # (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
@@ -134,6 +139,8 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
             return f"{asked}."
         if answer_style == "sentence":
             return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
+        if answer_style == "keyed":
+            return ", ".join(ANSWER_KEYED.format(city=c, number=numbers[c]) for c in asked) + "."
         return ", ".join(numbers[c] for c in asked) + "."
 
     template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT

@@ -159,7 +159,19 @@ def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
         assert example_tokens(example, tokenizer) <= 512 + 1
     with pytest.raises(ValueError, match="a 128-token example cannot hold 3 needles .* raise its length or lower"):
         next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(3, 3), answer_style="sentence"))
-    with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence"):
+    for example in retrieval_examples(tokenizer, TEXTS, 512, 10, seed=1, needles=(2, 6), multi_fraction=0.5,
+                                      answer_style="keyed"):
+        needles = needles_in(example["prompt"])
+        spec = example["fields"].split(",")
+        questions = [example["prompt"]] + [example[f.strip("[]")] for f in spec[2::2]]
+        for question, answer in zip(questions, (example[f] for f in spec[1::2])):
+            stated = re.findall(r"([A-Z][a-z]+(?: [A-Z][a-z]+)*): (\d{7})", answer)
+            assert stated and ", ".join(f"{c}: {n}" for c, n in stated) + "." == answer
+            assert all(needles[c] == n for c, n in stated)
+            asking = question.rsplit("special magic", 1)[-1]
+            assert [c for c, _ in stated] == sorted((c for c, _ in stated), key=asking.index)  # as asked
+            assert all(score_strict(answer, [n for _, n in stated]))
+    with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence, keyed"):
         next(retrieval_examples(tokenizer, TEXTS, 256, 1, answer_style="words"))
 
 
