@@ -136,6 +136,10 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
     return path
 
 
+# a curriculum phase's optional data settings (lwm.retrieval_data.curriculum_examples)
+PHASE_DATA_KEYS = ("reverse_fraction", "short_needle_fraction", "asked_fraction", "haystack")
+
+
 def data_phases(stage: dict) -> list[dict]:
     """The stage's data, phase by phase: its `curriculum` (shares of the stage's tokens at
     shorter lengths first), or one phase at the stage's length. Each phase gets 10% more
@@ -144,7 +148,7 @@ def data_phases(stage: dict) -> list[dict]:
     phases = stage.get("curriculum") or [{"length": stage["seq_length"], "share": 1.0, "needles": stage["needles"]}]
     rows = [{"length": p["length"], "needles": p["needles"], "used": int(p["share"] * tokens / p["length"]),
              "examples": int(1.1 * p["share"] * tokens / p["length"]) + 1,
-             **{k: p[k] for k in ("reverse_fraction", "short_needle_fraction", "asked_fraction") if k in p}} for p in phases]
+             **{k: p[k] for k in PHASE_DATA_KEYS if k in p}} for p in phases]
     # A `spread` phase (a rehearsal of a shorter length) comes back in whole rows (its examples
     # rounded up to them, no surplus) through the examples the stage reads: the other phases'
     # used tokens, the earlier phases' surplus included as the loader reads it.

@@ -111,13 +111,14 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
                       multi_fraction: float, period_ids, answer_style: str = "number",
                       reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0,
-                      asked_fraction: float = 1.0) -> dict:
+                      asked_fraction: float = 1.0, haystack: bool = True) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
     is asked once, one way, so no turn's answer stands in an earlier turn. With
     `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES;
-    with `asked_fraction`, only that share of them (rounded, at least one) is asked at all."""
+    with `asked_fraction`, only that share of them (rounded, at least one) is asked at all; without
+    `haystack`, the context is the needles alone (associative recall, no text to search)."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     # `cities` is in random order, so its head is a random subset (no draw: other configs' data stays as was)
@@ -155,17 +156,23 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     # The prompt is tokenized as a whole, which can differ from its parts by a token at the seams.
     room = seq_length + 1 - after - len(tokenizer.encode(template.format(context="", question=first))) - 4
     needle_tokens = sum(len(tokens) for tokens, _ in needles)
+    too_many = ValueError(f"a {seq_length}-token example cannot hold {n_needles} needles ({needle_tokens} tokens) with "
+                          f"its prompt, questions and answers ({seq_length + 1 - room} tokens): raise its length or "
+                          "lower its needle count")
     if room < needle_tokens:
-        raise ValueError(f"a {seq_length}-token example cannot hold {n_needles} needles ({needle_tokens} tokens) with "
-                         f"its prompt, questions and answers ({seq_length + 1 - room} tokens): raise its length or "
-                         "lower its needle count")
+        raise too_many
     while True:
-        start = rng.randrange(0, max(1, len(pool) - room))
-        context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)
+        if haystack:
+            start = rng.randrange(0, max(1, len(pool) - room))
+            context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)
+        else:  # the needles alone, in the order of their drawn depths
+            context = [t for tokens, _ in sorted(needles, key=lambda needle: needle[1]) for t in tokens]
         fields["prompt"] = template.format(context=tokenizer.decode(context), question=first)
         total = after + len(tokenizer.encode(fields["prompt"]))
         if total <= seq_length + 1:
             break
+        if not haystack:
+            raise too_many
         room -= total - (seq_length + 1)
     spec = ["[prompt]", "answer0"]
     for i in range(1, len(turns)):
@@ -183,7 +190,8 @@ def needle_template(rng: random.Random, short_needle_fraction: float) -> str:
 def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0,
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
                        answer_style: str = "number", reverse_fraction: float = 0.0,
-                       short_needle_fraction: float = 0.0, asked_fraction: float = 1.0) -> Iterator[dict]:
+                       short_needle_fraction: float = 0.0, asked_fraction: float = 1.0,
+                       haystack: bool = True) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
@@ -200,7 +208,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction)
+                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction, haystack)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -209,7 +217,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
     `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
-    `asked_fraction` (else every needle is asked).
+    `asked_fraction` (else every needle is asked) and `haystack` (false: the needles alone).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -222,7 +230,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
         return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
-                                  phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0))
+                                  phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0),
+                                  phase.get("haystack", True))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:

@@ -65,6 +65,29 @@ def test_asked_fraction_leaves_the_rest_of_a_row_s_needles_unasked_distractors(t
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, asked_fraction=2))
 
 
+def test_without_a_haystack_the_context_is_the_needles_alone(tokenizer):
+    from lwm.retrieval_data import SHORT_NEEDLES
+
+    phase = {"length": 384, "examples": 12, "needles": (3, 5), "haystack": False, "short_needle_fraction": 0.5}
+    forms = "|".join(re.escape(f.strip()).replace(r"\{city\}", r"[A-Z][a-z]+(?: [A-Z][a-z]+)*")
+                     .replace(r"\{number\}", r"\d{7}") for f in SHORT_NEEDLES + ("The special magic {city} number is: "
+                                                                             "{number}",))
+    for example in curriculum_examples(tokenizer, TEXTS, [phase], seed=2, answer_style="keyed"):
+        context = re.fullmatch(r"You are a helpful assistant\. USER: (.*) What (?:is|are) the special magic .*",
+                               example["prompt"], re.DOTALL).group(1)
+        context = " ".join(context.split())  # (a tokenizer may keep the needles' newlines)
+        pieces = re.findall(rf"(?:{forms})(?= |$)", context)
+        assert " ".join(pieces) == context and 3 <= len(pieces) <= 5  # needles, nothing else
+        numbers = re.findall(r"\d{7}", context)
+        answered = re.findall(r"\d{7}", " ".join(example[f] for f in example["fields"].split(",")[1::2]))
+        assert sorted(answered) == sorted(numbers) and example_tokens(example, tokenizer) <= 384 + 1
+        for city, number in re.findall(r"([A-Z][a-z]+(?: [A-Z][a-z]+)*): (\d{7})",
+                                       " ".join(example[f] for f in example["fields"].split(",")[1::2])):
+            assert re.search(rf"{city}(?: number:|:| number is:)? {number}", context)  # its own number
+    with pytest.raises(ValueError, match="a 128-token example cannot hold 4 needles"):
+        next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(4, 4), haystack=False))
+
+
 def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
     phases = [{"length": 128, "examples": 6, "needles": (1, 2)}, {"length": 384, "examples": 4, "needles": (3, 5)}]
     examples = list(curriculum_examples(tokenizer, TEXTS, phases, seed=0))
