@@ -111,14 +111,14 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
                       multi_fraction: float, period_ids, answer_style: str = "number",
                       reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0,
-                      asked_fraction: float = 1.0, haystack: bool = True) -> dict:
+                      asked_fraction: float = 1.0, needles_only: bool = False) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
     is asked once, one way, so no turn's answer stands in an earlier turn. With
     `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES;
-    with `asked_fraction`, only that share of them (rounded, at least one) is asked at all; without
-    `haystack`, the context is the needles alone (associative recall, no text to search)."""
+    with `asked_fraction`, only that share of them (rounded, at least one) is asked at all; with
+    `needles_only`, the context is the needles alone (associative recall, no text to search)."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     # `cities` is in random order, so its head is a random subset (no draw: other configs' data stays as was)
@@ -162,7 +162,7 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     if room < needle_tokens:
         raise too_many
     while True:
-        if haystack:
+        if not needles_only:
             start = rng.randrange(0, max(1, len(pool) - room))
             context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)
         else:  # the needles alone, in the order of their drawn depths
@@ -171,7 +171,7 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
         total = after + len(tokenizer.encode(fields["prompt"]))
         if total <= seq_length + 1:
             break
-        if not haystack:
+        if needles_only:
             raise too_many
         room -= total - (seq_length + 1)
     spec = ["[prompt]", "answer0"]
@@ -191,7 +191,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
                        answer_style: str = "number", reverse_fraction: float = 0.0,
                        short_needle_fraction: float = 0.0, asked_fraction: float = 1.0,
-                       haystack: bool = True) -> Iterator[dict]:
+                       needles_only: bool = False) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
@@ -208,7 +208,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction, haystack)
+                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction, needles_only)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -217,7 +217,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
     `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
-    `asked_fraction` (else every needle is asked) and `haystack` (false: the needles alone).
+    `asked_fraction` (else every needle is asked) and `needles_only` (no haystack text).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -231,7 +231,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
                                   phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0),
-                                  phase.get("haystack", True))
+                                  phase.get("needles_only", False))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:

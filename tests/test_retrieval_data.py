@@ -65,10 +65,10 @@ def test_asked_fraction_leaves_the_rest_of_a_row_s_needles_unasked_distractors(t
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, asked_fraction=2))
 
 
-def test_without_a_haystack_the_context_is_the_needles_alone(tokenizer):
+def test_needles_only_puts_the_needles_alone_in_the_context(tokenizer):
     from lwm.retrieval_data import SHORT_NEEDLES
 
-    phase = {"length": 384, "examples": 12, "needles": (3, 5), "haystack": False, "short_needle_fraction": 0.5}
+    phase = {"length": 384, "examples": 12, "needles": (3, 5), "needles_only": True, "short_needle_fraction": 0.5}
     forms = "|".join(re.escape(f.strip()).replace(r"\{city\}", r"[A-Z][a-z]+(?: [A-Z][a-z]+)*")
                      .replace(r"\{number\}", r"\d{7}") for f in SHORT_NEEDLES + ("The special magic {city} number is: "
                                                                              "{number}",))
@@ -85,7 +85,7 @@ def test_without_a_haystack_the_context_is_the_needles_alone(tokenizer):
                                        " ".join(example[f] for f in example["fields"].split(",")[1::2])):
             assert re.search(rf"{city}(?: number:|:| number is:)? {number}", context)  # its own number
     with pytest.raises(ValueError, match="a 128-token example cannot hold 4 needles"):
-        next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(4, 4), haystack=False))
+        next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(4, 4), needles_only=True))
 
 
 def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
