@@ -167,7 +167,7 @@ def test_short_needles_write_the_city_closer_to_its_number_in_about_the_asked_sh
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, short_needle_fraction=-0.1))
 
 
-def test_sentence_answers_name_their_city_and_score_as_the_numbers(tokenizer):
+def test_sentence_and_keyed_answers_name_their_city_and_score_as_the_numbers(tokenizer):
     from lwm.needle import score_strict
 
     for example in retrieval_examples(tokenizer, TEXTS, 512, 10, seed=1, needles=(2, 6), multi_fraction=0.5,
