@@ -400,10 +400,12 @@ def reproduce(out: str, results_path: str, assets: str, ablations: tuple[str, ..
                          f"and its summary need every seed from 0), got {first_seed}")
     if only:
         check_only(out, only, range(first_seed, seeds), smoke)
-        own = sorted(a for a in ablations if f"ablation_{a}" in ABLATION_STAGES and f"ablation_{a}" not in only)
-        if own:  # with --only, --ablations picks the ablation evals of the named main stages
-            raise SystemExit(f"reproduce: --ablations {','.join(own)} trains its own stage: with --only, name it there "
-                             f"(--only ...,ablation_{own[0]})")
+        # with --only, --ablations runs only what the named stages train or evaluate
+        for name in ablations:
+            home = ablation_stage(name, smoke)
+            if home not in only:
+                raise SystemExit(f"reproduce: --ablations {name}: no stage in --only trains or evaluates it; "
+                                 f"name {home} there")
     for seed in range(first_seed, seeds):  # no stage resumes, or counts as done, with changed settings
         variants = seed < ablation_seeds
         for name in seed_stage_names(ablations if variants else (), extra if variants else (), only):
@@ -479,6 +481,14 @@ def study_one_seed(out: str, seed: int, train_path: str, eval_path: str, tokeniz
         summary[f"{key}_ci95"] = summary["evals"].get(key, {}).get("ci95")
     summary["main_study_wall_s"] = round(main_wall, 1)
     return summary
+
+
+def ablation_stage(name: str, smoke: bool) -> str:
+    """The stage an ablation (of ABLATIONS) needs: its own, or the main stage whose eval it is."""
+    if f"ablation_{name}" in ABLATION_STAGES:
+        return f"ablation_{name}"
+    return next(stage for stage in MAIN_STAGES
+                if any(e["key"].startswith(f"ablation_{name}_") for e in load_stage(stage, smoke)["evals"]))
 
 
 def seed_stage_names(ablations: tuple[str, ...], extra: tuple[str, ...], only: tuple[str, ...]) -> tuple[str, ...]:

@@ -162,11 +162,11 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     if room < needle_tokens:
         raise too_many
     while True:
-        if not needles_only:
+        if needles_only:  # the needles alone, in the order of their drawn depths
+            context = [t for tokens, _ in sorted(needles, key=lambda needle: needle[1]) for t in tokens]
+        else:
             start = rng.randrange(0, max(1, len(pool) - room))
             context = insert_needles(pool[start:start + room], needles, room, period_ids, buffer=0)
-        else:  # the needles alone, in the order of their drawn depths
-            context = [t for tokens, _ in sorted(needles, key=lambda needle: needle[1]) for t in tokens]
         fields["prompt"] = template.format(context=tokenizer.decode(context), question=first)
         total = after + len(tokenizer.encode(fields["prompt"]))
         if total <= seq_length + 1:
@@ -288,13 +288,15 @@ def main(argv=None) -> int:
                         help="share of needles written shorter, the city closer to the number than in the eval")
     parser.add_argument("--asked_fraction", type=float, default=1.0,
                         help="share of each example's needles asked about; the rest stay distractors")
+    parser.add_argument("--needles_only", action="store_true",
+                        help="the context is the needles alone, no haystack text (associative recall)")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
                                       args.answer_style, args.reverse_fraction, args.short_needle_fraction,
-                                      args.asked_fraction)
+                                      args.asked_fraction, args.needles_only)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

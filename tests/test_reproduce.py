@@ -157,7 +157,13 @@ def test_only_refuses_a_stage_whose_start_is_not_trained_before_any_work(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1", "--ablations=no_staging",
                            f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
-    assert "--ablations no_staging trains its own stage: with --only, name it there" in proc.stderr
+    assert "--ablations no_staging: no stage in --only trains or evaluates it; name ablation_no_staging there" \
+        in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lwm.reproduce", "--only=stage1_more_heads",
+                           "--ablations=no_extension", f"--out={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # (a) is an eval of stage1, which is not run
+    assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert "--ablations no_extension: no stage in --only trains or evaluates it; name stage1 there" in proc.stderr
 
 
 def test_a_stage_started_with_other_settings_stops_the_run_before_any_work(tmp_path):

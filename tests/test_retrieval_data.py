@@ -88,6 +88,23 @@ def test_needles_only_puts_the_needles_alone_in_the_context(tokenizer):
         next(retrieval_examples(tokenizer, TEXTS, 128, 1, needles=(4, 4), needles_only=True))
 
 
+def test_the_command_line_passes_asked_fraction_and_needles_only_through(tmp_path, tokenizer):
+    import json
+
+    from lwm.retrieval_data import main
+
+    haystack, output = tmp_path / "hay.jsonl", tmp_path / "out.jsonl"
+    haystack.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert main([f"--haystack={haystack}", "--tokenizer=builtin", "--seq_length=384", "--n_examples=5",
+                 f"--output={output}", "--min_needles=4", "--max_needles=4", "--asked_fraction=0.5",
+                 "--needles_only"]) == 0
+    for line in output.read_text().splitlines():
+        example = json.loads(line)
+        assert "Sentence" not in example["prompt"] and len(needles_in(example["prompt"])) == 4  # no haystack text
+        answered = re.findall(r"\d{7}", " ".join(example[f] for f in example["fields"].split(",")[1::2]))
+        assert len(answered) == 2  # half of the 4 needles asked
+
+
 def test_curriculum_phases_in_order_and_within_their_lengths(tokenizer):
     phases = [{"length": 128, "examples": 6, "needles": (1, 2)}, {"length": 384, "examples": 4, "needles": (3, 5)}]
     examples = list(curriculum_examples(tokenizer, TEXTS, phases, seed=0))
