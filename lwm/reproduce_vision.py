@@ -61,7 +61,7 @@ def prepare_world(out: str, smoke: bool) -> str:
     recipe = world_recipe("first")
     if smoke:
         recipe.update(n_images=24, n_motion=8, n_needle=8, needle_eval_frames="8", needle_eval_rounds=1,
-                      heldout_images=4, heldout_motion=4)
+                      heldout_images=4, heldout_motion=2)
     make_world(world, recipe, "world")
     return world
 

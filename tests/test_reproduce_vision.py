@@ -62,7 +62,7 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
                             "text_to_video_motion"}
     assert all(0.0 <= value <= 1.0 for value in ceiling.values()), ceiling
     reconstructions = out / "evals" / "tokenizer_ceiling"
-    assert len(list(reconstructions.glob("*.png"))) == 4 and len(list(reconstructions.glob("*.mp4"))) == 4
+    assert len(list(reconstructions.glob("*.png"))) == 4 and len(list(reconstructions.glob("*.mp4"))) == 2
     assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
     assert summary["stages"][1]["mesh_dim"] == "1,2,1,4"  # the long stage runs ring attention over sp = 4
     assert [s["frames_per_example"] for s in summary["stages"]] == ["1-8", "12-16 (and 1-8 replayed)"]
