@@ -66,6 +66,11 @@ ANSWER_KEYED = "{city}: {number}"
 # digits to the key, which needs each needle's city tied to its digits, the tie the keyed
 # (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
 REVERSE_QUESTION = "Which city's special magic number is {number}?"
+# A needle asked for its first digit only (`first_digit_fraction`): in a whole answer only the
+# first digit depends on the key (teacher forcing gives it, and the other six follow the needle
+# it starts), so about one answer token in eleven carries the lookup's signal. These turns are
+# almost all that token. Never the first turn, which is the eval's question.
+FIRST_DIGIT_QUESTION = "What is the first digit of the special magic {city} number?"
 # Shorter needles (`short_needle_fraction`), the city 2, 3 and 4 tokens before the first digit
 # instead of the eval needle's 5: a head that ties each needle's digits to its city must reach
 # back over the filler between them, and with no head doing so yet nothing rewards one (the
@@ -111,14 +116,17 @@ def plan_turns(rng: random.Random, cities: list[str], multi_fraction: float) -> 
 def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_length: int, n_needles: int,
                       multi_fraction: float, period_ids, answer_style: str = "number",
                       reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0,
-                      asked_fraction: float = 1.0, needles_only: bool = False) -> dict:
+                      asked_fraction: float = 1.0, needles_only: bool = False,
+                      first_digit_fraction: float = 0.0) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
     is asked once, one way, so no turn's answer stands in an earlier turn. With
     `short_needle_fraction`, about that share of its needles is written in one of SHORT_NEEDLES;
     with `asked_fraction`, only that share of them (rounded, at least one) is asked at all; with
-    `needles_only`, the context is the needles alone (associative recall, no text to search)."""
+    `needles_only`, the context is the needles alone (associative recall, no text to search); with
+    `first_digit_fraction`, about that share of the later one-city turns asks for the number's
+    first digit only (FIRST_DIGIT_QUESTION), the one token of an answer that the key decides."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     # `cities` is in random order, so its head is a random subset (no draw: other configs' data stays as was)
@@ -129,15 +137,23 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     turns: list = plan_turns(rng, [c for c in asked_cities if c not in backwards], multi_fraction)
     for city in backwards:
         turns.insert(rng.randint(1, len(turns)), city)  # a str: the city asked for by its number
+    if first_digit_fraction:  # (no draws without it: the examples of a config without it stay as they were)
+        turns = [tuple(t) if i and isinstance(t, list) and len(t) == 1 and rng.random() < first_digit_fraction else t
+                 for i, t in enumerate(turns)]  # a 1-tuple: the city asked for its first digit
 
     def question(asked):
         if isinstance(asked, str):
             return REVERSE_QUESTION.format(number=numbers[asked])
+        if isinstance(asked, tuple):
+            return FIRST_DIGIT_QUESTION.format(city=asked[0])
         return QUESTION.format(city=asked[0]) if len(asked) == 1 else multi_question(asked)
 
     def answer(asked):
         if isinstance(asked, str):
             return f"{asked}."
+        if isinstance(asked, tuple):
+            digit = numbers[asked[0]][0]
+            return f"{asked[0]}: {digit}." if answer_style == "keyed" else f"{digit}."
         if answer_style == "sentence":
             return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
         if answer_style == "keyed":
@@ -191,14 +207,14 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
                        answer_style: str = "number", reverse_fraction: float = 0.0,
                        short_needle_fraction: float = 0.0, asked_fraction: float = 1.0,
-                       needles_only: bool = False) -> Iterator[dict]:
+                       needles_only: bool = False, first_digit_fraction: float = 0.0) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
     for name, fraction in (("reverse_fraction", reverse_fraction), ("short_needle_fraction", short_needle_fraction),
-                           ("asked_fraction", asked_fraction)):
+                           ("asked_fraction", asked_fraction), ("first_digit_fraction", first_digit_fraction)):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     pool = haystack_stream(texts, tokenizer)
@@ -208,7 +224,8 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     rng = random.Random(f"retrieval:{seed}:{seq_length}")
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
-                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction, needles_only)
+                                answer_style, reverse_fraction, short_needle_fraction, asked_fraction, needles_only,
+                                first_digit_fraction)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -217,7 +234,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
     `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
-    `asked_fraction` (else every needle is asked) and `needles_only` (no haystack text).
+    `asked_fraction` (else every needle is asked), `needles_only` (no haystack text) and
+    `first_digit_fraction` (else no turn asks for a first digit).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -231,7 +249,7 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
                                   phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0),
-                                  phase.get("needles_only", False))
+                                  phase.get("needles_only", False), phase.get("first_digit_fraction", 0.0))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:
@@ -290,13 +308,15 @@ def main(argv=None) -> int:
                         help="share of each example's needles asked about; the rest stay distractors")
     parser.add_argument("--needles_only", action="store_true",
                         help="the context is the needles alone, no haystack text (associative recall)")
+    parser.add_argument("--first_digit_fraction", type=float, default=0.0,
+                        help="share of later one-city turns that ask for the number's first digit only")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
                                       args.answer_style, args.reverse_fraction, args.short_needle_fraction,
-                                      args.asked_fraction, args.needles_only)
+                                      args.asked_fraction, args.needles_only, args.first_digit_fraction)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

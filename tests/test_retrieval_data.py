@@ -218,3 +218,42 @@ def test_sentence_and_keyed_answers_name_their_city_and_score_as_the_numbers(tok
 def test_bad_needle_range_is_refused(tokenizer):
     with pytest.raises(ValueError, match="needles must satisfy"):
         next(retrieval_examples(tokenizer, TEXTS, 256, 1, needles=(0, 2)))
+
+
+def test_first_digit_turns_ask_later_needles_for_their_first_digit_only(tokenizer):
+    """With first_digit_fraction, about that share of the later one-city turns asks for the
+    first digit of the city's number, answered with it alone ('Oslo: 4.' when keyed); the first
+    turn stays the eval's question, every needle is still asked once, and without the option the
+    examples are the ones written before it existed."""
+    from lwm.retrieval_data import FIRST_DIGIT_QUESTION
+
+    asked_first_digit = single_later = 0
+    for style in ("number", "keyed"):
+        phase = {"length": 512, "examples": 30, "needles": (3, 6), "first_digit_fraction": 0.5}
+        for example in curriculum_examples(tokenizer, TEXTS, [phase], seed=4, multi_fraction=0.3, answer_style=style):
+            needles = needles_in(example["prompt"])
+            spec = example["fields"].split(",")
+            assert "first digit" not in example["prompt"]
+            asked = []
+            for turn, answer in zip(spec[2::2], spec[3::2]):
+                question, answer = example[turn.strip("[]")], example[answer]
+                city = re.search(r"the special magic (.+?) number\?", question)
+                if "first digit" in question:
+                    city = re.search(FIRST_DIGIT_QUESTION.replace("?", r"\?").replace("{city}", "(.+?)"), question)[1]
+                    assert answer == (f"{city}: " if style == "keyed" else "") + f"{needles[city][0]}."
+                    asked_first_digit += 1
+                    asked.append(city)
+                elif city:
+                    single_later += 1
+                    asked.append(city[1])
+                else:
+                    asked += re.findall(r"(?:for |, and |, )([A-Z][a-z]+(?: [A-Z][a-z]+)*)", question)
+            first = re.search(r"special magic (?:(.+?) number\?|numbers for (.+?)\?)", example["prompt"])
+            asked += [first[1]] if first[1] else re.split(r", and |, ", first[2])
+            assert sorted(asked) == sorted(needles)  # each needle asked once, one way
+    assert 0.35 < asked_first_digit / (asked_first_digit + single_later) < 0.65
+    plain = {"length": 512, "examples": 5, "needles": (3, 6)}
+    assert list(curriculum_examples(tokenizer, TEXTS, [plain], seed=4)) == \
+        list(curriculum_examples(tokenizer, TEXTS, [{**plain, "first_digit_fraction": 0.0}], seed=4))
+    with pytest.raises(ValueError, match=r"first_digit_fraction must be in \[0, 1\], got 1.5"):
+        next(retrieval_examples(tokenizer, TEXTS, 512, 1, first_digit_fraction=1.5))
