@@ -171,14 +171,21 @@ def read_rows(path: str, first_line: int, n_rows: int) -> list[dict]:
     """Lines first_line .. first_line + n_rows - 1 (0-based) of a retrieval JSONL file."""
     from lwm import storage
 
-    rows = []
+    rows, lines = [], 0
     with storage.open_file(path, "r") as f:
-        for i, line in enumerate(f):
-            if i >= first_line + n_rows:
+        for lines, line in enumerate(f, 1):
+            if lines > first_line + n_rows:
                 break
-            if i >= first_line:
-                rows.append(json.loads(line))
+            if lines > first_line:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {lines}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict) or "fields" not in row:
+                    raise ValueError(f"{path}, line {lines}: no 'fields' key; expected a line that "
+                                     "`python -m lwm.retrieval_data` writes")
+                rows.append(row)
     if len(rows) < n_rows:
-        raise ValueError(f"{path}: asked for lines {first_line}..{first_line + n_rows - 1}, the file has "
-                         f"{first_line + len(rows)} lines; lower --first_line or --n_rows")
+        raise ValueError(f"{path}: asked for lines {first_line}..{first_line + n_rows - 1} (0-based), the file has "
+                         f"{lines} lines; lower --first_line or --n_rows")
     return rows

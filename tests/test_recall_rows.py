@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lwm.recall_rows import answered_numbers, loss_runs, probe_rows, row_needles, summarize
+from lwm.recall_rows import answered_numbers, loss_runs, probe_rows, read_rows, row_needles, summarize
 
 ROW = {"fields": "[prompt],answer0,[turn1],answer1",
        "prompt": "You are a helpful assistant. USER: The special magic Oslo number is: 4829173 Some text. The special "
@@ -83,3 +83,16 @@ def test_summary_by_hand():
     assert (first["numbers"], first["first_digit_accuracy"], first["chance"]) == (2, 0.5, 0.375)
     assert first["p_first_digit"] == pytest.approx(0.3) and first["another_needles_digit"] == 0.5
     assert summary["later_turns"]["first_digit_accuracy"] == 1.0 and summary["later_turns"]["chance"] == 1.0
+
+
+def test_read_rows_names_the_line_and_the_count(tmp_path):
+    rows, short = tmp_path / "rows.jsonl", tmp_path / "short.jsonl"
+    rows.write_text(json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n" + '{"text": "a haystack line"}\n{oops\n')
+    short.write_text(json.dumps(ROW) + "\n")
+    assert read_rows(str(rows), 1, 1) == [ROW]
+    with pytest.raises(ValueError, match=r"short.jsonl: asked for lines 0..1 \(0-based\), the file has 1 lines"):
+        read_rows(str(short), 0, 2)
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: no 'fields' key"):
+        read_rows(str(rows), 1, 2)
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 4: not JSON"):
+        read_rows(str(rows), 3, 1)
