@@ -30,7 +30,8 @@ Why this shape:
   answered in part without its city, by a needle whose number no turn has given yet (the last
   turn always).
   Optionally (`reverse_fraction`) some needles are asked backwards instead, their number
-  given and their city answered.
+  given and their city answered. Optionally (`first_digit_fraction`) some later turns ask only for a
+  number's first digit, the one answer token the asked key decides.
 * Numbers are fresh random 7-digit numbers and cities are drawn from the eval's list, so no
   eval answer can be memorised; the haystack comes from the caller's (training) text only.
 * Loss is on the answers only: the task is retrieval, and the haystack's own language-model
