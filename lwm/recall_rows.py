@@ -113,13 +113,13 @@ def probe_rows(loaded, examples: Sequence[dict], batch_rows: int = 8) -> tuple[l
         # Padding after a row changes none of its logits (causal attention).
         ids = [t + [tokenizer.pad_token_id] * (length - len(t)) for t, *_ in batch]
         ids += [ids[-1]] * (batch_rows - len(ids))
-        logits = np.asarray(logits_of(loaded.params, jnp.asarray(ids, jnp.int32)), np.float64)
+        logits = np.asarray(logits_of(loaded.params, jnp.asarray(ids, jnp.int32)))
         for row, ((tokens, needles, numbers, loss_masks), row_logits) in enumerate(zip(batch, logits), start):
             predicted = row_logits[:len(tokens) - 1].argmax(-1)  # the prediction of tokens[1:]
             scored = np.asarray(loss_masks[1:]) > 0
             token_accuracy.append(float(np.mean(predicted[scored] == np.asarray(tokens[1:])[scored])))
             for a in numbers:
-                scores = row_logits[a.position - 1]
+                scores = row_logits[a.position - 1].astype(np.float64)
                 p = np.exp(scores - scores.max())
                 p /= p.sum()
                 top = int(np.argmax(scores))
@@ -155,7 +155,8 @@ def summarize(records: Sequence[dict], token_accuracy: Sequence[float]) -> dict:
 
 def summary_table(summary: dict) -> str:
     lines = [f"answer-token accuracy (every loss-bearing token, as the trainer's acc): "
-             f"{summary['answer_token_accuracy']:.3f}", "","| answers | numbers | first digit right | 95% interval | chance (pick a needle) | p(first digit) | "
+             f"{summary['answer_token_accuracy']:.3f}", "",
+             "| answers | numbers | first digit right | 95% interval | chance (pick a needle) | p(first digit) | "
              "top token another needle's first digit |", "|---|---|---|---|---|---|---|"]
     for name in ("first_turn", "later_turns"):
         if name not in summary:
@@ -171,21 +172,22 @@ def read_rows(path: str, first_line: int, n_rows: int) -> list[dict]:
     """Lines first_line .. first_line + n_rows - 1 (0-based) of a retrieval JSONL file."""
     from lwm import storage
 
-    rows, lines = [], 0
+    rows, line_number = [], 0  # 1-based, as errors name lines
     with storage.open_file(path, "r") as f:
-        for lines, line in enumerate(f, 1):
-            if lines > first_line + n_rows:
+        for line_number, line in enumerate(f, 1):
+            if line_number > first_line + n_rows:
                 break
-            if lines > first_line:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {lines}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict) or "fields" not in row:
-                    raise ValueError(f"{path}, line {lines}: no 'fields' key; expected a line that "
-                                     "`python -m lwm.retrieval_data` writes")
-                rows.append(row)
+            if line_number <= first_line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {line_number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "fields" not in row:
+                raise ValueError(f"{path}, line {line_number}: no 'fields' key; expected a line that "
+                                 "`python -m lwm.retrieval_data` writes")
+            rows.append(row)
     if len(rows) < n_rows:
         raise ValueError(f"{path}: asked for lines {first_line}..{first_line + n_rows - 1} (0-based), the file has "
-                         f"{lines} lines; lower --first_line or --n_rows")
+                         f"{line_number} lines; lower --first_line or --n_rows")
     return rows

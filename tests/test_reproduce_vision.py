@@ -112,6 +112,26 @@ def test_smoke_study_runs_every_step_and_eval(tmp_path):
     n_videos = len({x["truth"] for x in listed if x["setting"] == "video"})  # each caption once
     assert len(gif) >= 2 and gif[0].shape[1] == 128 * n_videos + 8 * (n_videos - 1)  # clips side by side, 2x
     assert (assets / "text_to_image.png").stat().st_size > 0 and (assets / "video_needle.png").stat().st_size > 0
+    # A second run, with a variant: every step of the study is found done; only the variant trains
+    # (from stage 1's weights, on the study's stage-2 lines) and is evaluated, and its time is kept
+    # out of the study's.
+    again = subprocess.run([sys.executable, "-m", "lwm.reproduce_vision", "--smoke", f"--out={out}",
+                            "--extra=stage2_same_theta"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-6000:]
+    trained = [line.split("train ")[1].split(":")[0] for line in again.stdout.splitlines() if "] train " in line]
+    assert trained == ["stage2_same_theta"], trained
+    rerun = json.loads((out / "reproduction_vision.json").read_text())
+    (variant,) = rerun["extra_stages"]
+    assert variant["start_from"] == "stage1" and variant["stage"]["theta"] == 10000
+    assert variant["stage"]["tokens"] == summary["stages"][1]["tokens"] and variant["stage"]["mesh_dim"] == "1,2,1,4"
+    assert 0.0 <= variant["results"]["image_qa"] <= 1.0 and 0.0 <= variant["results"]["text_to_video_motion"] <= 1.0
+    assert json.loads((out / "evals" / "stage2_same_theta" / "checkpoint.json").read_text())["step"] == 3
+    assert rerun["extra_stages_wall_s"] > 0 and rerun["total_wall_s"] < summary["total_wall_s"] + 60
+    assert rerun["image_qa"] == summary["image_qa"]  # the study's own results untouched
+    shuffled = sorted(p.name for p in (out / "tokens").glob("shuffled_*"))
+    assert len(shuffled) == 2, shuffled  # the variant read the study's stage-2 file, not a copy of it
+
 
 
 def test_an_eval_folder_holds_one_checkpoints_answers(tmp_path):
