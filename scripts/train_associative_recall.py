@@ -1,0 +1,101 @@
+"""Train a model from random weights on multi-query associative recall rows and follow how
+often it looks each asked key's value up (`lwm/associative_recall.py` makes and scores the rows).
+
+    python scripts/train_associative_recall.py --load_llama_config=json::configs/reproduce/tiny_model.json \\
+        --pairs=4,4 --value_tokens=1 --gap=0 --seq_length=32 --batch_size=128 --steps=2000 \\
+        --output_file=recall.json
+
+Every --eval_every steps the model predicts a fixed held-out batch (--eval_rows rows of a
+separate seed); the table printed, and --output_file's "curve", give the training loss, the
+accuracy on each query's first value token (the only key-dependent one) and on all answer
+tokens, beside the two reference levels of those rows: a uniform pick among the row's values
+(in_context) and among the values no earlier query answered (elimination).
+"""
+import json
+import os
+import platform
+import time
+
+from absl import app
+
+from lwm import cli
+from lwm.flags import define_flags_with_default
+
+FLAGS, FLAGS_DEF = define_flags_with_default(
+    load_llama_config="json::configs/reproduce/tiny_model.json", update_llama_config="", pairs="4,4",
+    value_tokens=1, gap=0, seq_length=32, batch_size=128, steps=2000, lr=2e-3, warmup_steps=50, eval_every=100,
+    eval_rows=512, seed=0, output_file="associative_recall.json")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from lwm.associative_recall import MIN_VOCAB, RecallTask
+
+    try:
+        low, high = (int(p) for p in FLAGS.pairs.split(","))
+    except ValueError:
+        raise app.UsageError(f"--pairs={FLAGS.pairs!r}: expected MIN,MAX (e.g. 4,4)") from None
+    task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length)  # a bad task fails here
+    if FLAGS.steps < 1 or FLAGS.eval_every < 1 or FLAGS.batch_size < 1 or FLAGS.eval_rows < 1:
+        raise app.UsageError("--steps, --eval_every, --batch_size and --eval_rows must be >= 1")
+    from lwm.cli import check_output_file
+    from lwm.config import build_config_with_sources
+
+    check_output_file("--output_file", FLAGS.output_file)
+    chunks = dict(max_sequence_length=task.seq_length, scan_query_chunk_size=task.seq_length,
+                  scan_key_chunk_size=task.seq_length, scan_mlp_chunk_size=task.seq_length,
+                  scan_loss_chunk_size=task.seq_length)
+    update = ",".join(f"{k}={v}" for k, v in chunks.items())
+    if FLAGS.update_llama_config:
+        update += "," + FLAGS.update_llama_config.strip()[len("dict("):-1]
+    config, _ = build_config_with_sources(FLAGS.load_llama_config, {}, f"dict({update})", explicit=())
+    if config.vocab_size < MIN_VOCAB:
+        raise app.UsageError(f"vocab_size={config.vocab_size}: the rows use token ids up to {MIN_VOCAB - 1}")
+    result = train(config, task)
+    from lwm import storage
+    from lwm.reproduce import git_commit
+
+    result.update(commit=git_commit(), machine={"platform": platform.platform(), "cpu_count": os.cpu_count()})
+    storage.write_text(FLAGS.output_file, json.dumps(result, indent=1))
+
+
+def train(config, task) -> dict:
+    import jax
+    import numpy as np
+
+    from lwm.associative_recall import recall_batch, score
+    from lwm.mesh import batch_to_global, build_mesh
+    from lwm.trainer import Trainer
+
+    mesh = build_mesh("1,1,1,1")
+    opt = {"adamw_optimizer": {"lr": FLAGS.lr, "init_lr": 0.0, "lr_warmup_steps": FLAGS.warmup_steps,
+                               "lr_decay_steps": FLAGS.steps, "end_lr": FLAGS.lr / 10, "weight_decay": 0.0}}
+    trainer = Trainer(config, mesh, opt, seed=FLAGS.seed)
+    state = trainer.init_state()
+    logits = jax.jit(lambda params, tokens: trainer.model.apply({"params": params}, tokens).logits)
+    rng = np.random.default_rng(FLAGS.seed)
+    held_out = recall_batch(np.random.default_rng(FLAGS.seed + 10_000), task, FLAGS.eval_rows)
+    curve, start = [], time.time()
+    print(f"{'step':>6} {'loss':>7} {'first value':>12} {'answer':>7} {'elimination':>12} {'in context':>11}")
+    for step in range(1, FLAGS.steps + 1):
+        state, metrics = trainer.train_step(state, batch_to_global(recall_batch(rng, task, FLAGS.batch_size).batch,
+                                                                   mesh))
+        if step % FLAGS.eval_every == 0 or step == FLAGS.steps:
+            predictions = np.concatenate([np.asarray(logits(state.params, held_out.batch["input_tokens"][i:i + 128]))
+                                          .argmax(-1) for i in range(0, FLAGS.eval_rows, 128)])
+            point = dict(step=step, loss=float(metrics["loss"]), wall_s=round(time.time() - start, 1),
+                         **score(predictions, held_out))
+            curve.append(point)
+            print(f"{step:>6} {point['loss']:>7.3f} {point['first_value_acc']:>12.3f} {point['answer_acc']:>7.3f} "
+                  f"{point['elimination']:>12.3f} {point['in_context']:>11.3f}", flush=True)
+    return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap,
+                          seq_length=task.seq_length),
+                train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
+                           warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows),
+                model=config.to_dict() if hasattr(config, "to_dict") else None, curve=curve,
+                wall_s=round(time.time() - start, 1))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,89 @@
+"""Associative recall rows (lwm/associative_recall.py): the layout read back by hand, the two
+reference levels computed by hand, and the scoring of an oracle and of an eliminating guesser."""
+import numpy as np
+import pytest
+
+from lwm.associative_recall import BOS_ID, FILLER_IDS, KEY_IDS, QUERY_ID, RecallTask, recall_batch, score
+
+
+def _parse(row_ids, task, n):
+    """(key -> value) of the pairs and the queries' (key, value, first value index), read back."""
+    item = 1 + task.gap + task.value_tokens
+    assert row_ids[0] == BOS_ID
+    pairs = {}
+    for i in range(n):
+        chunk = row_ids[1 + i * item: 1 + (i + 1) * item]
+        assert list(chunk[1:1 + task.gap]) == list(FILLER_IDS[:task.gap])
+        pairs[int(chunk[0])] = list(chunk[1 + task.gap:])
+    queries, at = [], 1 + n * item
+    for _ in range(n):
+        assert row_ids[at] == QUERY_ID
+        key = int(row_ids[at + 1])
+        start = at + 2 + task.gap
+        queries.append((key, list(row_ids[start:start + task.value_tokens]), start))
+        at += 1 + item
+    return pairs, queries
+
+
+@pytest.mark.parametrize("value_tokens,gap", [(1, 0), (7, 4)])
+def test_rows_ask_every_key_once_and_carry_loss_only_on_the_answers(value_tokens, gap):
+    task = RecallTask((3, 3), value_tokens, gap, seq_length=96)
+    recall = recall_batch(np.random.default_rng(0), task, 4)
+    ids = np.concatenate([recall.batch["input_tokens"], recall.batch["target_tokens"][:, -1:]], axis=1)
+    for r in range(4):
+        pairs, queries = _parse(ids[r], task, 3)
+        assert set(pairs) <= set(KEY_IDS.tolist()) and len(pairs) == 3
+        assert sorted(k for k, _, _ in queries) == sorted(pairs)
+        expected_loss = np.zeros(task.seq_length)
+        expected_first = np.zeros(task.seq_length)
+        for key, value, start in queries:
+            assert value == pairs[key]
+            expected_loss[start - 1:start - 1 + value_tokens] = 1  # targets are the inputs shifted by one
+            expected_first[start - 1] = 1
+        np.testing.assert_array_equal(recall.batch["loss_masks"][r], expected_loss)
+        np.testing.assert_array_equal(recall.first_value[r], expected_first)
+    np.testing.assert_array_equal(recall.batch["target_tokens"][:, :-1], recall.batch["input_tokens"][:, 1:])
+
+
+def test_reference_levels_by_hand():
+    # distinct one-token values (64 ids, 4 per row: collisions are possible, so check on the rows drawn)
+    task = RecallTask((4, 4), 1, 0, seq_length=32)
+    recall = recall_batch(np.random.default_rng(1), task, 200)
+    values_distinct = recall.in_context == 0.25
+    # with distinct values: 1/4 in context; by elimination 1/4, 1/3, 1/2, 1 in query order
+    expected = np.tile([1 / 4, 1 / 3, 1 / 2, 1.0], 200)
+    np.testing.assert_allclose(recall.elimination[np.repeat(values_distinct.reshape(200, 4).all(1), 4)],
+                               expected[np.repeat(values_distinct.reshape(200, 4).all(1), 4)])
+    assert values_distinct.mean() > 0.8
+    # digits collide: two of the row's values share the first digit -> in context 2/4 for both
+    digits = RecallTask((4, 4), 7, 0, seq_length=96)
+    recall = recall_batch(np.random.default_rng(2), digits, 50)
+    assert set(np.round(recall.in_context * 4).astype(int)) <= {1, 2, 3, 4} and (recall.in_context > 0.25).any()
+
+
+def test_an_oracle_scores_one_and_an_eliminating_guesser_scores_the_elimination_level():
+    task = RecallTask((2, 5), 1, 2, seq_length=64)
+    recall = recall_batch(np.random.default_rng(3), task, 300)
+    oracle = score(recall.batch["target_tokens"].copy(), recall)
+    assert oracle["first_value_acc"] == 1.0 and oracle["answer_acc"] == 1.0
+    # a guesser that picks, for each query, a value of the row no earlier query answered
+    rng = np.random.default_rng(4)
+    guesses = np.zeros_like(recall.batch["target_tokens"])
+    ids = np.concatenate([recall.batch["input_tokens"], recall.batch["target_tokens"][:, -1:]], axis=1)
+    for r in range(300):
+        n = int(np.sum(recall.first_value[r]))
+        pairs, queries = _parse(ids[r], task, n)
+        left = list(pairs)
+        for key, _, start in queries:
+            guesses[r, start - 1] = pairs[left[rng.integers(len(left))]][0]
+            left.remove(key)
+    guessed = score(guesses, recall)
+    assert abs(guessed["first_value_acc"] - guessed["elimination"]) < 0.04, guessed
+    assert guessed["elimination"] > guessed["in_context"] + 0.1
+
+
+def test_a_task_that_does_not_fit_names_what_to_change():
+    with pytest.raises(ValueError, match="seq_length=32 holds 33"):
+        RecallTask((8, 8), 7, 4, seq_length=32)
+    with pytest.raises(ValueError, match="pairs=\\(5, 2\\)"):
+        RecallTask((5, 2))
