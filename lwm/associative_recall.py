@@ -4,7 +4,8 @@ The multi-needle eval asks for one key's value among several; every stage-1 vari
 study picks the asked needle about as often as elimination allows. These rows strip the task to
 its core, in token ids (no tokenizer, no haystack): `pairs` keys each followed (after `gap`
 filler tokens) by a value, then every key asked once in a random order, each followed by its
-value again. Only the asked values carry loss, as only answers do in the study:
+value again (or, with `queries="any"`, n keys of the row drawn with replacement). Only the
+asked values carry loss, as only answers do in the study:
 
     <bos> k1 [f..] v1  k2 [f..] v2 ... kn [f..] vn   Q k2 [f..] v2  Q kn [f..] vn ...
 
@@ -39,8 +40,14 @@ class RecallTask:
     value_tokens: int = 1  # 1: one token of VALUE_IDS; more: that many digit tokens
     gap: int = 0  # filler tokens between a key and its value, in the pairs and in the answers
     seq_length: int = 32
+    # "each_once": every key asked once, in a random order (the study's rows); "any": each query
+    # a key of the row drawn with replacement, so that which values were already answered says
+    # nothing about the next (elimination = in_context) and only the key can do better
+    queries: str = "each_once"
 
     def __post_init__(self):
+        if self.queries not in ("each_once", "any"):
+            raise ValueError(f"queries={self.queries!r}: expected 'each_once' or 'any'")
         low, high = self.pairs
         if not 1 <= low <= high <= len(KEY_IDS):
             raise ValueError(f"pairs={self.pairs}: expected 1 <= min <= max <= {len(KEY_IDS)}")
@@ -85,7 +92,8 @@ def recall_batch(rng: np.random.Generator, task: RecallTask, rows: int) -> Recal
         for k in keys:
             tokens += [k, *gap, *values[k]]
         unanswered = list(keys)
-        for k in rng.permutation(keys):
+        asked = rng.permutation(keys) if task.queries == "each_once" else rng.choice(keys, n)
+        for k in asked:
             k = int(k)
             tokens += [QUERY_ID, k, *gap]
             start = len(tokens)  # the first value token's index in `tokens`; its target index is start - 1
@@ -95,7 +103,8 @@ def recall_batch(rng: np.random.Generator, task: RecallTask, rows: int) -> Recal
             right = values[k][0]
             in_context.append(np.mean([values[c][0] == right for c in keys]))
             elimination.append(np.mean([values[c][0] == right for c in unanswered]))
-            unanswered.remove(k)
+            if task.queries == "each_once":
+                unanswered.remove(k)
         ids[r, :len(tokens)] = tokens
     batch = dict(input_tokens=ids[:, :seq], target_tokens=ids[:, 1:], loss_masks=loss,
                  segment_ids=np.ones((rows, seq), np.int32),

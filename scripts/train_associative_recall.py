@@ -23,8 +23,8 @@ from lwm.flags import define_flags_with_default
 
 FLAGS, FLAGS_DEF = define_flags_with_default(
     load_llama_config="json::configs/reproduce/tiny_model.json", update_llama_config="", pairs="4,4",
-    value_tokens=1, gap=0, seq_length=32, batch_size=128, steps=2000, lr=2e-3, warmup_steps=50, eval_every=100,
-    eval_rows=512, seed=0, output_file="associative_recall.json")
+    value_tokens=1, gap=0, queries="each_once", seq_length=32, batch_size=128, steps=2000, lr=2e-3,
+    warmup_steps=50, eval_every=100, eval_rows=512, seed=0, output_file="associative_recall.json")
 
 
 def main(argv):
@@ -36,7 +36,8 @@ def main(argv):
         low, high = (int(p) for p in FLAGS.pairs.split(","))
     except ValueError:
         raise app.UsageError(f"--pairs={FLAGS.pairs!r}: expected MIN,MAX (e.g. 4,4)") from None
-    task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length)  # a bad task fails here
+    # a task that cannot be built fails here, before any compile
+    task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length, FLAGS.queries)
     if FLAGS.steps < 1 or FLAGS.eval_every < 1 or FLAGS.batch_size < 1 or FLAGS.eval_rows < 1:
         raise app.UsageError("--steps, --eval_every, --batch_size and --eval_rows must be >= 1")
     from lwm.cli import check_output_file
@@ -90,7 +91,7 @@ def train(config, task) -> dict:
             print(f"{step:>6} {point['loss']:>7.3f} {point['first_value_acc']:>12.3f} {point['answer_acc']:>7.3f} "
                   f"{point['elimination']:>12.3f} {point['in_context']:>11.3f}", flush=True)
     return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap,
-                          seq_length=task.seq_length),
+                          seq_length=task.seq_length, queries=task.queries),
                 train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
                            warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows),
                 model=config.to_dict() if hasattr(config, "to_dict") else None, curve=curve,

@@ -87,3 +87,16 @@ def test_a_task_that_does_not_fit_names_what_to_change():
         RecallTask((8, 8), 7, 4, seq_length=32)
     with pytest.raises(ValueError, match="pairs=\\(5, 2\\)"):
         RecallTask((5, 2))
+
+
+def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
+    task = RecallTask((4, 4), 1, 0, seq_length=32, queries="any")
+    recall = recall_batch(np.random.default_rng(5), task, 100)
+    np.testing.assert_array_equal(recall.elimination, recall.in_context)
+    ids = np.concatenate([recall.batch["input_tokens"], recall.batch["target_tokens"][:, -1:]], axis=1)
+    repeated = 0
+    for r in range(100):
+        pairs, queries = _parse(ids[r], task, 4)
+        assert all(value == pairs[key] for key, value, _ in queries)
+        repeated += len({key for key, _, _ in queries}) < 4
+    assert repeated > 50  # 1 - 4!/4^4 = 0.91 of rows ask some key twice
