@@ -53,11 +53,12 @@ def main(argv):
     config, _ = build_config_with_sources(FLAGS.load_llama_config, {}, f"dict({update})", explicit=())
     if config.vocab_size < MIN_VOCAB:
         raise app.UsageError(f"vocab_size={config.vocab_size}: the rows use token ids up to {MIN_VOCAB - 1}")
-    result = train(config, task)
     from lwm import storage
     from lwm.reproduce import git_commit
 
-    result.update(commit=git_commit(), machine={"platform": platform.platform(), "cpu_count": os.cpu_count()})
+    commit = git_commit()  # the code that runs: read before a run that can outlast later commits
+    result = train(config, task)
+    result.update(commit=commit, machine={"platform": platform.platform(), "cpu_count": os.cpu_count()})
     storage.write_text(FLAGS.output_file, json.dumps(result, indent=1))
 
 
