@@ -24,7 +24,7 @@ from lwm.flags import define_flags_with_default
 FLAGS, FLAGS_DEF = define_flags_with_default(
     load_llama_config="json::configs/reproduce/tiny_model.json", update_llama_config="", pairs="4,4",
     value_tokens=1, gap=0, queries="each_once", seq_length=32, batch_size=128, steps=2000, lr=2e-3,
-    warmup_steps=50, eval_every=100, eval_rows=512, seed=0, output_file="associative_recall.json")
+    warmup_steps=50, eval_every=100, eval_rows=512, seed=0, mesh_dim="1,-1,1,1", output_file="associative_recall.json")
 
 
 def main(argv):
@@ -40,6 +40,9 @@ def main(argv):
     task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length, FLAGS.queries)
     if FLAGS.steps < 1 or FLAGS.eval_every < 1 or FLAGS.batch_size < 1 or FLAGS.eval_rows < 1:
         raise app.UsageError("--steps, --eval_every, --batch_size and --eval_rows must be >= 1")
+    if not 0 <= FLAGS.warmup_steps < FLAGS.steps:
+        raise app.UsageError(f"--warmup_steps={FLAGS.warmup_steps} --steps={FLAGS.steps}: expected "
+                             "0 <= warmup_steps < steps")
     from lwm.cli import check_output_file
     from lwm.config import build_config_with_sources
 
@@ -47,10 +50,8 @@ def main(argv):
     chunks = dict(max_sequence_length=task.seq_length, scan_query_chunk_size=task.seq_length,
                   scan_key_chunk_size=task.seq_length, scan_mlp_chunk_size=task.seq_length,
                   scan_loss_chunk_size=task.seq_length)
-    update = ",".join(f"{k}={v}" for k, v in chunks.items())
-    if FLAGS.update_llama_config:
-        update += "," + FLAGS.update_llama_config.strip()[len("dict("):-1]
-    config, _ = build_config_with_sources(FLAGS.load_llama_config, {}, f"dict({update})", explicit=())
+    config, _ = build_config_with_sources(FLAGS.load_llama_config, {}, FLAGS.update_llama_config, explicit=())
+    config = config.replace(**chunks)  # one chunk per row: rows are short
     if config.vocab_size < MIN_VOCAB:
         raise app.UsageError(f"vocab_size={config.vocab_size}: the rows use token ids up to {MIN_VOCAB - 1}")
     from lwm import storage
@@ -70,7 +71,7 @@ def train(config, task) -> dict:
     from lwm.mesh import batch_to_global, build_mesh
     from lwm.trainer import Trainer
 
-    mesh = build_mesh("1,1,1,1")
+    mesh = build_mesh(FLAGS.mesh_dim)
     opt = {"adamw_optimizer": {"lr": FLAGS.lr, "init_lr": 0.0, "lr_warmup_steps": FLAGS.warmup_steps,
                                "lr_decay_steps": FLAGS.steps, "end_lr": FLAGS.lr / 10, "weight_decay": 0.0}}
     trainer = Trainer(config, mesh, opt, seed=FLAGS.seed)
@@ -94,7 +95,8 @@ def train(config, task) -> dict:
     return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap,
                           seq_length=task.seq_length, queries=task.queries),
                 train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
-                           warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows),
+                           warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows,
+                           mesh_dim=FLAGS.mesh_dim),
                 model=config.to_dict() if hasattr(config, "to_dict") else None, curve=curve,
                 wall_s=round(time.time() - start, 1))
 

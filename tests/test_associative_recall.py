@@ -1,5 +1,10 @@
 """Associative recall rows (lwm/associative_recall.py): the layout read back by hand, the two
 reference levels computed by hand, and the scoring of an oracle and of an eliminating guesser."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,3 +105,24 @@ def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
         assert all(value == pairs[key] for key, value, _ in queries)
         repeated += len({key for key, _, _ in queries}) < 4
     assert repeated > 50  # 1 - 4!/4^4 = 0.91 of rows ask some key twice
+
+
+def test_the_script_trains_and_writes_its_curve(tmp_path):
+    """A 1-layer model for 4 steps through the script: the curve, the task and the commit written;
+    a bad --pairs stops before any compile with the flag named."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "recall.json"
+    args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
+            "--eval_rows=64",
+            "--batch_size=16", "--update_llama_config=dict(num_hidden_layers=1,hidden_size=32,intermediate_size=64)",
+            "--pairs=2,3", "--gap=1", f"--output_file={out}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [p["step"] for p in result["curve"]] == [2, 4]
+    assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, seq_length=32, queries="each_once")
+    assert result["model"]["num_hidden_layers"] == 1 and result["model"]["scan_query_chunk_size"] == 32
+    assert all(0 <= p["first_value_acc"] <= 1 and p["in_context"] < p["elimination"] for p in result["curve"])
+    bad = subprocess.run(args[:2] + ["--pairs=4"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--pairs='4'" in bad.stderr, bad.stderr[-2000:]
