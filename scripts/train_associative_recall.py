@@ -97,7 +97,7 @@ def train(config, task) -> dict:
                 train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
                            warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows,
                            mesh_dim=FLAGS.mesh_dim),
-                model=config.to_dict() if hasattr(config, "to_dict") else None, curve=curve,
+                model=config.to_dict(), curve=curve,
                 wall_s=round(time.time() - start, 1))
 
 

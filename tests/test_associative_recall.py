@@ -50,20 +50,27 @@ def test_rows_ask_every_key_once_and_carry_loss_only_on_the_answers(value_tokens
     np.testing.assert_array_equal(recall.batch["target_tokens"][:, :-1], recall.batch["input_tokens"][:, 1:])
 
 
-def test_reference_levels_by_hand():
-    # distinct one-token values (64 ids, 4 per row: collisions are possible, so check on the rows drawn)
-    task = RecallTask((4, 4), 1, 0, seq_length=32)
-    recall = recall_batch(np.random.default_rng(1), task, 200)
-    values_distinct = recall.in_context == 0.25
-    # with distinct values: 1/4 in context; by elimination 1/4, 1/3, 1/2, 1 in query order
-    expected = np.tile([1 / 4, 1 / 3, 1 / 2, 1.0], 200)
-    np.testing.assert_allclose(recall.elimination[np.repeat(values_distinct.reshape(200, 4).all(1), 4)],
-                               expected[np.repeat(values_distinct.reshape(200, 4).all(1), 4)])
-    assert values_distinct.mean() > 0.8
-    # digits collide: two of the row's values share the first digit -> in context 2/4 for both
-    digits = RecallTask((4, 4), 7, 0, seq_length=96)
-    recall = recall_batch(np.random.default_rng(2), digits, 50)
-    assert set(np.round(recall.in_context * 4).astype(int)) <= {1, 2, 3, 4} and (recall.in_context > 0.25).any()
+@pytest.mark.parametrize("value_tokens,queries", [(1, "each_once"), (7, "each_once"), (7, "any")])
+def test_reference_levels_by_hand(value_tokens, queries):
+    """Each query's two levels recomputed from the row read back: the share of the row's values
+    (in_context), or of those no earlier query answered (elimination), whose first token is the
+    asked value's. Seven-digit values share first digits, so those levels are not just 1/n."""
+    task = RecallTask((2, 5), value_tokens, 1, seq_length=128, queries=queries)
+    recall = recall_batch(np.random.default_rng(1), task, 100)
+    ids = np.concatenate([recall.batch["input_tokens"], recall.batch["target_tokens"][:, -1:]], axis=1)
+    in_context, elimination = [], []
+    for r in range(100):
+        pairs, asked = _parse(ids[r], task, int(recall.first_value[r].sum()))
+        left = list(pairs)
+        for key, value, _ in asked:
+            in_context.append(sum(pairs[k][0] == value[0] for k in pairs) / len(pairs))
+            elimination.append(sum(pairs[k][0] == value[0] for k in left) / len(left))
+            if queries == "each_once":
+                left.remove(key)
+    np.testing.assert_allclose(recall.in_context, in_context)
+    np.testing.assert_allclose(recall.elimination, elimination)
+    if value_tokens == 7:
+        assert max(in_context) > 1 / 2  # some rows' values do share a first digit
 
 
 def test_an_oracle_scores_one_and_an_eliminating_guesser_scores_the_elimination_level():
@@ -113,8 +120,8 @@ def test_the_script_trains_and_writes_its_curve(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "recall.json"
     args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
-            "--eval_rows=64",
-            "--batch_size=16", "--update_llama_config=dict(num_hidden_layers=1,hidden_size=32,intermediate_size=64)",
+            "--eval_rows=64", "--batch_size=16",
+            "--update_llama_config=dict(num_hidden_layers=1,hidden_size=32,intermediate_size=64)",
             "--pairs=2,3", "--gap=1", f"--output_file={out}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -122,7 +129,8 @@ def test_the_script_trains_and_writes_its_curve(tmp_path):
     result = json.loads(out.read_text())
     assert [p["step"] for p in result["curve"]] == [2, 4]
     assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, seq_length=32, queries="each_once")
-    assert result["model"]["num_hidden_layers"] == 1 and result["model"]["scan_query_chunk_size"] == 32
+    assert result["commit"] and result["model"]["num_hidden_layers"] == 1
+    assert result["model"]["scan_query_chunk_size"] == 32  # one attention chunk per row
     assert all(0 <= p["first_value_acc"] <= 1 and p["in_context"] < p["elimination"] for p in result["curve"])
     bad = subprocess.run(args[:2] + ["--pairs=4"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--pairs='4'" in bad.stderr, bad.stderr[-2000:]
