@@ -9,7 +9,9 @@ Every --eval_every steps the model predicts a fixed held-out batch (--eval_rows 
 separate seed); the table printed, and --output_file's "curve", give the training loss, the
 accuracy on each query's first value token (the only key-dependent one) and on all answer
 tokens, beside the two reference levels of those rows: a uniform pick among the row's values
-(in_context) and among the values no earlier query answered (elimination).
+(in_context) and among the values no earlier query answered (elimination). The file is
+rewritten at every eval point with "complete": false until the last, so a long run that is
+stopped keeps the curve it had.
 """
 import json
 import os
@@ -58,12 +60,17 @@ def main(argv):
     from lwm.reproduce import git_commit
 
     commit = git_commit()  # the code that runs: read before a run that can outlast later commits
-    result = train(config, task)
-    result.update(commit=commit, machine={"platform": platform.platform(), "cpu_count": os.cpu_count()})
-    storage.write_text(FLAGS.output_file, json.dumps(result, indent=1))
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+    def write(result: dict, complete: bool):
+        # rewritten at every eval point: a run stopped early keeps its curve so far
+        result.update(complete=complete, commit=commit, machine=machine)
+        storage.write_text(FLAGS.output_file, json.dumps(result, indent=1))
+
+    train(config, task, write)
 
 
-def train(config, task) -> dict:
+def train(config, task, write) -> None:
     import jax
     import numpy as np
 
@@ -92,13 +99,16 @@ def train(config, task) -> dict:
             curve.append(point)
             print(f"{step:>6} {point['loss']:>7.3f} {point['first_value_acc']:>12.3f} {point['answer_acc']:>7.3f} "
                   f"{point['elimination']:>12.3f} {point['in_context']:>11.3f}", flush=True)
+            write(summary(config, task, curve, time.time() - start), complete=step == FLAGS.steps)
+
+
+def summary(config, task, curve: list, wall_s: float) -> dict:
     return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap,
                           seq_length=task.seq_length, queries=task.queries),
                 train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
                            warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows,
                            mesh_dim=FLAGS.mesh_dim),
-                model=config.to_dict(), curve=curve,
-                wall_s=round(time.time() - start, 1))
+                model=config.to_dict(), curve=curve, wall_s=round(wall_s, 1))
 
 
 if __name__ == "__main__":

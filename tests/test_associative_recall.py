@@ -115,8 +115,9 @@ def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
 
 
 def test_the_script_trains_and_writes_its_curve(tmp_path):
-    """A 1-layer model for 4 steps through the script: the curve, the task and the commit written;
-    a bad --pairs stops before any compile with the flag named."""
+    """A 1-layer model for 4 steps through the script: the curve, the task and the commit written
+    (the file marked complete after the last eval point); a bad --pairs stops before any compile
+    with the flag named."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "recall.json"
     args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
@@ -127,7 +128,7 @@ def test_the_script_trains_and_writes_its_curve(tmp_path):
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [p["step"] for p in result["curve"]] == [2, 4]
+    assert [p["step"] for p in result["curve"]] == [2, 4] and result["complete"] is True
     assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, seq_length=32, queries="each_once")
     assert result["commit"] and result["model"]["num_hidden_layers"] == 1
     assert result["model"]["scan_query_chunk_size"] == 32  # one attention chunk per row
