@@ -115,15 +115,16 @@ def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
 
 
 def test_the_script_trains_and_writes_its_curve(tmp_path):
-    """A 1-layer model for 4 steps through the script: the curve, the task and the commit written
-    (the file marked complete after the last eval point); a bad --pairs stops before any compile
-    with the flag named."""
+    """A 1-layer model for 4 steps through the script, the first 2 at gap 0: the curve (scored at
+    --gap and at the first gap), the task and the commit written (the file marked complete after
+    the last eval point); a bad --pairs or a --first_gap without its steps stops before any
+    compile with the flags named."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "recall.json"
     args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
             "--eval_rows=64", "--batch_size=16",
             "--update_llama_config=dict(num_hidden_layers=1,hidden_size=32,intermediate_size=64)",
-            "--pairs=2,3", "--gap=1", f"--output_file={out}"]
+            "--pairs=2,3", "--gap=1", "--first_gap=0", "--first_gap_steps=2", f"--output_file={out}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,6 +133,11 @@ def test_the_script_trains_and_writes_its_curve(tmp_path):
     assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, seq_length=32, queries="each_once")
     assert result["commit"] and result["model"]["num_hidden_layers"] == 1
     assert result["model"]["scan_query_chunk_size"] == 32  # one attention chunk per row
-    assert all(0 <= p["first_value_acc"] <= 1 and p["in_context"] < p["elimination"] for p in result["curve"])
+    assert result["train"]["first_gap"] == 0 and result["train"]["first_gap_steps"] == 2
+    for point in result["curve"]:
+        for scored in (point, point["at_first_gap"]):
+            assert 0 <= scored["first_value_acc"] <= 1 and scored["in_context"] < scored["elimination"]
     bad = subprocess.run(args[:2] + ["--pairs=4"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--pairs='4'" in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run(args[:2] + ["--first_gap=0"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--first_gap=0 --first_gap_steps=0" in bad.stderr, bad.stderr[-2000:]
