@@ -52,7 +52,10 @@ def main(argv):
     if (FLAGS.first_gap >= 0) != (FLAGS.first_gap_steps > 0) or FLAGS.first_gap_steps >= FLAGS.steps:
         raise app.UsageError(f"--first_gap={FLAGS.first_gap} --first_gap_steps={FLAGS.first_gap_steps} --steps="
                              f"{FLAGS.steps}: give both (first_gap >= 0, 0 < first_gap_steps < steps) or neither")
-    first_task = dataclasses.replace(task, gap=FLAGS.first_gap) if FLAGS.first_gap >= 0 else None
+    try:
+        first_task = dataclasses.replace(task, gap=FLAGS.first_gap) if FLAGS.first_gap >= 0 else None
+    except ValueError as e:
+        raise app.UsageError(f"--first_gap={FLAGS.first_gap}: {e}") from None
     if not 0 <= FLAGS.warmup_steps < FLAGS.steps:
         raise app.UsageError(f"--warmup_steps={FLAGS.warmup_steps} --steps={FLAGS.steps}: expected "
                              "0 <= warmup_steps < steps")
