@@ -11,7 +11,9 @@ asked values carry loss, as only answers do in the study:
 
 A value is one token (`value_tokens=1`, from `VALUE_IDS`) or a run of digit tokens (`value_tokens=7`,
 like a needle's number). Keys come from 69 ids, as many as the eval's cities; `gap=4` puts the
-key as far before its value as a needle's city stands before its first digit ("▁number ▁is : ▁").
+key as far before its value as a needle's city stands before its first digit ("▁number ▁is : ▁");
+with `max_gap`, each row draws its own gap in [gap, max_gap] (the same for all its keys), so no
+fixed distance from key to value holds across rows.
 
 What a model gets right is scored on each query's first value token, the only one that needs the
 key (the rest of a multi-token value continues the value it starts). Two reference levels:
@@ -44,6 +46,7 @@ class RecallTask:
     # a key of the row drawn with replacement, so that which values were already answered says
     # nothing about the next (elimination = in_context) and only the key can do better
     queries: str = "each_once"
+    max_gap: int = -1  # -1: every row at `gap`; else each row's gap drawn uniformly in [gap, max_gap]
 
     def __post_init__(self):
         if self.queries not in ("each_once", "any"):
@@ -51,15 +54,20 @@ class RecallTask:
         low, high = self.pairs
         if not 1 <= low <= high <= len(KEY_IDS):
             raise ValueError(f"pairs={self.pairs}: expected 1 <= min <= max <= {len(KEY_IDS)}")
-        if self.value_tokens < 1 or not 0 <= self.gap <= len(FILLER_IDS):
-            raise ValueError(f"value_tokens={self.value_tokens}, gap={self.gap}: expected value_tokens >= 1 and "
-                             f"0 <= gap <= {len(FILLER_IDS)}")
+        if self.value_tokens < 1 or not 0 <= self.gap <= self.gaps[1] <= len(FILLER_IDS):
+            raise ValueError(f"value_tokens={self.value_tokens}, gap={self.gap}, max_gap={self.max_gap}: expected "
+                             f"value_tokens >= 1 and 0 <= gap <= max_gap <= {len(FILLER_IDS)} (max_gap -1: gap)")
         if self.row_tokens(high) > self.seq_length + 1:
             raise ValueError(f"{high} pairs need {self.row_tokens(high)} tokens; seq_length={self.seq_length} holds "
                              f"{self.seq_length + 1} (inputs and shifted targets): raise seq_length or lower pairs")
 
+    @property
+    def gaps(self) -> tuple[int, int]:
+        """The smallest and largest gap of a row."""
+        return self.gap, self.gap if self.max_gap < 0 else self.max_gap
+
     def row_tokens(self, n_pairs: int) -> int:
-        item = 1 + self.gap + self.value_tokens
+        item = 1 + self.gaps[1] + self.value_tokens
         return 1 + n_pairs * item + n_pairs * (1 + item)
 
 
@@ -69,6 +77,7 @@ class RecallBatch:
     first_value: np.ndarray  # [rows, seq_length] 1 where the target is a query's first value token
     in_context: np.ndarray  # per scored query: chance of a uniform pick among the row's values
     elimination: np.ndarray  # per scored query: chance of a uniform pick among the values not yet answered
+    gaps: np.ndarray  # [rows] each row's gap
 
 
 def _value(rng: np.random.Generator, task: RecallTask) -> list[int]:
@@ -83,9 +92,12 @@ def recall_batch(rng: np.random.Generator, task: RecallTask, rows: int) -> Recal
     loss = np.zeros((rows, seq), np.float32)
     first = np.zeros((rows, seq), np.float32)
     in_context, elimination = [], []
-    gap = list(FILLER_IDS[:task.gap])
+    gaps = np.zeros(rows, np.int32)
     for r in range(rows):
         n = int(rng.integers(task.pairs[0], task.pairs[1] + 1))
+        # drawn only when rows vary, so that fixed-gap rows are the same as before the option
+        gaps[r] = task.gap if task.max_gap < 0 else rng.integers(task.gap, task.max_gap + 1)
+        gap = list(FILLER_IDS[:gaps[r]])
         keys = [int(k) for k in rng.choice(KEY_IDS, n, replace=False)]
         values = {k: _value(rng, task) for k in keys}
         tokens = [BOS_ID]
@@ -109,14 +121,18 @@ def recall_batch(rng: np.random.Generator, task: RecallTask, rows: int) -> Recal
     batch = dict(input_tokens=ids[:, :seq], target_tokens=ids[:, 1:], loss_masks=loss,
                  segment_ids=np.ones((rows, seq), np.int32),
                  positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)))
-    return RecallBatch(batch, first, np.asarray(in_context), np.asarray(elimination))
+    return RecallBatch(batch, first, np.asarray(in_context), np.asarray(elimination), gaps)
 
 
-def score(predictions: np.ndarray, recall: RecallBatch) -> dict:
+def score(predictions: np.ndarray, recall: RecallBatch, rows: np.ndarray | None = None) -> dict:
     """Accuracy of argmax `predictions` [rows, seq_length] on the queries' first value tokens and
-    on every answer token, beside the two reference levels."""
-    right = predictions == recall.batch["target_tokens"]
-    masks = recall.batch["loss_masks"]
-    return dict(first_value_acc=float((right * recall.first_value).sum() / recall.first_value.sum()),
+    on every answer token, beside the two reference levels; of the `rows` selected (a boolean
+    mask over rows) if given."""
+    rows = np.ones(len(predictions), bool) if rows is None else rows
+    right = (predictions == recall.batch["target_tokens"])[rows]
+    first, masks = recall.first_value[rows], recall.batch["loss_masks"][rows]
+    queries = np.repeat(rows, recall.first_value.sum(axis=1).astype(int))  # the rows' queries, in order
+    return dict(first_value_acc=float((right * first).sum() / first.sum()),
                 answer_acc=float((right * masks).sum() / masks.sum()),
-                in_context=float(recall.in_context.mean()), elimination=float(recall.elimination.mean()))
+                in_context=float(recall.in_context[queries].mean()),
+                elimination=float(recall.elimination[queries].mean()))

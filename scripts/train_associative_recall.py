@@ -11,6 +11,8 @@ accuracy on each query's first value token (the only key-dependent one) and on a
 tokens, beside the two reference levels of those rows: a uniform pick among the row's values
 (in_context) and among the values no earlier query answered (elimination).
 
+`--max_gap=M` gives each row its own gap in [--gap, M]; each eval point then also scores the
+held-out rows of each gap apart ("by_gap" in the curve).
 `--first_gap=G --first_gap_steps=N` trains the first N steps on rows whose keys stand G filler
 tokens from their values instead of --gap (a curriculum: the lookup learnt where key and value
 are close, then moved apart); each eval point then also scores held-out rows at G
@@ -31,7 +33,7 @@ from lwm.flags import define_flags_with_default
 
 FLAGS, FLAGS_DEF = define_flags_with_default(
     load_llama_config="json::configs/reproduce/tiny_model.json", update_llama_config="", pairs="4,4",
-    value_tokens=1, gap=0, queries="each_once", seq_length=32, batch_size=128, steps=2000, lr=2e-3,
+    value_tokens=1, gap=0, max_gap=-1, queries="each_once", seq_length=32, batch_size=128, steps=2000, lr=2e-3,
     warmup_steps=50, eval_every=100, eval_rows=512, seed=0, mesh_dim="1,-1,1,1", output_file="associative_recall.json",
     first_gap=-1, first_gap_steps=0)
 
@@ -46,14 +48,14 @@ def main(argv):
     except ValueError:
         raise app.UsageError(f"--pairs={FLAGS.pairs!r}: expected MIN,MAX (e.g. 4,4)") from None
     # a task that cannot be built fails here, before any compile
-    task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length, FLAGS.queries)
+    task = RecallTask((low, high), FLAGS.value_tokens, FLAGS.gap, FLAGS.seq_length, FLAGS.queries, FLAGS.max_gap)
     if FLAGS.steps < 1 or FLAGS.eval_every < 1 or FLAGS.batch_size < 1 or FLAGS.eval_rows < 1:
         raise app.UsageError("--steps, --eval_every, --batch_size and --eval_rows must be >= 1")
     if (FLAGS.first_gap >= 0) != (FLAGS.first_gap_steps > 0) or FLAGS.first_gap_steps >= FLAGS.steps:
         raise app.UsageError(f"--first_gap={FLAGS.first_gap} --first_gap_steps={FLAGS.first_gap_steps} --steps="
                              f"{FLAGS.steps}: give both (first_gap >= 0, 0 < first_gap_steps < steps) or neither")
     try:
-        first_task = dataclasses.replace(task, gap=FLAGS.first_gap) if FLAGS.first_gap >= 0 else None
+        first_task = dataclasses.replace(task, gap=FLAGS.first_gap, max_gap=-1) if FLAGS.first_gap >= 0 else None
     except ValueError as e:
         raise app.UsageError(f"--first_gap={FLAGS.first_gap}: {e}") from None
     if not 0 <= FLAGS.warmup_steps < FLAGS.steps:
@@ -115,19 +117,25 @@ def train(config, task, first_task, write) -> None:
         state, metrics = trainer.train_step(state, batch_to_global(recall_batch(rng, rows, FLAGS.batch_size).batch,
                                                                    mesh))
         if step % FLAGS.eval_every == 0 or step == FLAGS.steps:
+            predictions = predict(held_out)
             point = dict(step=step, loss=float(metrics["loss"]), wall_s=round(time.time() - start, 1),
-                         **score(predict(held_out), held_out))
+                         **score(predictions, held_out))
             if first_task:
                 point["at_first_gap"] = score(predict(held_out_first), held_out_first)
+            if task.gaps[0] < task.gaps[1]:
+                point["by_gap"] = {str(g): score(predictions, held_out, rows=held_out.gaps == g)
+                                   for g in range(task.gaps[0], task.gaps[1] + 1)}
             curve.append(point)
             print(f"{step:>6} {point['loss']:>7.3f} {point['first_value_acc']:>12.3f} {point['answer_acc']:>7.3f} "
                   f"{point['elimination']:>12.3f} {point['in_context']:>11.3f}"
-                  + (f" {point['at_first_gap']['first_value_acc']:>25.3f}" if first_task else ""), flush=True)
+                  + (f" {point['at_first_gap']['first_value_acc']:>25.3f}" if first_task else "")
+                  + "".join(f"  gap {g}: {v['first_value_acc']:.3f}" for g, v in point.get("by_gap", {}).items()),
+                  flush=True)
             write(summary(config, task, curve, time.time() - start), complete=step == FLAGS.steps)
 
 
 def summary(config, task, curve: list, wall_s: float) -> dict:
-    return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap,
+    return dict(task=dict(pairs=list(task.pairs), value_tokens=task.value_tokens, gap=task.gap, max_gap=task.max_gap,
                           seq_length=task.seq_length, queries=task.queries),
                 train=dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, lr=FLAGS.lr, end_lr=FLAGS.lr / 10,
                            warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed, eval_rows=FLAGS.eval_rows,

@@ -11,20 +11,22 @@ import pytest
 from lwm.associative_recall import BOS_ID, FILLER_IDS, KEY_IDS, QUERY_ID, RecallTask, recall_batch, score
 
 
-def _parse(row_ids, task, n):
-    """(key -> value) of the pairs and the queries' (key, value, first value index), read back."""
-    item = 1 + task.gap + task.value_tokens
+def _parse(row_ids, task, n, gap=None):
+    """(key -> value) of the pairs and the queries' (key, value, first value index), read back
+    from a row whose keys stand `gap` (default the task's) tokens from their values."""
+    gap = task.gap if gap is None else gap
+    item = 1 + gap + task.value_tokens
     assert row_ids[0] == BOS_ID
     pairs = {}
     for i in range(n):
         chunk = row_ids[1 + i * item: 1 + (i + 1) * item]
-        assert list(chunk[1:1 + task.gap]) == list(FILLER_IDS[:task.gap])
-        pairs[int(chunk[0])] = list(chunk[1 + task.gap:])
+        assert list(chunk[1:1 + gap]) == list(FILLER_IDS[:gap])
+        pairs[int(chunk[0])] = list(chunk[1 + gap:])
     queries, at = [], 1 + n * item
     for _ in range(n):
         assert row_ids[at] == QUERY_ID
         key = int(row_ids[at + 1])
-        start = at + 2 + task.gap
+        start = at + 2 + gap
         queries.append((key, list(row_ids[start:start + task.value_tokens]), start))
         at += 1 + item
     return pairs, queries
@@ -94,6 +96,28 @@ def test_an_oracle_scores_one_and_an_eliminating_guesser_scores_the_elimination_
     assert guessed["elimination"] > guessed["in_context"] + 0.1
 
 
+def test_rows_of_varied_gaps_read_back_and_score_apart():
+    """With max_gap each row has its own gap, the same for all its keys, and every gap of the
+    range occurs; scoring a subset of rows counts only their queries and their levels."""
+    task = RecallTask((3, 3), 1, 0, max_gap=2, seq_length=40)
+    recall = recall_batch(np.random.default_rng(6), task, 60)
+    assert set(recall.gaps.tolist()) == {0, 1, 2}
+    ids = np.concatenate([recall.batch["input_tokens"], recall.batch["target_tokens"][:, -1:]], axis=1)
+    for r in range(60):
+        pairs, queries = _parse(ids[r], task, 3, gap=int(recall.gaps[r]))
+        assert all(value == pairs[key] for key, value, _ in queries)
+    # right on the gap-0 rows only
+    predictions = np.where((recall.gaps == 0)[:, None], recall.batch["target_tokens"], 0)
+    rows = recall.gaps == 0
+    assert score(predictions, recall, rows=rows)["first_value_acc"] == 1.0
+    assert score(predictions, recall, rows=~rows)["first_value_acc"] == 0.0
+    per_query_rows = np.repeat(np.arange(60), 3)
+    sub = score(predictions, recall, rows=~rows)
+    assert sub["elimination"] == pytest.approx(recall.elimination[~rows[per_query_rows]].mean())
+    with pytest.raises(ValueError, match="max_gap=1"):
+        RecallTask((3, 3), 1, 2, max_gap=1)
+
+
 def test_a_task_that_does_not_fit_names_what_to_change():
     with pytest.raises(ValueError, match="seq_length=32 holds 33"):
         RecallTask((8, 8), 7, 4, seq_length=32)
@@ -115,8 +139,8 @@ def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
 
 
 def test_the_script_trains_and_writes_its_curve(tmp_path):
-    """A 1-layer model for 4 steps through the script, the first 2 at gap 0: the curve (scored at
-    --gap and at the first gap), the task and the commit written (the file marked complete after
+    """A 1-layer model for 4 steps through the script, the first 2 at gap 0, then rows of gap 1
+    or 2: the curve (scored on all held-out rows, on those of each gap, and at the first gap), the task and the commit written (the file marked complete after
     the last eval point); a bad --pairs or a --first_gap without its steps stops before any
     compile with the flags named."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,18 +148,19 @@ def test_the_script_trains_and_writes_its_curve(tmp_path):
     args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
             "--eval_rows=64", "--batch_size=16",
             "--update_llama_config=dict(num_hidden_layers=1,hidden_size=32,intermediate_size=64)",
-            "--pairs=2,3", "--gap=1", "--first_gap=0", "--first_gap_steps=2", f"--output_file={out}"]
+            "--pairs=2,3", "--gap=1", "--max_gap=2", "--first_gap=0", "--first_gap_steps=2", f"--output_file={out}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [p["step"] for p in result["curve"]] == [2, 4] and result["complete"] is True
-    assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, seq_length=32, queries="each_once")
+    assert result["task"] == dict(pairs=[2, 3], value_tokens=1, gap=1, max_gap=2, seq_length=32, queries="each_once")
     assert result["commit"] and result["model"]["num_hidden_layers"] == 1
     assert result["model"]["scan_query_chunk_size"] == 32  # one attention chunk per row
     assert result["train"]["first_gap"] == 0 and result["train"]["first_gap_steps"] == 2
     for point in result["curve"]:
-        for scored in (point, point["at_first_gap"]):
+        assert sorted(point["by_gap"]) == ["1", "2"]
+        for scored in (point, point["at_first_gap"], *point["by_gap"].values()):
             assert 0 <= scored["first_value_acc"] <= 1 and scored["in_context"] < scored["elimination"]
     bad = subprocess.run(args[:2] + ["--pairs=4"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--pairs='4'" in bad.stderr, bad.stderr[-2000:]
