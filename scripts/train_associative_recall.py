@@ -16,9 +16,10 @@ held-out rows of each gap apart ("by_gap" in the curve).
 `--first_gap=G --first_gap_steps=N` trains the first N steps on rows whose keys stand G filler
 tokens from their values instead of --gap (a curriculum: the lookup learnt where key and value
 are close, then moved apart); each eval point then also scores held-out rows at G
-("at_first_gap" in the curve). The file is
-rewritten at every eval point with "complete": false until the last, so a long run that is
-stopped keeps the curve it had.
+("at_first_gap" in the curve).
+
+The file is rewritten at every eval point with "complete": false until the last, so a long run
+that is stopped keeps the curve it had.
 """
 import dataclasses
 import json
@@ -102,8 +103,8 @@ def train(config, task, first_task, write) -> None:
     logits = jax.jit(lambda params, tokens: trainer.model.apply({"params": params}, tokens).logits)
     rng = np.random.default_rng(FLAGS.seed)
     held_out = recall_batch(np.random.default_rng(FLAGS.seed + 10_000), task, FLAGS.eval_rows)
-    held_out_first = first_task and recall_batch(np.random.default_rng(FLAGS.seed + 20_000), first_task,
-                                                 FLAGS.eval_rows)
+    held_out_first = (recall_batch(np.random.default_rng(FLAGS.seed + 20_000), first_task, FLAGS.eval_rows)
+                      if first_task else None)
 
     def predict(recall):
         return np.concatenate([np.asarray(logits(state.params, recall.batch["input_tokens"][i:i + 128])).argmax(-1)

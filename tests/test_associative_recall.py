@@ -140,9 +140,9 @@ def test_queries_drawn_with_replacement_leave_nothing_to_eliminate():
 
 def test_the_script_trains_and_writes_its_curve(tmp_path):
     """A 1-layer model for 4 steps through the script, the first 2 at gap 0, then rows of gap 1
-    or 2: the curve (scored on all held-out rows, on those of each gap, and at the first gap), the task and the commit written (the file marked complete after
-    the last eval point); a bad --pairs or a --first_gap without its steps stops before any
-    compile with the flags named."""
+    or 2: the curve (scored on all held-out rows, on those of each gap, and at the first gap),
+    the task and the commit written (the file marked complete after the last eval point); a bad
+    --pairs or a --first_gap without its steps stops before any compile with the flags named."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "recall.json"
     args = [sys.executable, "scripts/train_associative_recall.py", "--steps=4", "--warmup_steps=1", "--eval_every=2",
