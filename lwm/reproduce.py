@@ -138,7 +138,7 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
 
 # a curriculum phase's optional data settings (lwm.retrieval_data.curriculum_examples)
 PHASE_DATA_KEYS = ("reverse_fraction", "short_needle_fraction", "asked_fraction", "needles_only",
-                   "first_digit_fraction")
+                   "first_digit_fraction", "adjacent_needle_fraction")
 
 
 def data_phases(stage: dict) -> list[dict]:

@@ -60,9 +60,13 @@ FOLLOW_UP = " USER: {question} ASSISTANT: "
 # so the model writes the asked city (copied from the question, a directly supervised step) and
 # the digits then follow a city one or two tokens back, as in a needle written short: the lookup
 # becomes the associative recall small attention models learn, with no second head to find first.
-ANSWER_STYLES = ("number", "sentence", "keyed")
+# Or adjacent ("Oslo4829173, Doha3302981."): the city is the very token before the first digit,
+# so that digit is predicted at the asked city itself, the query of associative recall in its
+# simplest form (the tokenizer splits digits, so nothing merges across the seam).
+ANSWER_STYLES = ("number", "sentence", "keyed", "adjacent")
 ANSWER_SENTENCE = "The special magic {city} number is: {number}."
 ANSWER_KEYED = "{city}: {number}"
+ANSWER_ADJACENT = "{city}{number}"
 # A needle asked backwards (its number given, its city the answer): the lookup then goes from the
 # digits to the key, which needs each needle's city tied to its digits, the tie the keyed
 # (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
@@ -80,6 +84,13 @@ FIRST_DIGIT_QUESTION = "What is the first digit of the special magic {city} numb
 # at any of these distances, which is what the eval's needles then need. (Tried as
 # stage1_short_needles: the multi-needle eval got worse; docs/reproduction.md.)
 SHORT_NEEDLES = ("\n{city} {number}\n", "\n{city}: {number}\n", "\n{city} number: {number}\n")
+# Every one of those still has a token between the city and the first digit ("▁" before a
+# number). Adjacent needles (`adjacent_needle_fraction`) have none: the city is the token right
+# before the digits. In token-id recall rows (scripts/train_associative_recall.py) the tiny model
+# learns the keyed lookup from random weights only with key and value adjacent; one token between
+# them stops it, and a lookup started on adjacent keys then carries to farther ones while
+# adjacent rows stay in the mix.
+ADJACENT_NEEDLE = "\n{city}{number}\n"
 
 
 def read_texts(path: str) -> list[str]:
@@ -118,7 +129,7 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
                       multi_fraction: float, period_ids, answer_style: str = "number",
                       reverse_fraction: float = 0.0, short_needle_fraction: float = 0.0,
                       asked_fraction: float = 1.0, needles_only: bool = False,
-                      first_digit_fraction: float = 0.0) -> dict:
+                      first_digit_fraction: float = 0.0, adjacent_needle_fraction: float = 0.0) -> dict:
     """One example (a dict of fields) whose tokens fill at most `seq_length` + 1 positions; with
     `reverse_fraction`, about that share of its needles is asked backwards instead, in a later
     turn (one needle always stays forward, for the first turn: the eval's question). Each needle
@@ -127,7 +138,9 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     with `asked_fraction`, only that share of them (rounded, at least one) is asked at all; with
     `needles_only`, the context is the needles alone (associative recall, no text to search); with
     `first_digit_fraction`, about that share of the later one-city turns asks for the number's
-    first digit only (FIRST_DIGIT_QUESTION), the one token of an answer that the key decides."""
+    first digit only (FIRST_DIGIT_QUESTION), the one token of an answer that the key decides; with
+    `adjacent_needle_fraction`, about that share of its needles is written ADJACENT_NEEDLE (drawn
+    first: the short share is of the rest)."""
     cities = rng.sample(CITIES, n_needles)
     numbers = {c: random_number(rng) for c in cities}
     # `cities` is in random order, so its head is a random subset (no draw: other configs' data stays as was)
@@ -154,15 +167,17 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
             return f"{asked}."
         if isinstance(asked, tuple):
             digit = numbers[asked[0]][0]
-            return f"{asked[0]}: {digit}." if answer_style == "keyed" else f"{digit}."
+            return {"keyed": f"{asked[0]}: {digit}.", "adjacent": f"{asked[0]}{digit}."}.get(answer_style, f"{digit}.")
         if answer_style == "sentence":
             return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
-        if answer_style == "keyed":
-            return ", ".join(ANSWER_KEYED.format(city=c, number=numbers[c]) for c in asked) + "."
+        if answer_style in ("keyed", "adjacent"):
+            form = ANSWER_KEYED if answer_style == "keyed" else ANSWER_ADJACENT
+            return ", ".join(form.format(city=c, number=numbers[c]) for c in asked) + "."
         return ", ".join(numbers[c] for c in asked) + "."
 
     template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT
-    needles = [(tokenizer.encode(needle_template(rng, short_needle_fraction).format(city=c, number=numbers[c])),
+    needles = [(tokenizer.encode(needle_template(rng, short_needle_fraction, adjacent_needle_fraction)
+                                 .format(city=c, number=numbers[c])),
                 rng.uniform(0, 100)) for c in cities]
     fields = {"answer0": answer(turns[0])}
     for i, asked in enumerate(turns[1:], 1):
@@ -197,8 +212,11 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
     return {"fields": ",".join(spec), **fields}
 
 
-def needle_template(rng: random.Random, short_needle_fraction: float) -> str:
-    """The eval's needle, or with probability `short_needle_fraction` one of SHORT_NEEDLES."""
+def needle_template(rng: random.Random, short_needle_fraction: float, adjacent_needle_fraction: float = 0.0) -> str:
+    """ADJACENT_NEEDLE with probability `adjacent_needle_fraction`; else the eval's needle, or with
+    probability `short_needle_fraction` one of SHORT_NEEDLES."""
+    if adjacent_needle_fraction and rng.random() < adjacent_needle_fraction:  # (no draw without it)
+        return ADJACENT_NEEDLE
     if short_needle_fraction and rng.random() < short_needle_fraction:  # (no draw without it: data stays as was)
         return rng.choice(SHORT_NEEDLES)
     return NEEDLE
@@ -208,14 +226,16 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
                        needles: tuple[int, int] = (2, 8), multi_fraction: float = 0.2,
                        answer_style: str = "number", reverse_fraction: float = 0.0,
                        short_needle_fraction: float = 0.0, asked_fraction: float = 1.0,
-                       needles_only: bool = False, first_digit_fraction: float = 0.0) -> Iterator[dict]:
+                       needles_only: bool = False, first_digit_fraction: float = 0.0,
+                       adjacent_needle_fraction: float = 0.0) -> Iterator[dict]:
     """`n_examples` examples with between needles[0] and needles[1] needles each (inclusive)."""
     if not 1 <= needles[0] <= needles[1] <= len(CITIES):
         raise ValueError(f"needles must satisfy 1 <= low <= high <= {len(CITIES)}, got {needles}")
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer style {answer_style!r}; expected one of {', '.join(ANSWER_STYLES)}")
     for name, fraction in (("reverse_fraction", reverse_fraction), ("short_needle_fraction", short_needle_fraction),
-                           ("asked_fraction", asked_fraction), ("first_digit_fraction", first_digit_fraction)):
+                           ("asked_fraction", asked_fraction), ("first_digit_fraction", first_digit_fraction),
+                           ("adjacent_needle_fraction", adjacent_needle_fraction)):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     pool = haystack_stream(texts, tokenizer)
@@ -226,7 +246,7 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
     for _ in range(n_examples):
         yield retrieval_example(rng, tokenizer, pool, seq_length, rng.randint(*needles), multi_fraction, period_ids,
                                 answer_style, reverse_fraction, short_needle_fraction, asked_fraction, needles_only,
-                                first_digit_fraction)
+                                first_digit_fraction, adjacent_needle_fraction)
 
 
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
@@ -235,8 +255,9 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     """Examples phase by phase, in order: each phase is a dict with `length` (tokens an example
     fills), `examples` (how many), `needles` ((low, high) per example) and optionally its own
     `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
-    `asked_fraction` (else every needle is asked), `needles_only` (no haystack text) and
-    `first_digit_fraction` (else no turn asks for a first digit).
+    `asked_fraction` (else every needle is asked), `needles_only` (no haystack text),
+    `first_digit_fraction` (else no turn asks for a first digit) and `adjacent_needle_fraction`
+    (else none).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -250,7 +271,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
                                   phase.get("short_needle_fraction", 0.0), phase.get("asked_fraction", 1.0),
-                                  phase.get("needles_only", False), phase.get("first_digit_fraction", 0.0))
+                                  phase.get("needles_only", False), phase.get("first_digit_fraction", 0.0),
+                                  phase.get("adjacent_needle_fraction", 0.0))
 
     spread = [p for p in phases if p.get("spread")]
     if not spread:
@@ -300,7 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_needles", type=int, default=8)
     parser.add_argument("--multi_fraction", type=float, default=0.2)
     parser.add_argument("--answer_style", choices=ANSWER_STYLES, default="number",
-                        help="answers as the numbers alone, or each in the needle's sentence")
+                        help="answers as the numbers alone, each in the needle's sentence, or after its city "
+                             "(keyed: 'Oslo: 4829173'; adjacent: 'Oslo4829173')")
     parser.add_argument("--reverse_fraction", type=float, default=0.0,
                         help="share of needles also asked backwards (the number given, the city answered)")
     parser.add_argument("--short_needle_fraction", type=float, default=0.0,
@@ -311,13 +334,16 @@ def main(argv=None) -> int:
                         help="the context is the needles alone, no haystack text (associative recall)")
     parser.add_argument("--first_digit_fraction", type=float, default=0.0,
                         help="share of later one-city turns that ask for the number's first digit only")
+    parser.add_argument("--adjacent_needle_fraction", type=float, default=0.0,
+                        help="share of needles written with the city right before the digits, no token between")
     args = parser.parse_args(argv)
     try:
         texts = read_texts(args.haystack)
         examples = retrieval_examples(load_tokenizer(args.tokenizer), texts, args.seq_length, args.n_examples,
                                       args.seed, (args.min_needles, args.max_needles), args.multi_fraction,
                                       args.answer_style, args.reverse_fraction, args.short_needle_fraction,
-                                      args.asked_fraction, args.needles_only, args.first_digit_fraction)
+                                      args.asked_fraction, args.needles_only, args.first_digit_fraction,
+                                      args.adjacent_needle_fraction)
         write_retrieval_jsonl(args.output, examples)
     except (ValueError, OSError) as e:
         print(f"retrieval_data: {e}", file=sys.stderr)

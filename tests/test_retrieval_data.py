@@ -20,6 +20,9 @@ def example_tokens(example, tokenizer):
     return 2 + sum(len(tokenizer.encode(example[f])) for f in fields)  # with bos and eos
 
 
+CITY = r"[A-Z][a-z]+(?: [A-Z][a-z]+)*"
+
+
 def needles_in(prompt):
     return dict(re.findall(r"The special magic (.+?) number is: (\d{7})", prompt))
 
@@ -184,6 +187,41 @@ def test_short_needles_write_the_city_closer_to_its_number_in_about_the_asked_sh
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, short_needle_fraction=-0.1))
 
 
+def test_adjacent_needles_and_answers_put_the_city_token_right_before_the_first_digit(tokenizer):
+    """About the asked share of needles is written '\\nOslo4829173\\n', the city's last token
+    the very token before the digits (no '▁' between, unlike every short form); with adjacent
+    answers every turn writes 'Oslo4829173' for the asked city and scores as its number."""
+    from lwm.needle import score_strict
+
+    phase = {"length": 384, "examples": 30, "needles": (2, 5), "needles_only": True, "adjacent_needle_fraction": 0.5}
+    adjacent = total = 0
+    for example in curriculum_examples(tokenizer, TEXTS, [phase], seed=6, multi_fraction=0.5,
+                                       answer_style="adjacent"):
+        prompt, spec = example["prompt"], example["fields"].split(",")
+        written = {number: (city, False) for city, number in needles_in(prompt).items()}
+        written.update({number: (city, True) for city, number in re.findall(rf"\n({CITY})(\d{{7}})\n", prompt)})
+        assert sorted(written) == sorted(re.findall(r"\d{7}", prompt))  # each needle in one of the two forms
+        for number, (city, is_adjacent) in written.items():
+            if is_adjacent:
+                tokens = tokenizer.encode(f"{city}{number}")
+                pieces = [tokenizer.decode([t]) for t in tokens]
+                assert pieces[-7:] == list(number) and tokens[:-7] == tokenizer.encode(city)  # nothing between
+        adjacent += sum(a for _, a in written.values())
+        total += len(written)
+        by_city = {city: number for number, (city, _) in written.items()}
+        answered = []
+        for answer in (example[f] for f in spec[1::2]):
+            stated = re.findall(rf"({CITY})(\d{{7}})", answer)
+            assert stated and ", ".join(f"{c}{n}" for c, n in stated) + "." == answer
+            assert all(by_city[c] == n for c, n in stated) and all(score_strict(answer, [n for _, n in stated]))
+            answered += [c for c, _ in stated]
+        assert sorted(answered) == sorted(by_city)  # every needle asked once
+        assert example_tokens(example, tokenizer) <= 384 + 1
+    assert 0.3 < adjacent / total < 0.7
+    with pytest.raises(ValueError, match=r"adjacent_needle_fraction must be in \[0, 1\], got 2"):
+        next(retrieval_examples(tokenizer, TEXTS, 512, 1, adjacent_needle_fraction=2))
+
+
 def test_sentence_and_keyed_answers_name_their_city_and_score_as_the_numbers(tokenizer):
     from lwm.needle import score_strict
 
@@ -211,7 +249,7 @@ def test_sentence_and_keyed_answers_name_their_city_and_score_as_the_numbers(tok
             asking = question.rsplit("special magic", 1)[-1]
             assert [c for c, _ in stated] == sorted((c for c, _ in stated), key=asking.index)  # as asked
             assert all(score_strict(answer, [n for _, n in stated]))
-    with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence, keyed"):
+    with pytest.raises(ValueError, match="answer style 'words'; expected one of number, sentence, keyed, adjacent"):
         next(retrieval_examples(tokenizer, TEXTS, 256, 1, answer_style="words"))
 
 
