@@ -76,6 +76,21 @@ def answered_numbers(tokenizer, tokens: Sequence[int], loss_masks: Sequence[floa
     return out
 
 
+def needle_form(context: str, number: str) -> str | None:
+    """How the row's context writes the needle of `number`: "eval" (the eval's sentence),
+    "short" (one of retrieval_data.SHORT_NEEDLES) or "adjacent" (the city right before the
+    digits); None if none of them."""
+    from lwm.needle import CITIES, NEEDLE
+    from lwm.retrieval_data import ADJACENT_NEEDLE, SHORT_NEEDLES
+
+    # Checked in this order: no form's text is inside a later one's ('Oslo4829173' is in none).
+    forms = [("eval", NEEDLE)] + [("short", form) for form in SHORT_NEEDLES] + [("adjacent", ADJACENT_NEEDLE)]
+    for name, form in forms:
+        if any(form.strip().format(city=city, number=number) in context for city in CITIES):
+            return name
+    return None
+
+
 def row_needles(example: dict) -> list[str]:
     """The needles' numbers: the 7-digit numbers of the row's first (context) field."""
     first = example["fields"].split(",")[0].strip("[]")
@@ -83,7 +98,7 @@ def row_needles(example: dict) -> list[str]:
 
 
 def probe_rows(loaded, examples: Sequence[dict], batch_rows: int = 8) -> tuple[list[dict], list[float]]:
-    """(one record per answered number: turn, candidates, whether the model's top token at the
+    """(one record per answered number: turn, candidates, how its needle is written, whether the model's top token at the
     position before it is its first digit, the probability of that digit, and whether the top
     token is instead another needle's first digit; per row, the share of its loss-bearing tokens
     that are the top token, the trainer's `acc`)."""
@@ -101,9 +116,12 @@ def probe_rows(loaded, examples: Sequence[dict], batch_rows: int = 8) -> tuple[l
     data_dim = mesh.shape["dp"] * mesh.shape["fsdp"]
     batch_rows = -(-batch_rows // data_dim) * data_dim
     rows = []
+    forms = []
     for i, example in enumerate(examples):
         processed = processor(example, line_index=i)
         needles = row_needles(example)
+        context = example[example["fields"].split(",")[0].strip("[]")]
+        forms.append({n: needle_form(context, n) for n in needles})
         rows.append((processed.tokens.tolist(), needles,
                      answered_numbers(tokenizer, processed.tokens, processed.loss_masks, needles), processed.loss_masks))
     records, token_accuracy = [], []
@@ -125,7 +143,7 @@ def probe_rows(loaded, examples: Sequence[dict], batch_rows: int = 8) -> tuple[l
                 top = int(np.argmax(scores))
                 top_digit = tokenizer.sp.id_to_piece(top).lstrip("\u2581")
                 others = {n[0] for n in needles if n != a.number}
-                records.append(dict(row=row, turn=a.turn, needles=len(needles),
+                records.append(dict(row=row, turn=a.turn, needles=len(needles), form=forms[row][a.number],
                                     candidates=a.candidates, hit=top == tokens[a.position],
                                     p_first_digit=float(p[tokens[a.position]]),
                                     other_needles_digit=top_digit in others and top_digit != a.number[0]))
@@ -150,6 +168,15 @@ def summarize(records: Sequence[dict], token_accuracy: Sequence[float]) -> dict:
                          p_first_digit=float(np.mean([r["p_first_digit"] for r in part])),
                          another_needles_digit=float(np.mean([r["other_needles_digit"] for r in part])),
                          chance=float(np.mean([1.0 / r["candidates"] for r in part])))
+    forms = sorted({r["form"] for r in records if r.get("form")})
+    if forms:  # every turn together, for each way a needle is written (a mixed phase's rows)
+        out["by_form"] = {}
+        for form in forms:
+            hits = [float(r["hit"]) for r in records if r.get("form") == form]
+            out["by_form"][form] = dict(numbers=len(hits), first_digit_accuracy=float(np.mean(hits)),
+                                        first_digit_accuracy_ci95=bootstrap_interval(hits),
+                                        chance=float(np.mean([1.0 / r["candidates"] for r in records
+                                                              if r.get("form") == form])))
     return out
 
 
@@ -165,6 +192,13 @@ def summary_table(summary: dict) -> str:
         lo, hi = s["first_digit_accuracy_ci95"]
         lines.append(f"| {name.replace('_', ' ')} | {s['numbers']} | {s['first_digit_accuracy']:.3f} | {lo:.3f}-{hi:.3f} "
                      f"| {s['chance']:.3f} | {s['p_first_digit']:.3f} | {s['another_needles_digit']:.3f} |")
+    if summary.get("by_form"):
+        lines += ["", "| needles written | numbers (all turns) | first digit right | 95% interval | chance |",
+                  "|---|---|---|---|---|"]
+        for form, s in summary["by_form"].items():
+            lo, hi = s["first_digit_accuracy_ci95"]
+            lines.append(f"| {form} | {s['numbers']} | {s['first_digit_accuracy']:.3f} | {lo:.3f}-{hi:.3f} "
+                         f"| {s['chance']:.3f} |")
     return "\n".join(lines)
 
 

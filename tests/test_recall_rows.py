@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from lwm.recall_rows import answered_numbers, loss_runs, probe_rows, read_rows, row_needles, summarize
+from lwm.recall_rows import (answered_numbers, loss_runs, needle_form, probe_rows, read_rows, row_needles, summarize,
+                             summary_table)
 
 ROW = {"fields": "[prompt],answer0,[turn1],answer1",
        "prompt": "You are a helpful assistant. USER: The special magic Oslo number is: 4829173 Some text. The special "
@@ -53,6 +54,7 @@ def test_predictions_match_a_forward_pass_of_each_prefix(tmp_path, tokenizer):
     rows = [ROW, {**ROW, "answer0": "3302981.", "answer1": "4829173."}]
     records, token_accuracy = probe_rows(loaded, rows)
     assert [r["row"] for r in records] == [0, 0, 1, 1] and [r["turn"] for r in records] == [0, 1, 0, 1]
+    assert {r["form"] for r in records} == {"eval"}
     copies = loaded.mesh.shape["fsdp"]
     logits_of = jax.jit(lambda params, ids: loaded.model.apply({"params": params}, ids).logits)
     for row, row_records, accuracy in zip(rows, (records[:2], records[2:]), token_accuracy):
@@ -83,6 +85,24 @@ def test_summary_by_hand():
     assert (first["numbers"], first["first_digit_accuracy"], first["chance"]) == (2, 0.5, 0.375)
     assert first["p_first_digit"] == pytest.approx(0.3) and first["another_needles_digit"] == 0.5
     assert summary["later_turns"]["first_digit_accuracy"] == 1.0 and summary["later_turns"]["chance"] == 1.0
+
+
+def test_needle_forms_and_the_summary_by_form():
+    context = ("The special magic Oslo number is: 4829173 text \nDoha 3302981\n Lima: 1111111 Los Angeles number: "
+               "2222222 \nMexico City3333333\n Seoul4444444 9999999")
+    assert [needle_form(context, n) for n in ("4829173", "3302981", "1111111", "2222222", "3333333", "4444444",
+                                              "9999999")] == ["eval", "short", "short", "short", "adjacent", "adjacent",
+                                                              None]
+    records = [dict(turn=0, candidates=4, hit=True, form="adjacent", p_first_digit=0.5, other_needles_digit=False),
+               dict(turn=1, candidates=2, hit=True, form="adjacent", p_first_digit=0.5, other_needles_digit=False),
+               dict(turn=1, candidates=3, hit=False, form="eval", p_first_digit=0.1, other_needles_digit=True),
+               dict(turn=2, candidates=1, hit=True, form="eval", p_first_digit=0.9, other_needles_digit=False)]
+    by_form = summarize(records, [1.0])["by_form"]
+    assert list(by_form) == ["adjacent", "eval"]
+    assert (by_form["adjacent"]["numbers"], by_form["adjacent"]["first_digit_accuracy"]) == (2, 1.0)
+    assert by_form["adjacent"]["chance"] == pytest.approx(0.375)
+    assert by_form["eval"]["first_digit_accuracy"] == 0.5 and by_form["eval"]["chance"] == pytest.approx(2 / 3)
+    assert "| eval | 2 | 0.500 |" in summary_table(summarize(records, [1.0]))
 
 
 def test_read_rows_names_the_line_and_the_count(tmp_path):
