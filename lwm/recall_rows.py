@@ -98,10 +98,10 @@ def row_needles(example: dict) -> list[str]:
 
 
 def probe_rows(loaded, examples: Sequence[dict], batch_rows: int = 8) -> tuple[list[dict], list[float]]:
-    """(one record per answered number: turn, candidates, how its needle is written, whether the model's top token at the
-    position before it is its first digit, the probability of that digit, and whether the top
-    token is instead another needle's first digit; per row, the share of its loss-bearing tokens
-    that are the top token, the trainer's `acc`)."""
+    """(one record per answered number: turn, candidates, how its needle is written, whether the
+    model's top token at the position before it is its first digit, the probability of that
+    digit, and whether the top token is instead another needle's first digit; per row, the share
+    of its loss-bearing tokens that are the top token, the trainer's `acc`)."""
     import jax
     import jax.numpy as jnp
 
