@@ -168,15 +168,17 @@ def summarize(records: Sequence[dict], token_accuracy: Sequence[float]) -> dict:
                          p_first_digit=float(np.mean([r["p_first_digit"] for r in part])),
                          another_needles_digit=float(np.mean([r["other_needles_digit"] for r in part])),
                          chance=float(np.mean([1.0 / r["candidates"] for r in part])))
-    forms = sorted({r["form"] for r in records if r.get("form")})
-    if forms:  # every turn together, for each way a needle is written (a mixed phase's rows)
+    by_form: dict[str, list[dict]] = {}  # every turn together, for each way a needle is written
+    for r in records:
+        if r.get("form"):
+            by_form.setdefault(r["form"], []).append(r)
+    if by_form:
         out["by_form"] = {}
-        for form in forms:
-            hits = [float(r["hit"]) for r in records if r.get("form") == form]
+        for form, part in sorted(by_form.items()):
+            hits = [float(r["hit"]) for r in part]
             out["by_form"][form] = dict(numbers=len(hits), first_digit_accuracy=float(np.mean(hits)),
                                         first_digit_accuracy_ci95=bootstrap_interval(hits),
-                                        chance=float(np.mean([1.0 / r["candidates"] for r in records
-                                                              if r.get("form") == form])))
+                                        chance=float(np.mean([1.0 / r["candidates"] for r in part])))
     return out
 
 

@@ -67,6 +67,7 @@ ANSWER_STYLES = ("number", "sentence", "keyed", "adjacent")
 ANSWER_SENTENCE = "The special magic {city} number is: {number}."
 ANSWER_KEYED = "{city}: {number}"
 ANSWER_ADJACENT = "{city}{number}"
+KEYED_ANSWERS = {"keyed": ANSWER_KEYED, "adjacent": ANSWER_ADJACENT}  # the styles that name the city
 # A needle asked backwards (its number given, its city the answer): the lookup then goes from the
 # digits to the key, which needs each needle's city tied to its digits, the tie the keyed
 # (multi-needle) lookup lacks. Never the first turn, which is the eval's question.
@@ -167,12 +168,12 @@ def retrieval_example(rng: random.Random, tokenizer, pool: Sequence[int], seq_le
             return f"{asked}."
         if isinstance(asked, tuple):
             digit = numbers[asked[0]][0]
-            return {"keyed": f"{asked[0]}: {digit}.", "adjacent": f"{asked[0]}{digit}."}.get(answer_style, f"{digit}.")
+            keyed = KEYED_ANSWERS.get(answer_style)
+            return (keyed.format(city=asked[0], number=digit) if keyed else digit) + "."
         if answer_style == "sentence":
             return " ".join(ANSWER_SENTENCE.format(city=c, number=numbers[c]) for c in asked)
-        if answer_style in ("keyed", "adjacent"):
-            form = ANSWER_KEYED if answer_style == "keyed" else ANSWER_ADJACENT
-            return ", ".join(form.format(city=c, number=numbers[c]) for c in asked) + "."
+        if answer_style in KEYED_ANSWERS:
+            return ", ".join(KEYED_ANSWERS[answer_style].format(city=c, number=numbers[c]) for c in asked) + "."
         return ", ".join(numbers[c] for c in asked) + "."
 
     template = MULTI_PROMPT if len(turns[0]) > 1 else PROMPT
