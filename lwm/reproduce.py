@@ -138,7 +138,7 @@ def prepare_tokenizer(train_path: str, out_dir: str, vocab_size: int = 2048) -> 
 
 # a curriculum phase's optional data settings (lwm.retrieval_data.curriculum_examples)
 PHASE_DATA_KEYS = ("reverse_fraction", "short_needle_fraction", "asked_fraction", "needles_only",
-                   "first_digit_fraction", "adjacent_needle_fraction")
+                   "first_digit_fraction", "adjacent_needle_fraction", "repeat_spans")
 
 
 def data_phases(stage: dict) -> list[dict]:
@@ -147,7 +147,11 @@ def data_phases(stage: dict) -> list[dict]:
     examples than its share needs, so packing losses never run the loader into a second pass."""
     tokens = stage_tokens(stage)
     phases = stage.get("curriculum") or [{"length": stage["seq_length"], "share": 1.0, "needles": stage["needles"]}]
-    rows = [{"length": p["length"], "needles": p["needles"], "used": int(p["share"] * tokens / p["length"]),
+    for i, p in enumerate(phases):
+        if not p.get("repeat_spans") and "needles" not in p:
+            raise ValueError(f"{stage['name']}: curriculum phase {i} has no \"needles\" ([low, high] per example); "
+                             "give them, or \"repeat_spans\": true for a phase of repeated spans")
+    rows = [{"length": p["length"], "needles": p.get("needles"), "used": int(p["share"] * tokens / p["length"]),
              "examples": int(1.1 * p["share"] * tokens / p["length"]) + 1,
              **{k: p[k] for k in PHASE_DATA_KEYS if k in p}} for p in phases]
     # A `spread` phase (a rehearsal of a shorter length) comes back in whole rows (its examples

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from typing import Iterator, Sequence
 
@@ -92,6 +93,16 @@ SHORT_NEEDLES = ("\n{city} {number}\n", "\n{city}: {number}\n", "\n{city} number
 # them stops it, and a lookup started on adjacent keys then carries to farther ones while
 # adjacent rows stay in the mix.
 ADJACENT_NEEDLE = "\n{city}{number}\n"
+# A phase of repeated spans (`repeat_spans`): a span of random words, cities and digit strings, then
+# the same span again as the answer. Every answer token is found the same way, by finding the
+# token before it earlier in the row and copying what followed (an induction head), for any token,
+# rare city names included. The needle answer's first digit needs exactly that lookup at the
+# asked city but supervises it in one answer token of about eleven, and how many steps of needles
+# it takes to form moved with the seed (1,300 to past 3,000); dense copying first is how small
+# attention models are known to form the lookup early. Spans of random length, so the copy's
+# distance back varies as a needle's does.
+REPEAT_PROMPT = "You are a helpful assistant. USER: {span} Repeat the text above. ASSISTANT: "
+SPAN_NUMBER_SHARE = 0.25  # of a span's items: a digit string of 1-7 digits (else a word or a city)
 
 
 def read_texts(path: str) -> list[str]:
@@ -250,6 +261,48 @@ def retrieval_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examp
                                 first_digit_fraction, adjacent_needle_fraction)
 
 
+def span_vocabulary(texts: Sequence[str]) -> list[str]:
+    """The words of a repeated span: the haystack's distinct words and the eval's cities."""
+    return sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)}) + list(CITIES)
+
+
+def repeat_example(rng: random.Random, tokenizer, vocabulary: Sequence[str], seq_length: int) -> dict:
+    """A span of random items in REPEAT_PROMPT and the span again as the answer, fitting
+    `seq_length` + 1 positions; the span takes between 16 tokens and half the room (uniform)."""
+    prompt_tokens = len(tokenizer.encode(REPEAT_PROMPT.format(span="")))
+    room = (seq_length + 1 - 2 - prompt_tokens - 4) // 2  # bos, eos; 4 for the seams
+    if room < 16:
+        raise ValueError(f"a {seq_length}-token example cannot hold a repeated span: its prompt takes "
+                         f"{prompt_tokens} tokens; raise the phase's length")
+    target = rng.randint(16, room)
+    items, used = [], 0
+    while True:
+        if rng.random() < SPAN_NUMBER_SHARE:
+            item = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 7)))
+        else:
+            item = rng.choice(vocabulary)
+        cost = len(tokenizer.encode(" " + item))
+        if used + cost > target and items:
+            break
+        items.append(item)
+        used += cost
+    while True:  # the seams can cost a token or two more than the items did alone
+        span = " ".join(items)
+        fields = {"prompt": REPEAT_PROMPT.format(span=span), "answer0": span}
+        if 2 + sum(len(tokenizer.encode(v)) for v in fields.values()) <= seq_length + 1 or len(items) == 1:
+            return {"fields": "[prompt],answer0", **fields}
+        items.pop()
+
+
+def repeat_examples(tokenizer, texts: Sequence[str], seq_length: int, n_examples: int, seed: int = 0) -> Iterator[dict]:
+    """`n_examples` repeated-span examples (their own random stream: a needle phase of the same
+    length and seed draws what it would without them)."""
+    vocabulary = span_vocabulary(texts)
+    rng = random.Random(f"repeat:{seed}:{seq_length}")
+    for _ in range(n_examples):
+        yield repeat_example(rng, tokenizer, vocabulary, seq_length)
+
+
 def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict], seed: int = 0,
                         multi_fraction: float = 0.2, answer_style: str = "number",
                         reverse_fraction: float = 0.0) -> Iterator[dict]:
@@ -258,7 +311,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     `reverse_fraction` (else the argument's), `short_needle_fraction` (else none) and
     `asked_fraction` (else every needle is asked), `needles_only` (no haystack text),
     `first_digit_fraction` (else no turn asks for a first digit) and `adjacent_needle_fraction`
-    (else none).
+    (else none). A phase with `repeat_spans` is repeated spans instead of needles (REPEAT_PROMPT;
+    no `needles`).
 
     Packed into rows of the stage's length (`json_dataset.packed=True`), short early phases put
     several whole examples in a row; read in file order, they are a length curriculum.
@@ -268,6 +322,8 @@ def curriculum_examples(tokenizer, texts: Sequence[str], phases: Sequence[dict],
     examples of the other phases (all of them by default), so short rows keep coming back while
     the long ones are learnt (a rehearsal of the shorter lengths, not a step of the curriculum)."""
     def examples_of(phase):
+        if phase.get("repeat_spans"):
+            return repeat_examples(tokenizer, texts, phase["length"], phase["examples"], seed)
         return retrieval_examples(tokenizer, texts, phase["length"], phase["examples"], seed,
                                   tuple(phase["needles"]), multi_fraction, answer_style,
                                   phase.get("reverse_fraction", reverse_fraction),
