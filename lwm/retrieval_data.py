@@ -268,7 +268,9 @@ def span_vocabulary(texts: Sequence[str]) -> list[str]:
 
 def repeat_example(rng: random.Random, tokenizer, vocabulary: Sequence[str], seq_length: int) -> dict:
     """A span of random items in REPEAT_PROMPT and the span again as the answer, fitting
-    `seq_length` + 1 positions; the span takes between 16 tokens and half the room (uniform)."""
+    `seq_length` + 1 positions. Items are drawn while their tokens, each item counted alone, stay
+    within a target drawn uniformly from 16 tokens to half the room (the span as a whole can
+    tokenize a little shorter, where pieces merge across the spaces)."""
     prompt_tokens = len(tokenizer.encode(REPEAT_PROMPT.format(span="")))
     room = (seq_length + 1 - 2 - prompt_tokens - 4) // 2  # bos, eos; 4 for the seams
     if room < 16:

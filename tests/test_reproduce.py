@@ -122,6 +122,18 @@ def test_a_spread_phase_is_whole_rows_through_the_tokens_the_stage_reads(tmp_pat
     assert not (tmp_path / "data").exists()
 
 
+def test_a_repeated_span_phase_needs_no_needles_and_any_other_phase_does():
+    from lwm import reproduce as study
+
+    stage = dict(name="s", steps=10, batch_size=1, seq_length=1024, curriculum=[
+        {"length": 256, "share": 0.5, "repeat_spans": True}, {"length": 1024, "share": 0.5, "needles": [2, 4]}])
+    assert study.data_phases(stage) == [dict(length=256, needles=None, used=20, examples=23, repeat_spans=True),
+                                        dict(length=1024, needles=[2, 4], used=5, examples=6)]
+    del stage["curriculum"][1]["needles"]
+    with pytest.raises(ValueError, match=r'^s: curriculum phase 1 has no "needles"'):
+        study.data_phases(stage)
+
+
 def test_a_stage_s_own_model_reaches_the_config_and_must_match_the_weights_it_starts_from(tmp_path, monkeypatch):
     from lwm import reproduce as study
     from lwm.config import parse_config_updates

@@ -295,3 +295,30 @@ def test_first_digit_turns_ask_later_needles_for_their_first_digit_only(tokenize
         list(curriculum_examples(tokenizer, TEXTS, [{**plain, "first_digit_fraction": 0.0}], seed=4))
     with pytest.raises(ValueError, match=r"first_digit_fraction must be in \[0, 1\], got 1.5"):
         next(retrieval_examples(tokenizer, TEXTS, 512, 1, first_digit_fraction=1.5))
+
+
+def test_repeated_spans_answer_their_prompt_s_span_and_leave_needle_phases_as_they_were(tokenizer):
+    """A `repeat_spans` phase: each answer is the span its prompt holds, word for word; spans of
+    random length, from a few tokens to about half the example (the copy's distance back varies);
+    words, cities and digit strings all in them; every example fits. A needle phase of the same
+    length after it draws the examples it draws alone."""
+    from lwm.needle import CITIES
+    from lwm.retrieval_data import REPEAT_PROMPT
+
+    needle_phase = {"length": 256, "examples": 5, "needles": (2, 4)}
+    examples = list(curriculum_examples(tokenizer, TEXTS, [{"length": 256, "examples": 60, "repeat_spans": True},
+                                                           needle_phase], seed=4))
+    spans, items = [], []
+    for example in examples[:60]:
+        assert example["fields"] == "[prompt],answer0"
+        span = example["answer0"]
+        assert example["prompt"] == REPEAT_PROMPT.format(span=span)
+        assert example_tokens(example, tokenizer) <= 256 + 1
+        spans.append(len(tokenizer.encode(span)))
+        items += span.split(" ")
+    assert min(spans) < 30 and max(spans) > 90
+    assert any(i in CITIES for i in items) and any(i.isdigit() for i in items)
+    assert any(i.isalpha() and i not in CITIES for i in items)
+    assert examples[60:] == list(curriculum_examples(tokenizer, TEXTS, [needle_phase], seed=4))
+    with pytest.raises(ValueError, match="cannot hold a repeated span"):
+        list(curriculum_examples(tokenizer, TEXTS, [{"length": 48, "examples": 1, "repeat_spans": True}]))
