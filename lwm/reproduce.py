@@ -69,9 +69,11 @@ def load_stage(name: str, smoke: bool) -> dict:
     if smoke:  # the whole pipeline in minutes: a few steps, one round, two lengths, short contexts
         scale = 4
         length = stage["seq_length"] // scale
-        stage.update(steps=3, warmup_steps=1, seq_length=length, needles=[1, 2],
-                     curriculum=[{"length": length // 2, "share": 0.5, "needles": [1, 2]},
-                                 {"length": length, "share": 0.5, "needles": [1, 2]}])
+        curriculum = [{"length": length // 2, "share": 0.5, "needles": [1, 2]},
+                      {"length": length, "share": 0.5, "needles": [1, 2]}]
+        if any(p.get("repeat_spans") for p in stage.get("curriculum", [])):  # a warm-up's data goes through too
+            curriculum.insert(0, {"length": length // 2, "share": 0.25, "repeat_spans": True})
+        stage.update(steps=3, warmup_steps=1, seq_length=length, needles=[1, 2], curriculum=curriculum)
         # one length per eval (its longest), and no eval that only repeats another's kind on the same weights
         stage["evals"] = [e for e in stage["evals"] if e.get("smoke", True)]
         for e in stage["evals"]:

@@ -62,6 +62,13 @@ def test_smoke_study_runs_every_stage_and_eval(tmp_path):
     out = tmp_path / "out"
     assert {"train.jsonl", "eval.jsonl"} <= set(os.listdir(out / "data"))
     assert (out / "tokenizer" / "tokenizer.model").exists()
+    # stage 1 starts with repeated spans (each answer its prompt's span), then needles
+    stage1_data = [json.loads(line) for name in os.listdir(out / "data") if name.startswith("retrieval_stage1_")
+                   for line in (out / "data" / name).read_text().splitlines()]
+    kinds = ["span" if "Repeat the text above." in x["prompt"] else "needle" for x in stage1_data]
+    assert kinds == sorted(kinds, reverse=True) and "span" in kinds and "needle" in kinds
+    assert all(x["prompt"].endswith(f" {x['answer0']} Repeat the text above. ASSISTANT: ") for x in stage1_data
+               if "Repeat the text above." in x["prompt"])
     # No held-out essay is trained on: no eval paragraph appears in the training split.
     train = set((out / "data" / "train.jsonl").read_text().splitlines())
     assert not train & set((out / "data" / "eval.jsonl").read_text().splitlines())
