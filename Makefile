@@ -1,7 +1,7 @@
 # The two commands a new machine needs:
 #   make demo   install, then train and evaluate a tiny LWM-Text model on this CPU
 #   make test   install (with test extras), then run the test suite
-#   make reproduce   progressive context extension at tiny scale, 1K -> 4K -> 16K (about 1 h 50 min on 2 cores)
+#   make reproduce   progressive context extension at tiny scale, 1K -> 4K -> 16K (about 1 h 55 min on 2 cores)
 #   make reproduce-vision   a tiny video-language world: tokenizer, VQGAN, training, evals
 PYTHON ?= python3
 VENV   ?= .venv
